@@ -1,0 +1,1 @@
+"""TFDS builders, one module per dataset (array_record, offline)."""
