@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'easy_vqa'  # the module refnet_jax/datasets/<name>.py
-  config.data.data_dir = None  # where TFDS keeps prepared data (None: TFDS's default, ~/tensorflow_datasets)
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)  # where TFDS keeps prepared data (None: TFDS's default, ~/tensorflow_datasets)
   config.data.questions_per_image = 8  # training batches encode each image once for this many of its questions
 
   config.model = ml_collections.ConfigDict()

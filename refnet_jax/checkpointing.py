@@ -29,10 +29,24 @@ def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _path(keys) -> str:
+  """'params/image/Conv_0/kernel': the same for a NamedTuple field and the dict orbax's metadata makes of it."""
+  parts = []
+  for k in keys:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def check_shapes(saved: Any, expected: Any, what: str) -> None:
   """Raises ShapeMismatchError naming every parameter path whose shape differs, or that one side lacks."""
-  saved_flat = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
-  want_flat = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  saved_flat, want_flat = _shapes(saved), _shapes(expected)
   problems = []
   for path in sorted(set(saved_flat) | set(want_flat)):
     a, b = saved_flat.get(path), want_flat.get(path)
