@@ -41,7 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 
-MODALITY_KINDS = ("image", "tokens", "series", "features")
+MODALITY_KINDS = ('image', 'tokens', 'series', 'features')
 # Threads that read and transform records. Parsing holds the GIL: one thread already
 # gives ~38k easy-VQA questions/s on one core, and more threads add nothing.
 NUM_THREADS = 2
@@ -70,12 +70,10 @@ class ModalityInfo:
 
     def __post_init__(self):
         if self.kind not in MODALITY_KINDS:
+            raise ValueError(f'ModalityInfo.kind={self.kind!r}, expected one of {MODALITY_KINDS}')
+        if (self.kind == 'tokens') != (self.vocab_size is not None):
             raise ValueError(
-                f"ModalityInfo.kind={self.kind!r}, expected one of {MODALITY_KINDS}"
-            )
-        if (self.kind == "tokens") != (self.vocab_size is not None):
-            raise ValueError(
-                f"ModalityInfo.vocab_size={self.vocab_size!r} with kind={self.kind!r}: "
+                f'ModalityInfo.vocab_size={self.vocab_size!r} with kind={self.kind!r}: '
                 'expected a vocab_size for kind "tokens" only'
             )
 
@@ -104,26 +102,22 @@ class DatasetInfo:
 def _dataset_module(data_config: ml_collections.ConfigDict) -> types.ModuleType:
     name = data_config.name
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(
-            f"config.data.name={name!r}, expected a module name under refnet_jax.datasets"
-        )
+        raise ValueError(f'config.data.name={name!r}, expected a module name under refnet_jax.datasets')
     try:
-        return importlib.import_module(f"refnet_jax.datasets.{name}")
+        return importlib.import_module(f'refnet_jax.datasets.{name}')
     except ModuleNotFoundError as e:
-        if e.name != f"refnet_jax.datasets.{name}":
+        if e.name != f'refnet_jax.datasets.{name}':
             raise
         raise ValueError(
-            f"config.data.name={name!r}, expected a module refnet_jax/datasets/{name}.py"
+            f'config.data.name={name!r}, expected a module refnet_jax/datasets/{name}.py'
         ) from None
 
 
 def _make_builder(module: types.ModuleType, data_config: ml_collections.ConfigDict):
     data_dir = data_config.data_dir
     if data_dir is not None and not isinstance(data_dir, str):
-        raise ValueError(
-            f"config.data.data_dir={data_dir!r}, expected a str path or None (TFDS default)"
-        )
-    return module.Builder(data_dir=data_dir, file_format="array_record")
+        raise ValueError(f'config.data.data_dir={data_dir!r}, expected a str path or None (TFDS default)')
+    return module.Builder(data_dir=data_dir, file_format='array_record')
 
 
 def _prepared_builder(
@@ -140,7 +134,7 @@ def _prepared_builder(
     if builder.is_prepared():
         return module, builder
     try:
-        builder.download_and_prepare(file_format="array_record")
+        builder.download_and_prepare(file_format='array_record')
     except OSError:
         # Another process prepared the same (deterministic) data first: its rename won.
         if not _make_builder(module, data_config).is_prepared():
@@ -149,8 +143,8 @@ def _prepared_builder(
     builder = _make_builder(module, data_config)
     if not builder.is_prepared():
         raise RuntimeError(
-            f"{builder.data_path} exists but holds no complete TFDS dataset "
-            "(dataset_info.json, features.json); delete it to prepare the data again"
+            f'{builder.data_path} exists but holds no complete TFDS dataset '
+            '(dataset_info.json, features.json); delete it to prepare the data again'
         )
     return module, builder
 
@@ -165,39 +159,27 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
-        raise ValueError(
-            f"process_index={index} with process_count={count}, expected 0 <= index < count"
-        )
+        raise ValueError(f'process_index={index} with process_count={count}, expected 0 <= index < count')
     return index, count
 
 
 def _per_process(batch_size: Any, field: str, count: int) -> int:
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size <= 0
-    ):
-        raise ValueError(f"{field}={batch_size!r}, expected a positive int")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f'{field}={batch_size!r}, expected a positive int')
     if batch_size % count:
-        raise ValueError(
-            f"{field}={batch_size}, expected a multiple of the process count {count}"
-        )
+        raise ValueError(f'{field}={batch_size}, expected a multiple of the process count {count}')
     return batch_size // count
 
 
 def _records(builder, split: str, index: int, count: int) -> grain.MapDataset:
     if split not in builder.info.splits:
-        raise ValueError(
-            f"split={split!r}, expected one of {sorted(builder.info.splits)}"
-        )
+        raise ValueError(f'split={split!r}, expected one of {sorted(builder.info.splits)}')
     source = builder.as_data_source(split=split)
     return grain.MapDataset.source(source)[index::count]
 
 
 def _read_options() -> grain.ReadOptions:
-    return grain.ReadOptions(
-        num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES
-    )
+    return grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
 
 
 def make_train_iterator(
@@ -216,9 +198,9 @@ def make_train_iterator(
     JAX's.
     """
     index, count = _process(process_index, process_count)
-    batch_size = _per_process(config.train.batch_size, "config.train.batch_size", count)
+    batch_size = _per_process(config.train.batch_size, 'config.train.batch_size', count)
     module, builder = _prepared_builder(config.data)
-    records = _records(builder, "train", index, count).seed(seed).shuffle().repeat()
+    records = _records(builder, 'train', index, count).seed(seed).shuffle().repeat()
     dataset = module.train_dataset(records, config, batch_size=batch_size)
     return iter(dataset.to_iter_dataset(_read_options()))
 
@@ -240,15 +222,13 @@ def eval_batches(
     so that processes can step in lockstep.
     """
     index, count = _process(process_index, process_count)
-    field = "batch_size" if batch_size is not None else "config.eval.batch_size"
+    field = 'batch_size' if batch_size is not None else 'config.eval.batch_size'
     if batch_size is None:
         batch_size = config.eval.batch_size
     local_batch_size = _per_process(batch_size, field, count)
     module, builder = _prepared_builder(config.data)
     shards = [
-        module.eval_dataset(
-            _records(builder, split, i, count), config, batch_size=local_batch_size
-        )
+        module.eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size)
         for i in range(count)
     ]
     num_batches = max(len(shard) for shard in shards)

@@ -19,52 +19,52 @@ TARGETS = ('embedding', 'input')
 
 
 class RefinerDecoder(nn.Module):
-  """An MLP decoder from the fused embedding to one modality's target.
+    """An MLP decoder from the fused embedding to one modality's target.
 
-  Attributes:
-    out_dim: size of the target.
-    hidden: widths of the hidden layers.
-  """
+    Attributes:
+      out_dim: size of the target.
+      hidden: widths of the hidden layers.
+    """
 
-  out_dim: int
-  hidden: Sequence[int] = (256,)
+    out_dim: int
+    hidden: Sequence[int] = (256,)
 
-  @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
-    x = z
-    for h in self.hidden:
-      x = nn.relu(nn.Dense(h)(x))
-    return nn.Dense(self.out_dim)(x)  # (B, out_dim)
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        x = z
+        for h in self.hidden:
+            x = nn.relu(nn.Dense(h)(x))
+        return nn.Dense(self.out_dim)(x)  # (B, out_dim)
 
 
 def input_target(x: jax.Array, info) -> jax.Array:
-  """The `input` refiner target of one modality: its input batch as a (B, F) float array.
+    """The `input` refiner target of one modality: its input batch as a (B, F) float array.
 
-  Args:
-    x: the modality's batch, (B, *info.shape).
-    info: the modality's `input_pipeline.ModalityInfo`.
-  """
-  if info.kind == 'tokens':
-    bag = jax.nn.one_hot(x, info.vocab_size, dtype=jnp.float32).sum(-2)  # (B, V)
-    return bag.at[:, 0].set(0.0)  # padding is not a word
-  x = x.reshape(x.shape[0], -1)
-  if info.kind == 'image' and jnp.issubdtype(x.dtype, jnp.integer):
-    return x.astype(jnp.float32) / 255.0
-  return x.astype(jnp.float32)
+    Args:
+      x: the modality's batch, (B, *info.shape).
+      info: the modality's `input_pipeline.ModalityInfo`.
+    """
+    if info.kind == 'tokens':
+        bag = jax.nn.one_hot(x, info.vocab_size, dtype=jnp.float32).sum(-2)  # (B, V)
+        return bag.at[:, 0].set(0.0)  # padding is not a word
+    x = x.reshape(x.shape[0], -1)
+    if info.kind == 'image' and jnp.issubdtype(x.dtype, jnp.integer):
+        return x.astype(jnp.float32) / 255.0
+    return x.astype(jnp.float32)
 
 
 def target_dim(info, embed_dim: int, target: str) -> int:
-  """Size of a modality's refiner target."""
-  if target == 'embedding':
-    return embed_dim
-  if info.kind == 'tokens':
-    return info.vocab_size
-  n = 1
-  for s in info.shape:
-    n *= s
-  return n
+    """Size of a modality's refiner target."""
+    if target == 'embedding':
+        return embed_dim
+    if info.kind == 'tokens':
+        return info.vocab_size
+    n = 1
+    for s in info.shape:
+        n *= s
+    return n
 
 
 def refine(z: jax.Array, targets: Mapping[str, jax.Array], hidden: Sequence[int]) -> dict[str, jax.Array]:
-  """Decodes z into a reconstruction of every target (call inside a compact Linen module)."""
-  return {m: RefinerDecoder(t.shape[-1], tuple(hidden), name=f'refiner_{m}')(z) for m, t in targets.items()}
+    """Decodes z into a reconstruction of every target (call inside a compact Linen module)."""
+    return {m: RefinerDecoder(t.shape[-1], tuple(hidden), name=f'refiner_{m}')(z) for m, t in targets.items()}

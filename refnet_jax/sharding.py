@@ -10,56 +10,61 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Starts multi-host JAX when `config.mesh.distributed` asks for it (auto-detection on TPU pods / SLURM)."""
-  if config.mesh.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    """Starts multi-host JAX when `config.mesh.distributed` asks for it (auto-detection on TPU pods / SLURM)."""
+    if config.mesh.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis `data` over `config.mesh.data` devices (-1: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = config.mesh.data
-  if n == -1:
-    n = len(devices)
-  if not 1 <= n <= len(devices):
-    raise ValueError(f'config.mesh.data is {config.mesh.data}; expected -1 or 1..{len(devices)} '
-                     f'(the number of devices)')
-  return jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,), devices=devices[:n])
+    """A 1-D mesh with axis `data` over `config.mesh.data` devices (-1: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = config.mesh.data
+    if n == -1:
+        n = len(devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(
+            f'config.mesh.data is {config.mesh.data}; expected -1 or 1..{len(devices)} '
+            f'(the number of devices)'
+        )
+    return jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
 def check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """The global batch must split evenly across processes and devices."""
-  n = mesh.devices.size
-  for field in ('train.batch_size', 'eval.batch_size'):
-    section, key = field.split('.')
-    value = config[section][key]
-    if value % n or value % jax.process_count():
-      raise ValueError(f'config.{field} is {value}; expected a multiple of the {n} devices of the mesh '
-                       f'and of the {jax.process_count()} processes')
+    """The global batch must split evenly across processes and devices."""
+    n = mesh.devices.size
+    for field in ('train.batch_size', 'eval.batch_size'):
+        section, key = field.split('.')
+        value = config[section][key]
+        if value % n or value % jax.process_count():
+            raise ValueError(
+                f'config.{field} is {value}; expected a multiple of the {n} devices of the mesh '
+                f'and of the {jax.process_count()} processes'
+            )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+    return NamedSharding(mesh, P('data'))
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """This process's part of the batch -> global arrays sharded on `data`.
+    """This process's part of the batch -> global arrays sharded on `data`.
 
-  Index keys (`<m>_index`) point into this process's rows of modality m; they are offset by the rows the
-  processes before this one hold, so that they index the global array.
-  """
-  sharding = batch_sharding(mesh)
-  out = {}
-  for k, v in batch.items():
-    if k.endswith('_index') and jax.process_count() > 1:
-      v = v + jax.process_index() * batch[k.removesuffix('_index')].shape[0]
-    out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
-  return out
+    Index keys (`<m>_index`) point into this process's rows of modality m; they are offset by the rows the
+    processes before this one hold, so that they index the global array.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for k, v in batch.items():
+        if k.endswith('_index') and jax.process_count() > 1:
+            v = v + jax.process_index() * batch[k.removesuffix('_index')].shape[0]
+        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return out

@@ -24,333 +24,410 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import checkpointing, input_pipeline, metrics as metrics_lib, model as model_lib, objective
-from refnet_jax import sharding
+from refnet_jax import checkpointing, input_pipeline, objective, sharding
+from refnet_jax import metrics as metrics_lib
+from refnet_jax import model as model_lib
 
 TrainState = train_state.TrainState
 
 # Config fields that may change between a run and its resumption (they change nothing that was computed).
-RESUMABLE_FIELDS = ('train.num_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
-                    'train.eval_every_steps')
+RESUMABLE_FIELDS = (
+    'train.num_steps',
+    'train.log_every_steps',
+    'train.checkpoint_every_steps',
+    'train.eval_every_steps',
+)
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------------------------- config
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Writes `config.json` into a new workdir; refuses to resume a workdir made with another config.
+    """Writes `config.json` into a new workdir; refuses to resume a workdir made with another config.
 
-  Only the fields in RESUMABLE_FIELDS may differ (e.g. training longer); anything else would mix two
-  experiments in one workdir.
-  """
-  path = workdir / 'config.json'
-  current = json.loads(config.to_json_best_effort())
-  if not path.exists():
-    path.write_text(json.dumps(current, indent=2, sort_keys=True))
-    return
-  before, now = _flatten(json.loads(path.read_text())), _flatten(current)
-  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_FIELDS)
-  if changed:
-    details = '\n'.join(f'  {k}: workdir {before.get(k)!r}, now {now.get(k)!r}' for k in changed)
-    raise ValueError(f'{workdir} holds a run with another config; use a new --workdir, or the same config. '
-                     f'Differences:\n{details}')
+    Only the fields in RESUMABLE_FIELDS may differ (e.g. training longer); anything else would mix two
+    experiments in one workdir.
+    """
+    path = workdir / 'config.json'
+    current = json.loads(config.to_json_best_effort())
+    if not path.exists():
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        return
+    before, now = _flatten(json.loads(path.read_text())), _flatten(current)
+    changed = sorted(
+        k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_FIELDS
+    )
+    if changed:
+        details = '\n'.join(f'  {k}: workdir {before.get(k)!r}, now {now.get(k)!r}' for k in changed)
+        raise ValueError(
+            f'{workdir} holds a run with another config; use a new --workdir, or the same config. '
+            f'Differences:\n{details}'
+        )
 
 
 # ----------------------------------------------------------------------------------------------- batches
 
 
 def dummy_batch(info: input_pipeline.DatasetInfo, batch_size: int) -> dict[str, np.ndarray]:
-  """A batch of zeros with the dataset's shapes (shared modalities get one row per example)."""
-  batch = {}
-  for m, mi in info.modalities.items():
-    batch[m] = np.zeros((batch_size, *mi.shape), mi.dtype)
-    if mi.shared:
-      batch[f'{m}_index'] = np.arange(batch_size, dtype=np.int32)
-  batch['label'] = (np.zeros((batch_size, info.num_classes), np.int32) if info.multi_label
-                    else np.zeros((batch_size,), np.int32))
-  return batch
+    """A batch of zeros with the dataset's shapes (shared modalities get one row per example)."""
+    batch = {}
+    for m, mi in info.modalities.items():
+        batch[m] = np.zeros((batch_size, *mi.shape), mi.dtype)
+        if mi.shared:
+            batch[f'{m}_index'] = np.arange(batch_size, dtype=np.int32)
+    batch['label'] = (
+        np.zeros((batch_size, info.num_classes), np.int32)
+        if info.multi_label
+        else np.zeros((batch_size,), np.int32)
+    )
+    return batch
 
 
 def check_batch(batch: Mapping[str, np.ndarray], info: input_pipeline.DatasetInfo) -> None:
-  """Raises ValueError naming the key, what it holds and what was expected, for a batch that does not fit.
+    """Raises ValueError naming the key, what it holds and what was expected, for a batch that does not fit.
 
-  Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), and labels
-  (shape, in range of the declared classes).
-  """
-  def fail(key, msg):
-    raise ValueError(f'batch[{key!r}] {msg}')
+    Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), and labels
+    (shape, in range of the declared classes).
+    """
 
-  missing = [m for m in info.modalities if m not in batch]
-  if missing:
-    raise ValueError(f'batch lacks modality {missing}; dataset {info.name!r} has {sorted(info.modalities)}, '
-                     f'the batch has {sorted(batch)}')
-  if 'label' not in batch:
-    raise ValueError(f'batch lacks "label"; it has {sorted(batch)}')
-  labels = np.asarray(batch['label'])
-  n = labels.shape[0]
-  for m, mi in info.modalities.items():
-    x = np.asarray(batch[m])
-    if x.shape[1:] != tuple(mi.shape):
-      fail(m, f'has items of shape {x.shape[1:]} (batch shape {x.shape}); expected {tuple(mi.shape)}')
-    if np.dtype(x.dtype).kind != np.dtype(mi.dtype).kind:
-      fail(m, f'has dtype {x.dtype}; expected {np.dtype(mi.dtype)}')
-    if mi.shared:
-      key = f'{m}_index'
-      if key not in batch:
-        fail(key, f'is missing: modality {m!r} is shared and needs an index into its rows')
-      idx = np.asarray(batch[key])
-      if idx.shape != (n,) or (n and (idx.min() < 0 or idx.max() >= x.shape[0])):
-        fail(key, f'must be ({n},) ints in [0, {x.shape[0]}); got shape {idx.shape}, '
-                  f'range [{idx.min() if idx.size else None}, {idx.max() if idx.size else None}]')
-    elif x.shape[0] != n:
-      fail(m, f'has {x.shape[0]} rows but the batch has {n} labels')
-  if 'mask' in batch and np.asarray(batch['mask']).shape != (n,):
-    fail('mask', f'has shape {np.asarray(batch["mask"]).shape}; expected ({n},)')
-  valid = np.asarray(batch['mask'], bool) if 'mask' in batch else np.ones((n,), bool)
-  if info.multi_label:
-    if labels.shape[1:] != (info.num_classes,) or not np.isin(labels, (0, 1)).all():
-      fail('label', f'must be multi-hot of shape (B, {info.num_classes}) with 0/1 values; got {labels.shape}')
-  else:
-    if labels.ndim != 1 or labels.dtype.kind not in 'iu':
-      fail('label', f'must be integer class ids of shape (B,); got {labels.dtype} {labels.shape}')
-    bad = valid & ((labels < 0) | (labels >= info.num_classes))
-    if bad.any():
-      i = int(np.argmax(bad))
-      fail('label', f'row {i} is {labels[i]}; expected a class id in [0, {info.num_classes})')
+    def fail(key, msg):
+        raise ValueError(f'batch[{key!r}] {msg}')
+
+    missing = [m for m in info.modalities if m not in batch]
+    if missing:
+        raise ValueError(
+            f'batch lacks modality {missing}; dataset {info.name!r} has {sorted(info.modalities)}, '
+            f'the batch has {sorted(batch)}'
+        )
+    if 'label' not in batch:
+        raise ValueError(f'batch lacks "label"; it has {sorted(batch)}')
+    labels = np.asarray(batch['label'])
+    n = labels.shape[0]
+    for m, mi in info.modalities.items():
+        x = np.asarray(batch[m])
+        if x.shape[1:] != tuple(mi.shape):
+            fail(m, f'has items of shape {x.shape[1:]} (batch shape {x.shape}); expected {tuple(mi.shape)}')
+        if np.dtype(x.dtype).kind != np.dtype(mi.dtype).kind:
+            fail(m, f'has dtype {x.dtype}; expected {np.dtype(mi.dtype)}')
+        if mi.shared:
+            key = f'{m}_index'
+            if key not in batch:
+                fail(key, f'is missing: modality {m!r} is shared and needs an index into its rows')
+            idx = np.asarray(batch[key])
+            if idx.shape != (n,) or (n and (idx.min() < 0 or idx.max() >= x.shape[0])):
+                fail(
+                    key,
+                    f'must be ({n},) ints in [0, {x.shape[0]}); got shape {idx.shape}, '
+                    f'range [{idx.min() if idx.size else None}, {idx.max() if idx.size else None}]',
+                )
+        elif x.shape[0] != n:
+            fail(m, f'has {x.shape[0]} rows but the batch has {n} labels')
+    if 'mask' in batch and np.asarray(batch['mask']).shape != (n,):
+        fail('mask', f'has shape {np.asarray(batch["mask"]).shape}; expected ({n},)')
+    valid = np.asarray(batch['mask'], bool) if 'mask' in batch else np.ones((n,), bool)
+    if info.multi_label:
+        if labels.shape[1:] != (info.num_classes,) or not np.isin(labels, (0, 1)).all():
+            fail(
+                'label',
+                f'must be multi-hot of shape (B, {info.num_classes}) with 0/1 values; got {labels.shape}',
+            )
+    else:
+        if labels.ndim != 1 or labels.dtype.kind not in 'iu':
+            fail('label', f'must be integer class ids of shape (B,); got {labels.dtype} {labels.shape}')
+        bad = valid & ((labels < 0) | (labels >= info.num_classes))
+        if bad.any():
+            i = int(np.argmax(bad))
+            fail('label', f'row {i} is {labels[i]}; expected a class id in [0, {info.num_classes})')
 
 
 # ----------------------------------------------------------------------------------------------- state
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warm-up and cosine decay, after clipping by global norm (when > 0)."""
-  t = config.train
-  schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1),
-                                                max(t.num_steps, t.warmup_steps + 1))
-  tx = optax.adamw(schedule, weight_decay=t.weight_decay)
-  if t.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
-  return tx, schedule
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay, after clipping by global norm (when > 0)."""
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.num_steps, t.warmup_steps + 1)
+    )
+    tx = optax.adamw(schedule, weight_decay=t.weight_decay)
+    if t.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
+    return tx, schedule
 
 
-def create_train_state(model: model_lib.ReFNet, tx: optax.GradientTransformation,
-                       info: input_pipeline.DatasetInfo, rng: jax.Array,
-                       mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialises parameters and optimizer state, replicated over the mesh."""
-  batch = dummy_batch(info, 2)
+def create_train_state(
+    model: model_lib.ReFNet,
+    tx: optax.GradientTransformation,
+    info: input_pipeline.DatasetInfo,
+    rng: jax.Array,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
+    """Initialises parameters and optimizer state, replicated over the mesh."""
+    batch = dummy_batch(info, 2)
 
-  def init(rng):
-    params = model.init({'params': rng, 'dropout': rng}, batch)['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    def init(rng):
+        params = model.init({'params': rng, 'dropout': rng}, batch)['params']
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  abstract = jax.eval_shape(init, rng)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)(rng)
+    abstract = jax.eval_shape(init, rng)
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 # ----------------------------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               config: ml_collections.ConfigDict, multi_label: bool,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the global batch; pure, jitted once by `make_train_step`."""
-  rng = jax.random.fold_in(rng, state.step)
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    multi_label: bool,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the global batch; pure, jitted once by `make_train_step`."""
+    rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
-    logits, aux = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
-    return objective.supervised_loss(logits, aux, batch, config, multi_label)
+    def loss_fn(params):
+        logits, aux = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
+        return objective.supervised_loss(logits, aux, batch, config, multi_label)
 
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-  metrics['grad_norm'] = optax.tree.norm(grads)
-  metrics['param_norm'] = optax.tree.norm(state.params)
-  metrics['learning_rate'] = schedule(state.step)
-  return state.apply_gradients(grads=grads), metrics
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['param_norm'] = optax.tree.norm(state.params)
+    metrics['learning_rate'] = schedule(state.step)
+    return state.apply_gradients(grads=grads), metrics
 
 
 def make_train_step(config, multi_label, schedule, mesh, state):
-  """The jitted train step: state replicated and donated, batch sharded on `data`."""
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = functools.partial(train_step, config=config, multi_label=multi_label, schedule=schedule)
-  return jax.jit(step, donate_argnums=(0,),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)))
+    """The jitted train step: state replicated and donated, batch sharded on `data`."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    step = functools.partial(train_step, config=config, multi_label=multi_label, schedule=schedule)
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+    )
 
 
 def make_eval_step(mesh):
-  """The jitted prediction step: logits and fused embeddings for a sharded batch, no refiner."""
-  @jax.jit
-  def eval_step(state: TrainState, batch):
-    logits, aux = state.apply_fn({'params': state.params}, batch, train=False, with_refiner=False)
-    return logits, aux['fused']
-  return eval_step
+    """The jitted prediction step: logits and fused embeddings for a sharded batch, no refiner."""
+
+    @jax.jit
+    def eval_step(state: TrainState, batch):
+        logits, aux = state.apply_fn({'params': state.params}, batch, train=False, with_refiner=False)
+        return logits, aux['fused']
+
+    return eval_step
 
 
-def evaluate(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
-             info: input_pipeline.DatasetInfo, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Metrics over a whole split: every real example once (padding rows are masked out)."""
-  logits_all, labels_all, masks_all = [], [], []
-  for batch in batches:
-    check_batch(batch, info)
-    logits, _ = eval_step(state, sharding.shard_batch(batch, mesh))
-    logits_all.append(multihost_utils.process_allgather(logits, tiled=True))
-    labels_all.append(multihost_utils.process_allgather(sharding.shard_batch({'l': batch['label']}, mesh)['l'],
-                                                        tiled=True))
-    masks_all.append(multihost_utils.process_allgather(sharding.shard_batch({'m': batch['mask']}, mesh)['m'],
-                                                       tiled=True))
-  logits = np.concatenate(logits_all).astype(np.float64)
-  labels = np.concatenate(labels_all)
-  mask = np.concatenate(masks_all).astype(bool)
-  out = {'num_examples': int(mask.sum())}
-  if info.multi_label:
-    probs = 1.0 / (1.0 + np.exp(-logits))
-    out.update({f'{k}_f1': v for k, v in metrics_lib.multilabel_f1(probs, labels, where=mask).items()})
-    out['loss'] = float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))),
-                                axis=-1)[mask].mean())
-  else:
-    out['accuracy'] = metrics_lib.accuracy(logits, labels, where=mask)
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    out['loss'] = float(-np.take_along_axis(logp, labels[:, None].clip(0, None), -1)[:, 0][mask].mean())
-    if info.num_classes == 2:
-      out['auroc'] = metrics_lib.roc_auc(logits[:, 1] - logits[:, 0], labels, where=mask)
-  return {k: float(v) for k, v in out.items()}
+def evaluate(
+    eval_step,
+    state: TrainState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    info: input_pipeline.DatasetInfo,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """Metrics over a whole split: every real example once (padding rows are masked out)."""
+    logits_all, labels_all, masks_all = [], [], []
+    for batch in batches:
+        check_batch(batch, info)
+        logits, _ = eval_step(state, sharding.shard_batch(batch, mesh))
+        logits_all.append(multihost_utils.process_allgather(logits, tiled=True))
+        labels_all.append(
+            multihost_utils.process_allgather(
+                sharding.shard_batch({'l': batch['label']}, mesh)['l'], tiled=True
+            )
+        )
+        masks_all.append(
+            multihost_utils.process_allgather(
+                sharding.shard_batch({'m': batch['mask']}, mesh)['m'], tiled=True
+            )
+        )
+    logits = np.concatenate(logits_all).astype(np.float64)
+    labels = np.concatenate(labels_all)
+    mask = np.concatenate(masks_all).astype(bool)
+    out = {'num_examples': int(mask.sum())}
+    if info.multi_label:
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        out.update({f'{k}_f1': v for k, v in metrics_lib.multilabel_f1(probs, labels, where=mask).items()})
+        out['loss'] = float(
+            np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))), axis=-1)[
+                mask
+            ].mean()
+        )
+    else:
+        out['accuracy'] = metrics_lib.accuracy(logits, labels, where=mask)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        out['loss'] = float(-np.take_along_axis(logp, labels[:, None].clip(0, None), -1)[:, 0][mask].mean())
+        if info.num_classes == 2:
+            out['auroc'] = metrics_lib.roc_auc(logits[:, 1] - logits[:, 0], labels, where=mask)
+    return {k: float(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------- logging
 
 
 class MetricWriter:
-  """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files, from process 0."""
+    """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files, from process 0."""
 
-  def __init__(self, workdir: epath.Path):
-    self.enabled = jax.process_index() == 0
-    if self.enabled:
-      import tensorboardX  # imported here: only process 0 writes
+    def __init__(self, workdir: epath.Path):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            import tensorboardX  # imported here: only process 0 writes
 
-      self._jsonl = (workdir / 'metrics.jsonl').open('a')
-      self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
+            self._jsonl = (workdir / 'metrics.jsonl').open('a')
+            self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
 
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str = '') -> None:
-    if not self.enabled:
-      return
-    row = {f'{prefix}{k}': float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
-    self._jsonl.flush()
-    for k, v in row.items():
-      self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str = '') -> None:
+        if not self.enabled:
+            return
+        row = {f'{prefix}{k}': float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
+        self._jsonl.flush()
+        for k, v in row.items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
 
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
 
 
 # ----------------------------------------------------------------------------------------------- main loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ReFNet as `config` says, resuming from `workdir` if it holds a checkpoint.
+    """Trains ReFNet as `config` says, resuming from `workdir` if it holds a checkpoint.
 
-  Returns:
-    The contents of `workdir/results.json`: the final step, the last training loss, validation and test
-    metrics.
-  """
-  t_start = time.time()
-  sharding.maybe_initialize_distributed(config)
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(config, workdir)
+    Returns:
+      The contents of `workdir/results.json`: the final step, the last training loss, validation and test
+      metrics.
+    """
+    t_start = time.time()
+    sharding.maybe_initialize_distributed(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir_config(config, workdir)
 
-  info = input_pipeline.get_dataset_info(config.data)
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch_divisibility(config, mesh)
-  model = model_lib.create_model(config, info)
-  tx, schedule = create_optimizer(config)
-  num_steps = config.train.num_steps
-  logging.info('Dataset %s: %s examples; %d devices; %d steps of %d.', info.name, info.num_examples,
-               mesh.devices.size, num_steps, config.train.batch_size)
+    info = input_pipeline.get_dataset_info(config.data)
+    mesh = sharding.make_mesh(config)
+    sharding.check_batch_divisibility(config, mesh)
+    model = model_lib.create_model(config, info)
+    tx, schedule = create_optimizer(config)
+    num_steps = config.train.num_steps
+    logging.info(
+        'Dataset %s: %s examples; %d devices; %d steps of %d.',
+        info.name,
+        info.num_examples,
+        mesh.devices.size,
+        num_steps,
+        config.train.batch_size,
+    )
 
-  with jax.set_mesh(mesh):
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    state = create_train_state(model, tx, info, init_rng, mesh)
-    logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
-    train_iter = input_pipeline.make_train_iterator(config, seed=config.seed)
-    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
-    state = ckpt.restore_or_init(state, train_iter)
-    start = int(state.step)
-    train_step_fn = make_train_step(config, info.multi_label, schedule, mesh, state)
-    eval_step = make_eval_step(mesh)
-    writer = MetricWriter(workdir)
+    with jax.set_mesh(mesh):
+        rng = jax.random.key(config.seed)
+        init_rng, step_rng = jax.random.split(rng)
+        state = create_train_state(model, tx, info, init_rng, mesh)
+        logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed)
+        ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+        state = ckpt.restore_or_init(state, train_iter)
+        start = int(state.step)
+        train_step_fn = make_train_step(config, info.multi_label, schedule, mesh, state)
+        eval_step = make_eval_step(mesh)
+        writer = MetricWriter(workdir)
 
-    last_train: dict[str, float] = {}
-    last_saved = ckpt.latest_step()
-    pending = []
-    t_log, n_log = time.time(), 0
-    bar = tqdm.tqdm(total=num_steps, initial=start, desc='train', disable=not sys.stderr.isatty(),
-                    dynamic_ncols=True)
-    for step in range(start, num_steps):
-      batch = next(train_iter)
-      check_batch(batch, info)
-      state, metrics = train_step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
-      pending.append(metrics)
-      n_log += config.train.batch_size
-      bar.update(1)
-      done = step + 1
-      log_now = done % config.train.log_every_steps == 0 or done == num_steps
-      save_now = done % config.train.checkpoint_every_steps == 0 or done == num_steps
-      if log_now or save_now:
-        rows = jax.device_get(pending)
+        last_train: dict[str, float] = {}
+        last_saved = ckpt.latest_step()
         pending = []
-        for i, row in enumerate(rows):
-          if not math.isfinite(float(row['loss'])):
-            raise NonFiniteLossError(
-                f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. The last good '
-                f'checkpoint (step {last_saved}) in {ckpt.directory} is kept.')
-        last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
-        if log_now:
-          last_train['examples_per_second'] = n_log / (time.time() - t_log)
-          t_log, n_log = time.time(), 0
-          writer.write(done, last_train, 'train/')
-          bar.set_postfix(loss=f'{last_train["loss"]:.4f}', acc=f'{last_train["accuracy"]:.3f}')
-          if bar.disable:
-            logging.info('step %d/%d: loss %.4f, accuracy %.4f, %.0f examples/s', done, num_steps,
-                         last_train['loss'], last_train['accuracy'], last_train['examples_per_second'])
-      if save_now:
-        ckpt.save(state, train_iter)
-        last_saved = done
-      if config.train.eval_every_steps and done % config.train.eval_every_steps == 0 and done != num_steps:
-        val = evaluate(eval_step, state, input_pipeline.eval_batches(config, 'validation'), info, mesh)
-        writer.write(done, val, 'val/')
-        logging.info('step %d: validation %s', done, val)
-    bar.close()
-    ckpt.wait()
+        t_log, n_log = time.time(), 0
+        bar = tqdm.tqdm(
+            total=num_steps, initial=start, desc='train', disable=not sys.stderr.isatty(), dynamic_ncols=True
+        )
+        for step in range(start, num_steps):
+            batch = next(train_iter)
+            check_batch(batch, info)
+            state, metrics = train_step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
+            pending.append(metrics)
+            n_log += config.train.batch_size
+            bar.update(1)
+            done = step + 1
+            log_now = done % config.train.log_every_steps == 0 or done == num_steps
+            save_now = done % config.train.checkpoint_every_steps == 0 or done == num_steps
+            if log_now or save_now:
+                rows = jax.device_get(pending)
+                pending = []
+                for i, row in enumerate(rows):
+                    if not math.isfinite(float(row['loss'])):
+                        raise NonFiniteLossError(
+                            f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. The last good '
+                            f'checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
+                        )
+                last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+                if log_now:
+                    last_train['examples_per_second'] = n_log / (time.time() - t_log)
+                    t_log, n_log = time.time(), 0
+                    writer.write(done, last_train, 'train/')
+                    bar.set_postfix(loss=f'{last_train["loss"]:.4f}', acc=f'{last_train["accuracy"]:.3f}')
+                    if bar.disable:
+                        logging.info(
+                            'step %d/%d: loss %.4f, accuracy %.4f, %.0f examples/s',
+                            done,
+                            num_steps,
+                            last_train['loss'],
+                            last_train['accuracy'],
+                            last_train['examples_per_second'],
+                        )
+            if save_now:
+                ckpt.save(state, train_iter)
+                last_saved = done
+            if (
+                config.train.eval_every_steps
+                and done % config.train.eval_every_steps == 0
+                and done != num_steps
+            ):
+                val = evaluate(
+                    eval_step, state, input_pipeline.eval_batches(config, 'validation'), info, mesh
+                )
+                writer.write(done, val, 'val/')
+                logging.info('step %d: validation %s', done, val)
+        bar.close()
+        ckpt.wait()
 
-    results = {'step': int(state.step), 'train': last_train}
-    for split in ('validation', 'test'):
-      results['val' if split == 'validation' else split] = evaluate(
-          eval_step, state, input_pipeline.eval_batches(config, split), info, mesh)
-      writer.write(int(state.step), results['val' if split == 'validation' else split],
-                   'val/' if split == 'validation' else 'test/')
-    results['wall_seconds'] = time.time() - t_start
-    writer.close()
-    ckpt.close()
-  if jax.process_index() == 0:
-    (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
-  logging.info('Results: %s', json.dumps(results))
-  return results
+        results = {'step': int(state.step), 'train': last_train}
+        for split in ('validation', 'test'):
+            results['val' if split == 'validation' else split] = evaluate(
+                eval_step, state, input_pipeline.eval_batches(config, split), info, mesh
+            )
+            writer.write(
+                int(state.step),
+                results['val' if split == 'validation' else split],
+                'val/' if split == 'validation' else 'test/',
+            )
+        results['wall_seconds'] = time.time() - t_start
+        writer.close()
+        ckpt.close()
+    if jax.process_index() == 0:
+        (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
+    logging.info('Results: %s', json.dumps(results))
+    return results

@@ -9,131 +9,148 @@ import numpy as np
 import pytest
 
 from configs import easy_vqa
-from refnet_jax import input_pipeline, model as model_lib, refiner, sharding, train_lib
+from refnet_jax import input_pipeline, refiner, sharding, train_lib
+from refnet_jax import model as model_lib
 
 MODALITIES = {
     'image': input_pipeline.ModalityInfo(kind='image', shape=(16, 16, 3), dtype=np.uint8, shared=True),
     'question': input_pipeline.ModalityInfo(kind='tokens', shape=(6,), dtype=np.int32, vocab_size=11),
 }
-INFO = input_pipeline.DatasetInfo(name='toy', modalities=MODALITIES, num_classes=5, multi_label=False,
-                                  class_names=tuple('abcde'), num_examples={'train': 8})
+INFO = input_pipeline.DatasetInfo(
+    name='toy',
+    modalities=MODALITIES,
+    num_classes=5,
+    multi_label=False,
+    class_names=tuple('abcde'),
+    num_examples={'train': 8},
+)
 
 
 def toy_batch(rows=4, per_row=2, seed=0):
-  rs = np.random.RandomState(seed)
-  n = rows * per_row
-  return {
-      'image': rs.randint(0, 256, (rows, 16, 16, 3)).astype(np.uint8),
-      'image_index': np.repeat(np.arange(rows), per_row).astype(np.int32),
-      'question': rs.randint(0, 11, (n, 6)).astype(np.int32),
-      'label': rs.randint(0, 5, (n,)).astype(np.int32),
-  }
+    rs = np.random.RandomState(seed)
+    n = rows * per_row
+    return {
+        'image': rs.randint(0, 256, (rows, 16, 16, 3)).astype(np.uint8),
+        'image_index': np.repeat(np.arange(rows), per_row).astype(np.int32),
+        'question': rs.randint(0, 11, (n, 6)).astype(np.int32),
+        'label': rs.randint(0, 5, (n,)).astype(np.int32),
+    }
 
 
 def toy_config(fusion='concat', variant='refnet', target='embedding'):
-  config = easy_vqa.get_config(f'tiny,fusion={fusion},variant={variant}')
-  config.model.refiner.target = target
-  return config
+    config = easy_vqa.get_config(f'tiny,fusion={fusion},variant={variant}')
+    config.model.refiner.target = target
+    return config
 
 
 def one_step(config, batch, with_grads=False):
-  mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
-  model = model_lib.create_model(config, INFO)
-  tx, schedule = train_lib.create_optimizer(config)
-  with jax.set_mesh(mesh):
-    state = train_lib.create_train_state(model, tx, INFO, jax.random.key(0), mesh)
-    params0 = jax.device_get(state.params)
+    mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
+    model = model_lib.create_model(config, INFO)
+    tx, schedule = train_lib.create_optimizer(config)
+    with jax.set_mesh(mesh):
+        state = train_lib.create_train_state(model, tx, INFO, jax.random.key(0), mesh)
+        params0 = jax.device_get(state.params)
 
-    def loss(params):
-      logits, aux = model.apply({'params': params}, batch, train=True, rngs={'dropout': jax.random.key(1)})
-      return train_lib.objective.supervised_loss(logits, aux, batch, config, False)[0]
+        def loss(params):
+            logits, aux = model.apply(
+                {'params': params}, batch, train=True, rngs={'dropout': jax.random.key(1)}
+            )
+            return train_lib.objective.supervised_loss(logits, aux, batch, config, False)[0]
 
-    grads = jax.grad(loss)(state.params) if with_grads else None
-    step = train_lib.make_train_step(config, False, schedule, mesh, state)
-    for _ in range(2):  # the warm-up's first learning rate is 0
-      state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
-  return model, params0, grads, jax.device_get(state.params), jax.device_get(metrics)
+        grads = jax.grad(loss)(state.params) if with_grads else None
+        step = train_lib.make_train_step(config, False, schedule, mesh, state)
+        for _ in range(2):  # the warm-up's first learning rate is 0
+            state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
+    return model, params0, grads, jax.device_get(state.params), jax.device_get(metrics)
 
 
 @pytest.mark.parametrize('fusion', sorted(easy_vqa.FUSION_FIELDS))
 @pytest.mark.parametrize('variant', easy_vqa.VARIANTS)
 def test_every_fusion_and_variant_trains_a_step(fusion, variant):
-  config = toy_config(fusion, variant)
-  model, params0, _, params1, metrics = one_step(config, toy_batch())
-  assert np.isfinite(metrics['loss'])
-  has_refiner = any(k.startswith('refiner_') for k in params0)
-  assert has_refiner == (variant != 'baseline')
-  assert ('ms_loss' in metrics) == (variant == 'refnet')
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), params0['fusion'], params1['fusion'])
-  assert any(jax.tree.leaves(changed))
-  logits, aux = model.apply({'params': params1}, toy_batch())
-  assert logits.shape == (8, 5) and aux['fused'].shape[0] == 8
+    config = toy_config(fusion, variant)
+    model, params0, _, params1, metrics = one_step(config, toy_batch())
+    assert np.isfinite(metrics['loss'])
+    has_refiner = any(k.startswith('refiner_') for k in params0)
+    assert has_refiner == (variant != 'baseline')
+    assert ('ms_loss' in metrics) == (variant == 'refnet')
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), params0['fusion'], params1['fusion'])
+    assert any(jax.tree.leaves(changed))
+    logits, aux = model.apply({'params': params1}, toy_batch())
+    assert logits.shape == (8, 5) and aux['fused'].shape[0] == 8
 
 
 @pytest.mark.parametrize('target', refiner.TARGETS)
 def test_refiner_parameters_get_gradients_and_change(target):
-  config = toy_config(target=target)
-  _, params0, grads, params1, _ = one_step(config, toy_batch(), with_grads=True)
-  for m in MODALITIES:
-    name = f'refiner_{m}'
-    assert name in params0, f'no parameters for the {m} refiner'
-    grad_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
-    assert grad_norm > 0, f'{name} receives no gradient'
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params0[name]),
-                                                      jax.tree.leaves(params1[name])))
+    config = toy_config(target=target)
+    _, params0, grads, params1, _ = one_step(config, toy_batch(), with_grads=True)
+    for m in MODALITIES:
+        name = f'refiner_{m}'
+        assert name in params0, f'no parameters for the {m} refiner'
+        grad_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
+        assert grad_norm > 0, f'{name} receives no gradient'
+        assert any(
+            not np.allclose(a, b)
+            for a, b in zip(jax.tree.leaves(params0[name]), jax.tree.leaves(params1[name]), strict=True)
+        )
 
 
 def test_refiner_targets_and_reconstructions_have_matching_shapes():
-  for target, dims in (('embedding', {'image': 16, 'question': 16}), ('input', {'image': 768, 'question': 11})):
-    config = toy_config(target=target)
-    model = model_lib.create_model(config, INFO)
-    params = model.init(jax.random.key(0), toy_batch())['params']
-    _, aux = model.apply({'params': params}, toy_batch())
-    for m, d in dims.items():
-      assert aux['targets'][m].shape == aux['reconstructions'][m].shape == (8, d)
+    for target, dims in (
+        ('embedding', {'image': 16, 'question': 16}),
+        ('input', {'image': 768, 'question': 11}),
+    ):
+        config = toy_config(target=target)
+        model = model_lib.create_model(config, INFO)
+        params = model.init(jax.random.key(0), toy_batch())['params']
+        _, aux = model.apply({'params': params}, toy_batch())
+        for m, d in dims.items():
+            assert aux['targets'][m].shape == aux['reconstructions'][m].shape == (8, d)
 
 
 def test_shared_modality_is_encoded_once_per_row_and_gathered():
-  config = toy_config(variant='baseline')
-  model = model_lib.create_model(config, INFO)
-  batch = toy_batch()
-  params = model.init(jax.random.key(0), batch)['params']
-  _, aux = model.apply({'params': params}, batch)
-  flat = dict(batch, image=batch['image'][batch['image_index']], image_index=np.arange(8, dtype=np.int32))
-  _, aux_flat = model.apply({'params': params}, flat)
-  np.testing.assert_allclose(aux['fused'], aux_flat['fused'], rtol=1e-5, atol=1e-6)
+    config = toy_config(variant='baseline')
+    model = model_lib.create_model(config, INFO)
+    batch = toy_batch()
+    params = model.init(jax.random.key(0), batch)['params']
+    _, aux = model.apply({'params': params}, batch)
+    flat = dict(batch, image=batch['image'][batch['image_index']], image_index=np.arange(8, dtype=np.int32))
+    _, aux_flat = model.apply({'params': params}, flat)
+    np.testing.assert_allclose(aux['fused'], aux_flat['fused'], rtol=1e-5, atol=1e-6)
 
 
 def test_inference_without_refiner_gives_the_same_logits():
-  config = toy_config()
-  model = model_lib.create_model(config, INFO)
-  params = model.init(jax.random.key(0), toy_batch())['params']
-  a, aux = model.apply({'params': params}, toy_batch())
-  b, aux_b = model.apply({'params': params}, toy_batch(), with_refiner=False)
-  np.testing.assert_array_equal(a, b)
-  assert 'reconstructions' not in aux_b
+    config = toy_config()
+    model = model_lib.create_model(config, INFO)
+    params = model.init(jax.random.key(0), toy_batch())['params']
+    a, aux = model.apply({'params': params}, toy_batch())
+    b, aux_b = model.apply({'params': params}, toy_batch(), with_refiner=False)
+    np.testing.assert_array_equal(a, b)
+    assert 'reconstructions' not in aux_b
 
 
-@pytest.mark.parametrize('field,value,message', [
-    ('model.fusion.unknown_field', 3, "field(s) ['unknown_field']"),
-    ('model.encoders.image.depth', 3, "config.model.encoders.image has field(s) ['depth']"),
-    ('model.refiner.target', 'pixels', "config.model.refiner.target is 'pixels'"),
-])
+@pytest.mark.parametrize(
+    'field,value,message',
+    [
+        ('model.fusion.unknown_field', 3, "field(s) ['unknown_field']"),
+        ('model.encoders.image.depth', 3, "config.model.encoders.image has field(s) ['depth']"),
+        ('model.refiner.target', 'pixels', "config.model.refiner.target is 'pixels'"),
+    ],
+)
 def test_bad_model_config_is_named(field, value, message):
-  config = toy_config()
-  section, _, key = field.rpartition('.')
-  node = config
-  for part in section.split('.'):
-    node = node[part]
-  with node.unlocked() if hasattr(node, 'unlocked') else ml_collections.ConfigDict().unlocked():
-    node[key] = value
-  model = model_lib.create_model(config, INFO)
-  with pytest.raises(ValueError, match=re.escape(message)):
-    model.init(jax.random.key(0), toy_batch())
+    config = toy_config()
+    section, _, key = field.rpartition('.')
+    node = config
+    for part in section.split('.'):
+        node = node[part]
+    with node.unlocked() if hasattr(node, 'unlocked') else ml_collections.ConfigDict().unlocked():
+        node[key] = value
+    model = model_lib.create_model(config, INFO)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.init(jax.random.key(0), toy_batch())
 
 
 def test_config_must_name_the_dataset_modalities():
-  config = toy_config()
-  config.loss.refiner_weights = {'image': 0.1, 'text': 0.1}
-  with pytest.raises(ValueError, match=r"config.loss.refiner_weights names modalities \['image', 'text'\]"):
-    model_lib.create_model(config, INFO)
+    config = toy_config()
+    config.loss.refiner_weights = {'image': 0.1, 'text': 0.1}
+    with pytest.raises(ValueError, match=r"config.loss.refiner_weights names modalities \['image', 'text'\]"):
+        model_lib.create_model(config, INFO)

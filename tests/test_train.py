@@ -18,162 +18,204 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(workdir, data_dir, *overrides, wait=True):
-  cmd = [sys.executable, 'train.py', '--config', 'configs/easy_vqa.py:tiny', '--workdir', str(workdir),
-         f'--config.data.data_dir={data_dir}', *overrides]
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device, for speed
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  if not wait:
-    return proc
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
+    cmd = [
+        sys.executable,
+        'train.py',
+        '--config',
+        'configs/easy_vqa.py:tiny',
+        '--workdir',
+        str(workdir),
+        f'--config.data.data_dir={data_dir}',
+        *overrides,
+    ]
+    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device, for speed
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
 
 
 def tiny_config(data_dir, **train):
-  config = easy_vqa.get_config('tiny')
-  config.data.data_dir = str(data_dir)
-  for k, v in train.items():
-    config.train[k] = v
-  return config
+    config = easy_vqa.get_config('tiny')
+    config.data.data_dir = str(data_dir)
+    for k, v in train.items():
+        config.train[k] = v
+    return config
 
 
 def test_train_py_runs_and_writes_results(tmp_path, easy_vqa_dir):
-  rc, out = run_train(tmp_path / 'run', easy_vqa_dir)
-  assert rc == 0, out
-  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
-  assert results['step'] == 4
-  assert np.isfinite(results['train']['loss'])
-  assert 0.0 <= results['test']['accuracy'] <= 1.0
-  assert results['test']['num_examples'] == 9673
-  assert results['val']['num_examples'] > 0
-  rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  train_rows = [r for r in rows if 'train/loss' in r]
-  assert [r['step'] for r in train_rows] == [2, 4]
-  for key in ('train/task_loss', 'train/ms_loss', 'train/refiner_loss/image', 'train/refiner_loss/question',
-              'train/grad_norm', 'train/param_norm', 'train/learning_rate', 'train/examples_per_second'):
-    assert key in train_rows[0], key
-  assert list((tmp_path / 'run' / 'tensorboard').iterdir())
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir)
+    assert rc == 0, out
+    results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert results['step'] == 4
+    assert np.isfinite(results['train']['loss'])
+    assert 0.0 <= results['test']['accuracy'] <= 1.0
+    assert results['test']['num_examples'] == 9673
+    assert results['val']['num_examples'] > 0
+    rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    train_rows = [r for r in rows if 'train/loss' in r]
+    assert [r['step'] for r in train_rows] == [2, 4]
+    for key in (
+        'train/task_loss',
+        'train/ms_loss',
+        'train/refiner_loss/image',
+        'train/refiner_loss/question',
+        'train/grad_norm',
+        'train/param_norm',
+        'train/learning_rate',
+        'train/examples_per_second',
+    ):
+        assert key in train_rows[0], key
+    assert list((tmp_path / 'run' / 'tensorboard').iterdir())
 
 
 def test_unknown_config_key_is_an_error(tmp_path, easy_vqa_dir):
-  rc, out = run_train(tmp_path / 'run', easy_vqa_dir, '--config.train.num_stepz=3')
-  assert rc != 0
-  assert 'num_stepz' in out
-  assert not (tmp_path / 'run').exists()
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, '--config.train.num_stepz=3')
+    assert rc != 0
+    assert 'num_stepz' in out
+    assert not (tmp_path / 'run').exists()
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir):
-  args = ('--config.train.num_steps=300', '--config.train.checkpoint_every_steps=25',
-          '--config.train.log_every_steps=25')
-  rc, out = run_train(tmp_path / 'straight', easy_vqa_dir, *args)
-  assert rc == 0, out
+    args = (
+        '--config.train.num_steps=300',
+        '--config.train.checkpoint_every_steps=25',
+        '--config.train.log_every_steps=25',
+    )
+    rc, out = run_train(tmp_path / 'straight', easy_vqa_dir, *args)
+    assert rc == 0, out
 
-  proc = run_train(tmp_path / 'killed', easy_vqa_dir, *args, wait=False)
-  ckpt_dir = tmp_path / 'killed' / 'checkpoints'
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    done = [p for p in ckpt_dir.glob('*') if p.name.isdigit()] if ckpt_dir.exists() else []
-    if done:
-      break
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it could be killed'
-  killed_at = checkpointing.Checkpointer(ckpt_dir).latest_step()
-  assert killed_at is not None and killed_at < 300
+    proc = run_train(tmp_path / 'killed', easy_vqa_dir, *args, wait=False)
+    ckpt_dir = tmp_path / 'killed' / 'checkpoints'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in ckpt_dir.glob('*') if p.name.isdigit()] if ckpt_dir.exists() else []
+        if done:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it could be killed'
+    killed_at = checkpointing.Checkpointer(ckpt_dir).latest_step()
+    assert killed_at is not None and killed_at < 300
 
-  rc, out = run_train(tmp_path / 'killed', easy_vqa_dir, *args)
-  assert rc == 0, out
-  assert f'Restoring step {killed_at}' in out
-  a = json.loads((tmp_path / 'straight' / 'results.json').read_text())
-  b = json.loads((tmp_path / 'killed' / 'results.json').read_text())
-  assert a['test'] == b['test'] and a['val'] == b['val'] and a['train']['loss'] == b['train']['loss']
-  pa = checkpointing.Checkpointer(tmp_path / 'straight' / 'checkpoints').restore_params()
-  pb = checkpointing.Checkpointer(ckpt_dir).restore_params()
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    rc, out = run_train(tmp_path / 'killed', easy_vqa_dir, *args)
+    assert rc == 0, out
+    assert f'Restoring step {killed_at}' in out
+    a = json.loads((tmp_path / 'straight' / 'results.json').read_text())
+    b = json.loads((tmp_path / 'killed' / 'results.json').read_text())
+    assert a['test'] == b['test'] and a['val'] == b['val'] and a['train']['loss'] == b['train']['loss']
+    pa = checkpointing.Checkpointer(tmp_path / 'straight' / 'checkpoints').restore_params()
+    pb = checkpointing.Checkpointer(ckpt_dir).restore_params()
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
 def test_one_and_eight_devices_give_the_same_training(tmp_path, easy_vqa_dir):
-  assert jax.device_count() == 8
-  runs = {}
-  for n in (1, 8):
-    config = tiny_config(easy_vqa_dir, num_steps=10, log_every_steps=1, checkpoint_every_steps=10)
-    config.mesh.data = n
-    results = train_lib.train_and_evaluate(config, str(tmp_path / f'd{n}'))
-    rows = [json.loads(line) for line in (tmp_path / f'd{n}' / 'metrics.jsonl').read_text().splitlines()]
-    losses = np.array([r['train/loss'] for r in rows if 'train/loss' in r])
-    params = checkpointing.Checkpointer(tmp_path / f'd{n}' / 'checkpoints').restore_params()
-    runs[n] = results, losses, params
-  assert len(runs[1][1]) == 10
-  np.testing.assert_allclose(runs[1][1], runs[8][1], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), runs[1][2], runs[8][2])
-  assert runs[1][0]['test']['accuracy'] == pytest.approx(runs[8][0]['test']['accuracy'], abs=1e-3)
+    assert jax.device_count() == 8
+    runs = {}
+    for n in (1, 8):
+        config = tiny_config(easy_vqa_dir, num_steps=10, log_every_steps=1, checkpoint_every_steps=10)
+        config.mesh.data = n
+        results = train_lib.train_and_evaluate(config, str(tmp_path / f'd{n}'))
+        rows = [json.loads(line) for line in (tmp_path / f'd{n}' / 'metrics.jsonl').read_text().splitlines()]
+        losses = np.array([r['train/loss'] for r in rows if 'train/loss' in r])
+        params = checkpointing.Checkpointer(tmp_path / f'd{n}' / 'checkpoints').restore_params()
+        runs[n] = results, losses, params
+    assert len(runs[1][1]) == 10
+    np.testing.assert_allclose(runs[1][1], runs[8][1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), runs[1][2], runs[8][2])
+    assert runs[1][0]['test']['accuracy'] == pytest.approx(runs[8][0]['test']['accuracy'], abs=1e-3)
 
 
 def test_train_step_compiles_once(easy_vqa_dir):
-  config = tiny_config(easy_vqa_dir)
-  info = input_pipeline.get_dataset_info(config.data)
-  mesh = sharding.make_mesh(config)
-  model = train_lib.model_lib.create_model(config, info)
-  tx, schedule = train_lib.create_optimizer(config)
-  with jax.set_mesh(mesh):
-    state = train_lib.create_train_state(model, tx, info, jax.random.key(0), mesh)
-    step = train_lib.make_train_step(config, False, schedule, mesh, state)
-    it = input_pipeline.make_train_iterator(config, seed=0)
-    for _ in range(3):
-      state, _ = step(state, sharding.shard_batch(next(it), mesh), jax.random.key(0))
-  assert step._cache_size() == 1
+    config = tiny_config(easy_vqa_dir)
+    info = input_pipeline.get_dataset_info(config.data)
+    mesh = sharding.make_mesh(config)
+    model = train_lib.model_lib.create_model(config, info)
+    tx, schedule = train_lib.create_optimizer(config)
+    with jax.set_mesh(mesh):
+        state = train_lib.create_train_state(model, tx, info, jax.random.key(0), mesh)
+        step = train_lib.make_train_step(config, False, schedule, mesh, state)
+        it = input_pipeline.make_train_iterator(config, seed=0)
+        for _ in range(3):
+            state, _ = step(state, sharding.shard_batch(next(it), mesh), jax.random.key(0))
+    assert step._cache_size() == 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy_vqa_dir):
-  config = tiny_config(easy_vqa_dir, num_steps=8, checkpoint_every_steps=2, log_every_steps=2,
-                       learning_rate=1e38, grad_clip_norm=0.0, warmup_steps=1)
-  with pytest.raises(train_lib.NonFiniteLossError, match='last good checkpoint'):
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
-  ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
-  if ckpt.latest_step() is not None:
-    params = ckpt.restore_params()
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    config = tiny_config(
+        easy_vqa_dir,
+        num_steps=8,
+        checkpoint_every_steps=2,
+        log_every_steps=2,
+        learning_rate=1e38,
+        grad_clip_norm=0.0,
+        warmup_steps=1,
+    )
+    with pytest.raises(train_lib.NonFiniteLossError, match='last good checkpoint'):
+        train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
+    if ckpt.latest_step() is not None:
+        params = ckpt.restore_params()
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_resuming_with_another_model_config_is_refused(tmp_path, easy_vqa_dir):
-  train_lib.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'run'))
-  config = tiny_config(easy_vqa_dir)
-  config.model.encoders.image.embed_dim = 32
-  with pytest.raises(ValueError, match=r'model.encoders.image.embed_dim: workdir 16, now 32'):
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert (tmp_path / 'run' / 'results.json').exists()
+    train_lib.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'run'))
+    config = tiny_config(easy_vqa_dir)
+    config.model.encoders.image.embed_dim = 32
+    with pytest.raises(ValueError, match=r'model.encoders.image.embed_dim: workdir 16, now 32'):
+        train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert (tmp_path / 'run' / 'results.json').exists()
 
 
 def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path, easy_vqa_dir):
-  config = tiny_config(easy_vqa_dir)
-  train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
-  config.model.encoders.image.embed_dim = 32
-  info = input_pipeline.get_dataset_info(config.data)
-  mesh = sharding.make_mesh(config)
-  model = train_lib.model_lib.create_model(config, info)
-  tx, _ = train_lib.create_optimizer(config)
-  with jax.set_mesh(mesh):
-    state = train_lib.create_train_state(model, tx, info, jax.random.key(0), mesh)
-    ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
-    with pytest.raises(checkpointing.ShapeMismatchError, match=r'params/image/Dense_0/kernel: checkpoint \(2048, 16\), config \(2048, 32\)'):
-      ckpt.restore(state)
+    config = tiny_config(easy_vqa_dir)
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    config.model.encoders.image.embed_dim = 32
+    info = input_pipeline.get_dataset_info(config.data)
+    mesh = sharding.make_mesh(config)
+    model = train_lib.model_lib.create_model(config, info)
+    tx, _ = train_lib.create_optimizer(config)
+    with jax.set_mesh(mesh):
+        state = train_lib.create_train_state(model, tx, info, jax.random.key(0), mesh)
+        ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
+        with pytest.raises(
+            checkpointing.ShapeMismatchError,
+            match=r'params/image/Dense_0/kernel: checkpoint \(8, 16\), config \(8, 32\)',
+        ):
+            ckpt.restore(state)
 
 
 def _batch(easy_vqa_dir):
-  config = tiny_config(easy_vqa_dir)
-  return input_pipeline.get_dataset_info(config.data), next(input_pipeline.make_train_iterator(config, seed=0))
+    config = tiny_config(easy_vqa_dir)
+    return input_pipeline.get_dataset_info(config.data), next(
+        input_pipeline.make_train_iterator(config, seed=0)
+    )
 
 
-@pytest.mark.parametrize('corrupt,message', [
-    (lambda b: b.pop('question'), r"batch lacks modality \['question'\]"),
-    (lambda b: b.update(question=b['question'][:, :5]), r"batch\['question'\] has items of shape \(5,\)"),
-    (lambda b: b.update(image=b['image'].astype(np.float32)), r"batch\['image'\] has dtype float32; expected uint8"),
-    (lambda b: b.update(label=b['label'] + 13), r"batch\['label'\] row 0 is (1[3-9]|2[0-5]); expected a class id"),
-    (lambda b: b.pop('image_index'), r"batch\['image_index'\] is missing"),
-])
+@pytest.mark.parametrize(
+    'corrupt,message',
+    [
+        (lambda b: b.pop('question'), r"batch lacks modality \['question'\]"),
+        (lambda b: b.update(question=b['question'][:, :5]), r"batch\['question'\] has items of shape \(5,\)"),
+        (
+            lambda b: b.update(image=b['image'].astype(np.float32)),
+            r"batch\['image'\] has dtype float32; expected uint8",
+        ),
+        (
+            lambda b: b.update(label=b['label'] + 13),
+            r"batch\['label'\] row 0 is (1[3-9]|2[0-5]); expected a class id",
+        ),
+        (lambda b: b.pop('image_index'), r"batch\['image_index'\] is missing"),
+    ],
+)
 def test_bad_batches_are_named(easy_vqa_dir, corrupt, message):
-  info, batch = _batch(easy_vqa_dir)
-  train_lib.check_batch(batch, info)
-  corrupt(batch)
-  with pytest.raises(ValueError, match=message):
+    info, batch = _batch(easy_vqa_dir)
     train_lib.check_batch(batch, info)
+    corrupt(batch)
+    with pytest.raises(ValueError, match=message):
+        train_lib.check_batch(batch, info)

@@ -42,8 +42,8 @@ MAX_QUESTIONS = 32
 MAX_TOKENS = 12  # Questions have at most 9 words.
 PAD_ID = 0
 OOV_ID = 1
-PAD_TOKEN = "<pad>"
-OOV_TOKEN = "<oov>"
+PAD_TOKEN = '<pad>'
+OOV_TOKEN = '<oov>'
 ANSWER_PAD = -1  # `answers` entries past `num_questions`.
 VALIDATION_SEED = 0
 NUM_VALIDATION_IMAGES = 400
@@ -51,7 +51,7 @@ NUM_VALIDATION_IMAGES = 400
 
 def split_words(question: str) -> list[str]:
     """Lowercased words of a question, '?' stripped."""
-    return question.lower().replace("?", " ").split()
+    return question.lower().replace('?', ' ').split()
 
 
 def build_vocabulary(questions: Iterable[str]) -> list[str]:
@@ -66,8 +66,7 @@ def tokenize(question: str, vocabulary: Sequence[str]) -> np.ndarray:
     words = split_words(question)
     if len(words) > MAX_TOKENS:
         raise ValueError(
-            f"question {question!r} has {len(words)} words, "
-            f"expected at most MAX_TOKENS={MAX_TOKENS}"
+            f'question {question!r} has {len(words)} words, expected at most MAX_TOKENS={MAX_TOKENS}'
         )
     out = np.full((MAX_TOKENS,), PAD_ID, np.int32)
     out[: len(words)] = [ids.get(w, OOV_ID) for w in words]
@@ -76,7 +75,7 @@ def tokenize(question: str, vocabulary: Sequence[str]) -> np.ndarray:
 
 def detokenize(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
     """Words of token `ids`, padding dropped: `tokenize`'s inverse up to case and '?'."""
-    return " ".join(vocabulary[i] for i in ids if i != PAD_ID)
+    return ' '.join(vocabulary[i] for i in ids if i != PAD_ID)
 
 
 def validation_image_ids(train_image_ids: Iterable[int]) -> set[int]:
@@ -88,21 +87,19 @@ def validation_image_ids(train_image_ids: Iterable[int]) -> set[int]:
 
 def _load_image(path: str) -> np.ndarray:
     with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        array = np.asarray(image.convert('RGB'), dtype=np.uint8)
     if array.shape != IMAGE_SHAPE:
-        raise ValueError(
-            f"image {path} has shape {array.shape}, expected {IMAGE_SHAPE}"
-        )
+        raise ValueError(f'image {path} has shape {array.shape}, expected {IMAGE_SHAPE}')
     return array
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
     """easy-VQA, one example per image; see the module docstring."""
 
-    name = "easy_vqa"
-    VERSION = tfds.core.Version("1.0.0")
+    name = 'easy_vqa'
+    VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        "1.0.0": "One example per image, token ids, validation split carved by image."
+        '1.0.0': 'One example per image, token ids, validation split carved by image.'
     }
     # Keep examples in image-id order, easy to inspect; the input pipeline shuffles.
     disable_shuffling = True
@@ -113,29 +110,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     # Tensor, not Image: Image encodes numpy arrays with TensorFlow.
-                    "image": tfds.features.Tensor(
-                        shape=IMAGE_SHAPE, dtype=np.uint8, encoding="bytes"
-                    ),
-                    "image_id": tfds.features.Scalar(dtype=np.int32),
-                    "num_questions": tfds.features.Scalar(dtype=np.int32),
-                    "questions": tfds.features.Tensor(
+                    'image': tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8, encoding='bytes'),
+                    'image_id': tfds.features.Scalar(dtype=np.int32),
+                    'num_questions': tfds.features.Scalar(dtype=np.int32),
+                    'questions': tfds.features.Tensor(
                         shape=(MAX_QUESTIONS, MAX_TOKENS),
                         dtype=np.int32,
-                        encoding="bytes",
+                        encoding='bytes',
                     ),
-                    "answers": tfds.features.Tensor(
-                        shape=(MAX_QUESTIONS,), dtype=np.int32, encoding="bytes"
-                    ),
+                    'answers': tfds.features.Tensor(shape=(MAX_QUESTIONS,), dtype=np.int32, encoding='bytes'),
                 }
             ),
-            homepage="https://pypi.org/project/easy-vqa/",
+            homepage='https://pypi.org/project/easy-vqa/',
             # Filled in `_split_generators`, saved as metadata.json next to the data.
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _split_generators(
-        self, dl_manager: tfds.download.DownloadManager
-    ) -> dict[str, Any]:
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # Everything comes from the installed package.
         train = easy_vqa_package.get_train_questions()
         test = easy_vqa_package.get_test_questions()
@@ -148,23 +139,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         train_by_image = _group_by_image(*train)
         test_by_image = _group_by_image(*test)
         splits = {
-            "train": (
+            'train': (
                 {i: p for i, p in train_paths.items() if i not in val_ids},
                 train_by_image,
             ),
-            "validation": (
+            'validation': (
                 {i: p for i, p in train_paths.items() if i in val_ids},
                 train_by_image,
             ),
-            "test": (test_paths, test_by_image),
+            'test': (test_paths, test_by_image),
         }
         self.info.metadata.update(
             {
-                "vocabulary": vocabulary,
-                "answers": answers,
-                "num_questions": {
-                    name: sum(len(by_image[i]) for i in paths)
-                    for name, (paths, by_image) in splits.items()
+                'vocabulary': vocabulary,
+                'answers': answers,
+                'num_questions': {
+                    name: sum(len(by_image[i]) for i in paths) for name, (paths, by_image) in splits.items()
                 },
             }
         )
@@ -185,8 +175,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             qas = by_image[image_id]
             if not 1 <= len(qas) <= MAX_QUESTIONS:
                 raise ValueError(
-                    f"image {image_id} has {len(qas)} questions, "
-                    f"expected 1..MAX_QUESTIONS={MAX_QUESTIONS}"
+                    f'image {image_id} has {len(qas)} questions, expected 1..MAX_QUESTIONS={MAX_QUESTIONS}'
                 )
             questions = np.full((MAX_QUESTIONS, MAX_TOKENS), PAD_ID, np.int32)
             labels = np.full((MAX_QUESTIONS,), ANSWER_PAD, np.int32)
@@ -196,11 +185,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             yield (
                 image_id,
                 {
-                    "image": _load_image(paths[image_id]),
-                    "image_id": image_id,
-                    "num_questions": len(qas),
-                    "questions": questions,
-                    "answers": labels,
+                    'image': _load_image(paths[image_id]),
+                    'image_id': image_id,
+                    'num_questions': len(qas),
+                    'questions': questions,
+                    'answers': labels,
                 },
             )
 
@@ -223,29 +212,27 @@ def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInf
     return input_pipeline.DatasetInfo(
         name=builder.name,
         modalities={
-            "image": input_pipeline.ModalityInfo(
-                kind="image", shape=IMAGE_SHAPE, dtype=np.uint8, shared=True
+            'image': input_pipeline.ModalityInfo(
+                kind='image', shape=IMAGE_SHAPE, dtype=np.uint8, shared=True
             ),
-            "question": input_pipeline.ModalityInfo(
-                kind="tokens",
+            'question': input_pipeline.ModalityInfo(
+                kind='tokens',
                 shape=(MAX_TOKENS,),
                 dtype=np.int32,
-                vocab_size=len(metadata["vocabulary"]),
+                vocab_size=len(metadata['vocabulary']),
             ),
         },
-        num_classes=len(metadata["answers"]),
+        num_classes=len(metadata['answers']),
         multi_label=False,
-        class_names=tuple(metadata["answers"]),
-        num_examples={split: int(n) for split, n in metadata["num_questions"].items()},
+        class_names=tuple(metadata['answers']),
+        num_examples={split: int(n) for split, n in metadata['num_questions'].items()},
     )
 
 
 def _questions_per_image(config: ml_collections.ConfigDict) -> int:
     k = config.data.questions_per_image
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_QUESTIONS:
-        raise ValueError(
-            f"config.data.questions_per_image={k!r}, expected an int in [1, {MAX_QUESTIONS}]"
-        )
+        raise ValueError(f'config.data.questions_per_image={k!r}, expected an int in [1, {MAX_QUESTIONS}]')
     return k
 
 
@@ -259,29 +246,27 @@ class SampleQuestions(grain.transforms.RandomMap):
     def __init__(self, k: int):
         self.k = k
 
-    def random_map(
-        self, record: dict[str, np.ndarray], rng: np.random.Generator
-    ) -> dict[str, np.ndarray]:
-        n = int(record["num_questions"])
+    def random_map(self, record: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        n = int(record['num_questions'])
         if n >= self.k:
             rows = rng.choice(n, self.k, replace=False)
         else:
             rows = np.resize(rng.permutation(n), self.k)
         return {
-            "image": record["image"],
-            "question": record["questions"][rows],
-            "label": record["answers"][rows],
+            'image': record['image'],
+            'question': record['questions'][rows],
+            'label': record['answers'][rows],
         }
 
 
 def flatten_train_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """(B_img, k, ...) questions -> (B_img * k, ...) rows, `image_index` into the images."""
-    num_images, k = batch["label"].shape
+    num_images, k = batch['label'].shape
     return {
-        "image": batch["image"],  # (B_img, 64, 64, 3)
-        "question": batch["question"].reshape(num_images * k, MAX_TOKENS),  # (B, T)
-        "image_index": np.repeat(np.arange(num_images, dtype=np.int32), k),  # (B,)
-        "label": batch["label"].reshape(num_images * k).astype(np.int32),  # (B,)
+        'image': batch['image'],  # (B_img, 64, 64, 3)
+        'question': batch['question'].reshape(num_images * k, MAX_TOKENS),  # (B, T)
+        'image_index': np.repeat(np.arange(num_images, dtype=np.int32), k),  # (B,)
+        'label': batch['label'].reshape(num_images * k).astype(np.int32),  # (B,)
     }
 
 
@@ -292,15 +277,11 @@ def train_dataset(
     k = _questions_per_image(config)
     if batch_size % k:
         raise ValueError(
-            f"config.train.batch_size={config.train.batch_size} ({batch_size} per "
-            f"process) and config.data.questions_per_image={k}: expected the batch "
-            "size per process to be a multiple of questions_per_image"
+            f'config.train.batch_size={config.train.batch_size} ({batch_size} per '
+            f'process) and config.data.questions_per_image={k}: expected the batch '
+            'size per process to be a multiple of questions_per_image'
         )
-    return (
-        records.random_map(SampleQuestions(k))
-        .batch(batch_size // k)
-        .map(flatten_train_batch)
-    )
+    return records.random_map(SampleQuestions(k)).batch(batch_size // k).map(flatten_train_batch)
 
 
 class PadEvalBatch(grain.transforms.Map):
@@ -310,32 +291,24 @@ class PadEvalBatch(grain.transforms.Map):
         self.num_images = num_images
 
     def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        real = batch["image"].shape[0]
+        real = batch['image'].shape[0]
         pad = self.num_images - real
-        images = np.concatenate(
-            [batch["image"], np.zeros((pad, *IMAGE_SHAPE), np.uint8)]
-        )
-        questions = np.concatenate(
-            [batch["questions"], np.zeros((pad, MAX_QUESTIONS, MAX_TOKENS), np.int32)]
-        )
-        counts = np.concatenate([batch["num_questions"], np.zeros((pad,), np.int32)])
+        images = np.concatenate([batch['image'], np.zeros((pad, *IMAGE_SHAPE), np.uint8)])
+        questions = np.concatenate([batch['questions'], np.zeros((pad, MAX_QUESTIONS, MAX_TOKENS), np.int32)])
+        counts = np.concatenate([batch['num_questions'], np.zeros((pad,), np.int32)])
         mask = np.arange(MAX_QUESTIONS)[None, :] < counts[:, None]  # (B_img, Q)
         labels = np.where(
             mask,
-            np.concatenate(
-                [batch["answers"], np.zeros((pad, MAX_QUESTIONS), np.int32)]
-            ),
+            np.concatenate([batch['answers'], np.zeros((pad, MAX_QUESTIONS), np.int32)]),
             0,
         )
         rows = self.num_images * MAX_QUESTIONS
         return {
-            "image": images,
-            "question": questions.reshape(rows, MAX_TOKENS),
-            "image_index": np.repeat(
-                np.arange(self.num_images, dtype=np.int32), MAX_QUESTIONS
-            ),
-            "label": labels.reshape(rows).astype(np.int32),
-            "mask": mask.reshape(rows),
+            'image': images,
+            'question': questions.reshape(rows, MAX_TOKENS),
+            'image_index': np.repeat(np.arange(self.num_images, dtype=np.int32), MAX_QUESTIONS),
+            'label': labels.reshape(rows).astype(np.int32),
+            'mask': mask.reshape(rows),
         }
 
 
@@ -351,8 +324,8 @@ def eval_dataset(
     if batch_size % MAX_QUESTIONS:
         raise ValueError(
             f"config.eval.batch_size (or eval_batches' batch_size) gives {batch_size} "
-            f"rows per process, expected a multiple of MAX_QUESTIONS={MAX_QUESTIONS} "
-            "(each image brings its questions padded to MAX_QUESTIONS rows)"
+            f'rows per process, expected a multiple of MAX_QUESTIONS={MAX_QUESTIONS} '
+            '(each image brings its questions padded to MAX_QUESTIONS rows)'
         )
     num_images = batch_size // MAX_QUESTIONS
     return records.batch(num_images, drop_remainder=False).map(PadEvalBatch(num_images))
