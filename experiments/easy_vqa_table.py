@@ -54,11 +54,14 @@ def run_missing(runs_dir: str) -> None:
                 cmd = cell_command(fusion, variant, seed, workdir)
                 print(f'[{time.strftime("%H:%M:%S")}] {name}: {" ".join(cmd)}', flush=True)
                 t = time.time()
-                subprocess.run(
-                    cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
+                os.makedirs(os.path.join(ROOT, workdir), exist_ok=True)
+                with open(os.path.join(ROOT, workdir, 'train.log'), 'a') as log:
+                    # The recorded command says `python`; it runs with this interpreter.
+                    subprocess.run(
+                        [sys.executable, *cmd[1:]], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT
+                    )
                 wall = time.time() - t
-                with open(os.path.join(workdir, 'results.json')) as f:
+                with open(os.path.join(ROOT, workdir, 'results.json')) as f:
                     results = json.load(f)
                 record = {
                     'command': ' '.join(cmd),
@@ -108,8 +111,8 @@ def main() -> None:
     parser.add_argument('--report', action='store_true', help='only print the table')
     parser.add_argument(
         '--runs_dir',
-        default=os.path.join(ROOT, 'runs', 'easy_vqa_table'),
-        help='where the cells keep their workdirs',
+        default=os.path.join('runs', 'easy_vqa_table'),
+        help='where the cells keep their workdirs (relative to the repository root)',
     )
     args = parser.parse_args()
     if not args.report:
