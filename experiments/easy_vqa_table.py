@@ -25,7 +25,7 @@ VARIANTS = ('baseline', 'refiner', 'refnet')
 SEEDS = (0, 1, 2)
 
 
-def cell_command(fusion: str, variant: str, seed: int, workdir: str) -> list[str]:
+def cell_command(fusion: str, variant: str, seed: int | str, workdir: str) -> list[str]:
     return [
         'python',
         'train.py',
@@ -78,8 +78,8 @@ def run_missing(runs_dir: str) -> None:
 
 def report() -> str:
     lines = [
-        '| fusion | variant | test accuracy | validation accuracy | wall time (s) | seeds |',
-        '|---|---|---|---|---|---|',
+        '| fusion | variant | test accuracy | validation accuracy | wall time (s) | seeds | command (seed S) |',
+        '|---|---|---|---|---|---|---|',
     ]
     for fusion in FUSIONS:
         for variant in VARIANTS:
@@ -97,9 +97,10 @@ def report() -> str:
             seeds = ','.join(
                 str(s) for s in SEEDS if os.path.exists(os.path.join(OUT, f'{fusion}-{variant}-seed{s}.json'))
             )
+            cmd = ' '.join(cell_command(fusion, variant, 'S', f'runs/{fusion}-{variant}-S'))
             lines.append(
                 f'| {fusion} | {variant} | {test.mean():.4f} ± {test.std():.4f} | '
-                f'{val.mean():.4f} ± {val.std():.4f} | {wall.mean():.0f} ± {wall.std():.0f} | {seeds} |'
+                f'{val.mean():.4f} ± {val.std():.4f} | {wall.mean():.0f} ± {wall.std():.0f} | {seeds} | `{cmd}` |'
             )
     return '\n'.join(lines)
 

@@ -7,6 +7,8 @@ even NaN) without affecting the value or the gradient of the others. Reduce with
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -52,6 +54,82 @@ def _masked_log1p_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(with_one, axis=1)
 
 
+def _ms_anchor_losses(
+    anchors: jax.Array,
+    anchor_labels: jax.Array,
+    anchor_valid: jax.Array,
+    anchor_ids: jax.Array,
+    normed: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    alpha: float,
+    beta: float,
+    base: float,
+    epsilon: float,
+    mining: bool,
+) -> jax.Array:
+    """MS loss_i of R anchor rows against the whole batch: (R,) values, 0 for an anchor without pairs.
+
+    Everything an anchor needs (its similarities, its pairs, its hardest positive and negative) lies in its own
+    row of the similarity matrix, so any set of rows can be computed alone.
+
+    Args:
+      anchors: (R, D) L2-normalised anchor embeddings.
+      anchor_labels: (R,) class ids or (R, C) float 0/1 multi-hot labels of the anchors.
+      anchor_valid: (R,) bool, False for masked or padding anchors (their row is all zeros).
+      anchor_ids: (R,) int, each anchor's row in the batch (an example is never its own pair).
+      normed: (B, D) L2-normalised batch.
+      labels: (B,) or (B, C), as ``anchor_labels``.
+      valid: (B,) bool.
+    """
+    sim = anchors @ normed.T  # (R, B)
+    if labels.ndim == 1:
+        same = anchor_labels[:, None] == labels[None, :]
+    else:
+        same = (anchor_labels @ labels.T) > 0
+    not_self = anchor_ids[:, None] != jnp.arange(normed.shape[0])[None, :]
+    pair_ok = anchor_valid[:, None] & valid[None, :] & not_self
+    pos = same & pair_ok
+    neg = ~same & pair_ok
+
+    if mining:
+        s = jax.lax.stop_gradient(sim)
+        min_pos = jnp.min(jnp.where(pos, s, jnp.inf), axis=1, keepdims=True)  # +inf without positives.
+        max_neg = jnp.max(jnp.where(neg, s, -jnp.inf), axis=1, keepdims=True)  # -inf without negatives.
+        # Same comparisons, in the same form, as MultiSimilarityMiner for an inverted (similarity) distance.
+        neg = neg & (s + epsilon > min_pos)
+        pos = pos & (s - epsilon < max_neg)
+
+    pos_term = _masked_log1p_sum_exp(-alpha * (sim - base), pos) / alpha  # (R,)
+    neg_term = _masked_log1p_sum_exp(beta * (sim - base), neg) / beta  # (R,)
+    return pos_term + neg_term
+
+
+# Automatic blocking: the largest (rows, B) similarity tile held at once, in elements. 2**24 float32 values are
+# 64 MiB, the size of the whole matrix at B = 4096.
+MS_BLOCK_ELEMENTS = 4096 * 4096
+
+
+def ms_block_size(batch: int, block_size: int | None = None) -> int:
+    """The anchor rows per block that :func:`multi_similarity_loss` uses; 0 means dense (one B x B matrix).
+
+    ``block_size=None`` picks automatically: dense while B * B <= MS_BLOCK_ELEMENTS (B <= 4096), else the largest
+    multiple of 8 rows with rows * B <= MS_BLOCK_ELEMENTS (B = 8192: 2048; 32768: 512; 65536: 256), so the
+    similarity tile never exceeds 64 MiB of float32. ``block_size=0`` forces dense; a positive value is taken as
+    is, except that a block of at least B rows is the dense computation.
+    """
+    if block_size is None:
+        if batch * batch <= MS_BLOCK_ELEMENTS:
+            return 0
+        return max(8, MS_BLOCK_ELEMENTS // batch // 8 * 8)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
+        raise ValueError(
+            f'`block_size` must be None (automatic), 0 (dense) or a positive int, got {block_size!r}.'
+        )
+    return 0 if block_size >= batch else block_size
+
+
 def multi_similarity_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -62,6 +140,7 @@ def multi_similarity_loss(
     epsilon: float = 0.1,
     mining: bool = True,
     where: jax.Array | None = None,
+    block_size: int | None = None,
 ) -> jax.Array:
     """Multi-Similarity loss (Wang et al., 2019) on cosine similarities, with its hard-pair miner.
 
@@ -79,7 +158,9 @@ def multi_similarity_loss(
     anchor without positives keeps no negatives and vice versa. The mining masks carry no gradient.
 
     Works on a fixed-shape (B, B) matrix with masks: it jits once per shape, and under ``jax.jit`` with the batch
-    sharded on an Auto mesh axis XLA partitions the pairwise computation itself.
+    sharded on an Auto mesh axis XLA partitions the pairwise computation itself. Large batches are computed in
+    blocks of anchor rows (see ``block_size``), each a (rows, B) tile against the whole batch, rematerialised in
+    the backward pass: memory O(rows * B) instead of O(B^2), same value and gradient up to float rounding.
 
     Args:
       embeddings: (B, D) embeddings, computed in at least float32; L2-normalised here (a zero row stays zero and
@@ -92,12 +173,17 @@ def multi_similarity_loss(
       epsilon: mining margin.
       mining: whether to mine hard pairs as ``MultiSimilarityMiner(epsilon)``; if False all pairs are used.
       where: optional (B,) bool mask; a False row is neither an anchor nor a pair of any anchor.
+      block_size: anchor rows per block. None (default): dense up to B = 4096, blocks of at most 2**24 similarity
+        entries above (:func:`ms_block_size`); 0: always dense; n > 0: blocks of n rows (B need not be a
+        multiple: the last block is padded with masked rows), dense when n >= B.
 
     Returns:
       Scalar loss, the mean over valid anchors; 0 when there is none.
 
     >>> emb = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
     >>> print(f'{multi_similarity_loss(emb, jnp.array([0, 0, 1, 1])):.4f}')
+    0.3889
+    >>> print(f'{multi_similarity_loss(emb, jnp.array([0, 0, 1, 1]), block_size=3):.4f}')
     0.3889
     """
     embeddings, labels = _as_float(embeddings), jnp.asarray(labels)
@@ -110,30 +196,42 @@ def multi_similarity_loss(
             f'{embeddings.shape}, got {labels.shape}.'
         )
     valid = _valid_mask(where, batch, 'embeddings')
+    rows = ms_block_size(batch, block_size)
 
     normed = _l2_normalize(_zero_masked_rows(embeddings, valid))  # (B, D)
-    sim = normed @ normed.T  # (B, B)
+    if labels.ndim == 2:
+        labels = (labels != 0).astype(jnp.float32)  # (B, C) multi-hot: shared labels by one matmul.
+    anchor_losses = functools.partial(
+        _ms_anchor_losses,
+        normed=normed,
+        labels=labels,
+        valid=valid,
+        alpha=alpha,
+        beta=beta,
+        base=base,
+        epsilon=epsilon,
+        mining=mining,
+    )
+    ids = jnp.arange(batch)
+    if rows == 0:
+        values = anchor_losses(normed, labels, valid, ids)  # (B,)
+        return masked_mean(values, where=valid)
 
-    if labels.ndim == 1:
-        same = labels[:, None] == labels[None, :]
-    else:
-        multi_hot = (labels != 0).astype(jnp.float32)
-        same = (multi_hot @ multi_hot.T) > 0
-    pair_ok = valid[:, None] & valid[None, :] & ~jnp.eye(batch, dtype=bool)
-    pos = same & pair_ok
-    neg = ~same & pair_ok
+    # Blocks of anchor rows, padded to a multiple of `rows` with masked rows. Block k holds rows k, k + n, k + 2n,
+    # ... (n blocks): with the batch sharded contiguously over devices, every block then has rows on every
+    # device, so each step of the loop is split across devices rather than run by one.
+    num_blocks = -(-batch // rows)
+    padded = num_blocks * rows
 
-    if mining:
-        s = jax.lax.stop_gradient(sim)
-        min_pos = jnp.min(jnp.where(pos, s, jnp.inf), axis=1, keepdims=True)  # +inf without positives.
-        max_neg = jnp.max(jnp.where(neg, s, -jnp.inf), axis=1, keepdims=True)  # -inf without negatives.
-        # Same comparisons, in the same form, as MultiSimilarityMiner for an inverted (similarity) distance.
-        neg = neg & (s + epsilon > min_pos)
-        pos = pos & (s - epsilon < max_neg)
+    def blocks(x):  # (B, ...) -> (num_blocks, rows, ...)
+        x = jnp.pad(x, [(0, padded - batch)] + [(0, 0)] * (x.ndim - 1))
+        return jnp.swapaxes(x.reshape(rows, num_blocks, *x.shape[1:]), 0, 1)
 
-    pos_term = _masked_log1p_sum_exp(-alpha * (sim - base), pos) / alpha  # (B,)
-    neg_term = _masked_log1p_sum_exp(beta * (sim - base), neg) / beta  # (B,)
-    return masked_mean(pos_term + neg_term, where=valid)
+    # Remat: the backward pass recomputes each block's (rows, B) tile instead of storing B x B intermediates.
+    block_fn = jax.checkpoint(lambda xs: anchor_losses(*xs))
+    values = jax.lax.map(block_fn, (blocks(normed), blocks(labels), blocks(valid), blocks(ids)))
+    values = jnp.swapaxes(values, 0, 1).reshape(padded)[:batch]  # (B,) in batch order.
+    return masked_mean(values, where=valid)
 
 
 def refiner_loss(

@@ -228,43 +228,30 @@ def make_train_step(config, multi_label, schedule, mesh, state):
     )
 
 
-def make_eval_step(mesh):
-    """The jitted prediction step: logits and fused embeddings for a sharded batch, no refiner."""
-
-    @jax.jit
-    def eval_step(state: TrainState, batch):
-        logits, aux = state.apply_fn({'params': state.params}, batch, train=False, with_refiner=False)
-        return logits, aux['fused']
-
-    return eval_step
+@jax.jit
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Logits for a sharded batch, without the refiner (it only matters in training)."""
+    logits, _ = state.apply_fn({'params': state.params}, batch, train=False, with_refiner=False)
+    return logits
 
 
 def evaluate(
-    eval_step,
     state: TrainState,
     batches: Iterable[Mapping[str, np.ndarray]],
     info: input_pipeline.DatasetInfo,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """Metrics over a whole split: every real example once (padding rows are masked out)."""
-    logits_all, labels_all, masks_all = [], [], []
+    gathered = []
     for batch in batches:
         check_batch(batch, info)
-        logits, _ = eval_step(state, sharding.shard_batch(batch, mesh))
-        logits_all.append(multihost_utils.process_allgather(logits, tiled=True))
-        labels_all.append(
-            multihost_utils.process_allgather(
-                sharding.shard_batch({'l': batch['label']}, mesh)['l'], tiled=True
-            )
-        )
-        masks_all.append(
-            multihost_utils.process_allgather(
-                sharding.shard_batch({'m': batch['mask']}, mesh)['m'], tiled=True
-            )
-        )
-    logits = np.concatenate(logits_all).astype(np.float64)
-    labels = np.concatenate(labels_all)
-    mask = np.concatenate(masks_all).astype(bool)
+        global_batch = sharding.shard_batch(batch, mesh)
+        logits = eval_step(state, global_batch)
+        out = {'logits': logits, 'label': global_batch['label'], 'mask': global_batch['mask']}
+        gathered.append(multihost_utils.process_allgather(out, tiled=True))
+    logits = np.concatenate([g['logits'] for g in gathered]).astype(np.float64)
+    labels = np.concatenate([g['label'] for g in gathered])
+    mask = np.concatenate([g['mask'] for g in gathered]).astype(bool)
     out = {'num_examples': int(mask.sum())}
     if info.multi_label:
         probs = 1.0 / (1.0 + np.exp(-logits))
@@ -354,7 +341,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         train_step_fn = make_train_step(config, info.multi_label, schedule, mesh, state)
-        eval_step = make_eval_step(mesh)
         writer = MetricWriter(workdir)
 
         last_train: dict[str, float] = {}
@@ -406,24 +392,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 and done % config.train.eval_every_steps == 0
                 and done != num_steps
             ):
-                val = evaluate(
-                    eval_step, state, input_pipeline.eval_batches(config, 'validation'), info, mesh
-                )
+                val = evaluate(state, input_pipeline.eval_batches(config, 'validation'), info, mesh)
                 writer.write(done, val, 'val/')
                 logging.info('step %d: validation %s', done, val)
         bar.close()
         ckpt.wait()
 
         results = {'step': int(state.step), 'train': last_train}
-        for split in ('validation', 'test'):
-            results['val' if split == 'validation' else split] = evaluate(
-                eval_step, state, input_pipeline.eval_batches(config, split), info, mesh
-            )
-            writer.write(
-                int(state.step),
-                results['val' if split == 'validation' else split],
-                'val/' if split == 'validation' else 'test/',
-            )
+        for key, split in (('val', 'validation'), ('test', 'test')):
+            results[key] = evaluate(state, input_pipeline.eval_batches(config, split), info, mesh)
+            writer.write(int(state.step), results[key], f'{key}/')
         results['wall_seconds'] = time.time() - t_start
         writer.close()
         ckpt.close()
