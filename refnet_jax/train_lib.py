@@ -24,7 +24,7 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import checkpointing, input_pipeline, objective, sharding
+from refnet_jax import checkpointing, input_pipeline, losses, objective, sharding
 from refnet_jax import metrics as metrics_lib
 from refnet_jax import model as model_lib
 
@@ -97,11 +97,13 @@ def dummy_batch(info: input_pipeline.DatasetInfo, batch_size: int) -> dict[str, 
     return batch
 
 
-def check_batch(batch: Mapping[str, np.ndarray], info: input_pipeline.DatasetInfo) -> None:
+def check_batch(
+    batch: Mapping[str, np.ndarray], info: input_pipeline.DatasetInfo, labeled: bool = True
+) -> None:
     """Raises ValueError naming the key, what it holds and what was expected, for a batch that does not fit.
 
-    Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), and labels
-    (shape, in range of the declared classes).
+    Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), and, when
+    `labeled`, the labels (shape, in range of the declared classes).
     """
 
     def fail(key, msg):
@@ -113,10 +115,13 @@ def check_batch(batch: Mapping[str, np.ndarray], info: input_pipeline.DatasetInf
             f'batch lacks modality {missing}; dataset {info.name!r} has {sorted(info.modalities)}, '
             f'the batch has {sorted(batch)}'
         )
-    if 'label' not in batch:
+    if labeled and 'label' not in batch:
         raise ValueError(f'batch lacks "label"; it has {sorted(batch)}')
-    labels = np.asarray(batch['label'])
-    n = labels.shape[0]
+    # Examples: one per label; without labels, one per row of an unshared modality or of an index.
+    rows = {k: np.shape(batch[k])[0] for k in ('label', 'mask') if k in batch}
+    for m, mi in info.modalities.items():
+        rows.setdefault(f'{m}_index' if mi.shared else m, np.shape(batch.get(f'{m}_index', batch[m]))[0])
+    n = next(iter(rows.values()))
     for m, mi in info.modalities.items():
         x = np.asarray(batch[m])
         if x.shape[1:] != tuple(mi.shape):
@@ -135,19 +140,22 @@ def check_batch(batch: Mapping[str, np.ndarray], info: input_pipeline.DatasetInf
                     f'range [{idx.min() if idx.size else None}, {idx.max() if idx.size else None}]',
                 )
         elif x.shape[0] != n:
-            fail(m, f'has {x.shape[0]} rows but the batch has {n} labels')
+            fail(m, f'has {x.shape[0]} rows but the batch has {n} examples')
     if 'mask' in batch and np.asarray(batch['mask']).shape != (n,):
         fail('mask', f'has shape {np.asarray(batch["mask"]).shape}; expected ({n},)')
+    if not labeled:
+        return
+    labels = np.asarray(batch['label'])
     valid = np.asarray(batch['mask'], bool) if 'mask' in batch else np.ones((n,), bool)
     if info.multi_label:
-        if labels.shape[1:] != (info.num_classes,) or not np.isin(labels, (0, 1)).all():
+        if labels.shape != (n, info.num_classes) or not np.isin(labels, (0, 1)).all():
             fail(
                 'label',
-                f'must be multi-hot of shape (B, {info.num_classes}) with 0/1 values; got {labels.shape}',
+                f'must be multi-hot of shape ({n}, {info.num_classes}) with 0/1 values; got {labels.shape}',
             )
     else:
-        if labels.ndim != 1 or labels.dtype.kind not in 'iu':
-            fail('label', f'must be integer class ids of shape (B,); got {labels.dtype} {labels.shape}')
+        if labels.shape != (n,) or labels.dtype.kind not in 'iu':
+            fail('label', f'must be integer class ids of shape ({n},); got {labels.dtype} {labels.shape}')
         bad = valid & ((labels < 0) | (labels >= info.num_classes))
         if bad.any():
             i = int(np.argmax(bad))
@@ -201,12 +209,18 @@ def train_step(
     config: ml_collections.ConfigDict,
     multi_label: bool,
     schedule: optax.Schedule,
+    pretraining: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the global batch; pure, jitted once by `make_train_step`."""
+    """One optimizer step on the global batch; pure, jitted once by `make_train_step`.
+
+    With `pretraining`, the loss is the refiner loss alone and the batch holds no labels.
+    """
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
         logits, aux = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
+        if pretraining:
+            return objective.pretraining_loss(aux, batch, config)
         return objective.supervised_loss(logits, aux, batch, config, multi_label)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -216,10 +230,12 @@ def train_step(
     return state.apply_gradients(grads=grads), metrics
 
 
-def make_train_step(config, multi_label, schedule, mesh, state):
+def make_train_step(config, multi_label, schedule, mesh, state, pretraining=False):
     """The jitted train step: state replicated and donated, batch sharded on `data`."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step = functools.partial(train_step, config=config, multi_label=multi_label, schedule=schedule)
+    step = functools.partial(
+        train_step, config=config, multi_label=multi_label, schedule=schedule, pretraining=pretraining
+    )
     return jax.jit(
         step,
         donate_argnums=(0,),
@@ -233,6 +249,50 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Logits for a sharded batch, without the refiner (it only matters in training)."""
     logits, _ = state.apply_fn({'params': state.params}, batch, train=False, with_refiner=False)
     return logits
+
+
+@functools.partial(jax.jit, static_argnames='config')
+def pretraining_eval_step(state: TrainState, batch, config) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Per-example refiner losses {m: (B,)} and the fused embeddings (B, D) of a sharded batch."""
+    _, aux = state.apply_fn({'params': state.params}, batch, train=False)
+    per_example = {
+        m: losses.refiner_loss(r, aux['targets'][m], kind=config.loss.refiner_kind)
+        for m, r in aux['reconstructions'].items()
+    }
+    return per_example, aux['fused']
+
+
+def evaluate_pretraining(
+    state: TrainState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    info: input_pipeline.DatasetInfo,
+    mesh: jax.sharding.Mesh,
+    config: ml_collections.ConfigDict,
+) -> dict[str, float]:
+    """Refiner losses over a split, and the spread of the fused embeddings (0 means collapse).
+
+    `fused_spread` is the mean over dimensions of the standard deviation across examples of the
+    L2-normalised fused embeddings: a network whose fused embedding is constant scores 0.
+    """
+    gathered = []
+    for batch in batches:
+        batch = {k: v for k, v in batch.items() if k != 'label'}
+        check_batch(batch, info, labeled=False)
+        global_batch = sharding.shard_batch(batch, mesh)
+        per_example, fused = pretraining_eval_step(
+            state, global_batch, ml_collections.FrozenConfigDict(config)
+        )
+        out = {'losses': per_example, 'fused': fused, 'mask': global_batch['mask']}
+        gathered.append(multihost_utils.process_allgather(out, tiled=True))
+    mask = np.concatenate([g['mask'] for g in gathered]).astype(bool)
+    fused = np.concatenate([g['fused'] for g in gathered])[mask].astype(np.float64)
+    fused /= np.maximum(np.linalg.norm(fused, axis=-1, keepdims=True), 1e-12)
+    out = {'num_examples': float(mask.sum()), 'fused_spread': float(fused.std(axis=0).mean()), 'loss': 0.0}
+    for m in gathered[0]['losses']:
+        value = float(np.concatenate([g['losses'][m] for g in gathered])[mask].mean())
+        out[f'refiner_loss/{m}'] = value
+        out['loss'] += config.loss.refiner_weights[m] * value
+    return out
 
 
 def evaluate(
@@ -306,10 +366,62 @@ class MetricWriter:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ReFNet as `config` says, resuming from `workdir` if it holds a checkpoint.
 
+    With `config.init_from` set to a pre-training workdir, a fresh run starts from that run's encoders,
+    fusion and refiner (see `init_from_pretrained`).
+
     Returns:
-      The contents of `workdir/results.json`: the final step, the last training loss, validation and test
-      metrics.
+      The contents of `workdir/results.json`: the final step, the last training metrics, validation and
+      test metrics.
     """
+    return _run(config, workdir, pretraining=False)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Self-supervised pre-training with the refiner loss alone on every training input; labels are
+    never read. The same checkpointing, resumption and logging as `train_and_evaluate`.
+
+    Returns:
+      The contents of `workdir/results.json`: the final step, the last training metrics, and the refiner
+      losses and fused-embedding spread on the validation and test inputs.
+    """
+    if not any(w > 0 for w in config.loss.refiner_weights.values()):
+        raise ValueError(
+            f'pre-training needs a refiner: config.loss.refiner_weights is {dict(config.loss.refiner_weights)}'
+        )
+    if config.model.refiner.target != 'input':
+        # A network whose encoders output a constant reconstructs a constant target perfectly.
+        raise ValueError(
+            f"config.model.refiner.target is {config.model.refiner.target!r}; pre-training needs 'input': "
+            "with 'embedding' targets the encoders can collapse to a constant that the refiner reconstructs "
+            'perfectly'
+        )
+    return _run(config, workdir, pretraining=True)
+
+
+def init_from_pretrained(state: TrainState, workdir: str, tx: optax.GradientTransformation) -> TrainState:
+    """`state` with every parameter of the pre-training run in `workdir` except the task head.
+
+    The head and the optimizer state start fresh. A parameter whose shape differs is an error naming its
+    path and both shapes; parameters the pre-training run lacks (the head) keep their initialisation.
+    """
+    pretrained = checkpointing.Checkpointer(epath.Path(workdir) / 'checkpoints')
+    step = pretrained.latest_step()
+    if step is None:
+        raise ValueError(f'config.init_from is {workdir!r}, which holds no checkpoint')
+    source = {k: v for k, v in pretrained.restore_params(step).items() if k != 'head'}
+    target = {k: v for k, v in state.params.items() if k in source}
+    checkpointing.check_shapes(source, target, f'the pre-training checkpoint at step {step} in {workdir}')
+    params = dict(state.params)
+    for k, v in source.items():
+        params[k] = jax.tree.map(
+            lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), v, target[k]
+        )
+    logging.info('Initialised %s from step %d of %s; the head is new.', sorted(source), step, workdir)
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state))(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) -> dict[str, Any]:
     t_start = time.time()
     sharding.maybe_initialize_distributed(config)
     workdir = epath.Path(workdir)
@@ -323,7 +435,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx, schedule = create_optimizer(config)
     num_steps = config.train.num_steps
     logging.info(
-        'Dataset %s: %s examples; %d devices; %d steps of %d.',
+        '%s on %s: %s examples; %d devices; %d steps of %d.',
+        'Pre-training' if pretraining else 'Training',
         info.name,
         info.num_examples,
         mesh.devices.size,
@@ -331,16 +444,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.train.batch_size,
     )
 
+    def evaluate_split(state, split):
+        batches = input_pipeline.eval_batches(config, split)
+        if pretraining:
+            return evaluate_pretraining(state, batches, info, mesh, config)
+        return evaluate(state, batches, info, mesh)
+
     with jax.set_mesh(mesh):
-        rng = jax.random.key(config.seed)
-        init_rng, step_rng = jax.random.split(rng)
+        init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
         state = create_train_state(model, tx, info, init_rng, mesh)
         logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed)
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+        if ckpt.latest_step() is None and config.get('init_from'):
+            state = init_from_pretrained(state, config.init_from, tx)
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
-        train_step_fn = make_train_step(config, info.multi_label, schedule, mesh, state)
+        train_step_fn = make_train_step(config, info.multi_label, schedule, mesh, state, pretraining)
         writer = MetricWriter(workdir)
 
         last_train: dict[str, float] = {}
@@ -352,7 +472,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         for step in range(start, num_steps):
             batch = next(train_iter)
-            check_batch(batch, info)
+            if pretraining:
+                batch = {k: v for k, v in batch.items() if k != 'label'}
+            check_batch(batch, info, labeled=not pretraining)
             state, metrics = train_step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
             pending.append(metrics)
             n_log += config.train.batch_size
@@ -366,33 +488,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 for i, row in enumerate(rows):
                     if not math.isfinite(float(row['loss'])):
                         raise NonFiniteLossError(
-                            f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. The last good '
-                            f'checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
+                            f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. '
+                            f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
                         )
                 last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
                 if log_now:
                     last_train['examples_per_second'] = n_log / (time.time() - t_log)
                     t_log, n_log = time.time(), 0
                     writer.write(done, last_train, 'train/')
-                    bar.set_postfix(loss=f'{last_train["loss"]:.4f}', acc=f'{last_train["accuracy"]:.3f}')
+                    shown = {k: last_train[k] for k in ('loss', 'accuracy') if k in last_train}
+                    bar.set_postfix({k: f'{v:.4f}' for k, v in shown.items()})
                     if bar.disable:
                         logging.info(
-                            'step %d/%d: loss %.4f, accuracy %.4f, %.0f examples/s',
+                            'step %d/%d: %s, %.0f examples/s',
                             done,
                             num_steps,
-                            last_train['loss'],
-                            last_train['accuracy'],
+                            ', '.join(f'{k} {v:.4f}' for k, v in shown.items()),
                             last_train['examples_per_second'],
                         )
             if save_now:
                 ckpt.save(state, train_iter)
                 last_saved = done
-            if (
-                config.train.eval_every_steps
-                and done % config.train.eval_every_steps == 0
-                and done != num_steps
-            ):
-                val = evaluate(state, input_pipeline.eval_batches(config, 'validation'), info, mesh)
+            every = config.train.eval_every_steps
+            if every and done % every == 0 and done != num_steps:
+                val = evaluate_split(state, 'validation')
                 writer.write(done, val, 'val/')
                 logging.info('step %d: validation %s', done, val)
         bar.close()
@@ -400,7 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         results = {'step': int(state.step), 'train': last_train}
         for key, split in (('val', 'validation'), ('test', 'test')):
-            results[key] = evaluate(state, input_pipeline.eval_batches(config, split), info, mesh)
+            results[key] = evaluate_split(state, split)
             writer.write(int(state.step), results[key], f'{key}/')
         results['wall_seconds'] = time.time() - t_start
         writer.close()

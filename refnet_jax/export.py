@@ -1,0 +1,253 @@
+"""Export a trained ReFNet for serving with `jax.export`, and load it back with JAX and NumPy alone.
+
+An export directory holds three files:
+  `inference.jaxexport`  the serialized `jax.export.Exported` of `f(params, batch) -> logits`: encoders, fusion
+                         and head, no refiner, no dropout (`model.apply(..., train=False, with_refiner=False)`).
+  `params.npz`           the parameters that function uses, one array per '/'-joined parameter path
+                         (`image/Conv_0/kernel`); plain `.npy` members, read with `allow_pickle=False`.
+  `signature.json`       the inputs (name, shape with symbolic dimensions, dtype), the output and the class names.
+
+The batch dimensions are symbolic, so one export serves any batch size: `b` is the number of examples, and a
+modality `m` stored once for several examples (`ModalityInfo.shared`, easy-VQA's `image`) has its own row count
+`rows_<m>`, with `<m>_index` (b,) int32 giving each example's row, as in training batches.
+
+Parameters are kept out of the exported function rather than baked into it as constants: the serialized
+module stays small and independent of the weights (a new checkpoint of the same config re-uses it), and the
+weights stay readable with plain NumPy.
+
+`load(directory)` needs only `jax` and `numpy`: this module imports flax, the model code and orbax lazily, inside
+the functions that export, so that a serving process importing it for `load` pulls in none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EXPORTED_FILE = 'inference.jaxexport'
+PARAMS_FILE = 'params.npz'
+SIGNATURE_FILE = 'signature.json'
+BATCH_DIM = 'b'
+
+
+def rows_dim(modality: str) -> str:
+    """The symbolic row count of a shared modality."""
+    return f'rows_{modality}'
+
+
+def input_signature(info) -> dict[str, tuple[tuple[str | int, ...], str]]:
+    """{input name: (shape, dtype name)} of the inference batch of a dataset (an `input_pipeline.DatasetInfo`).
+
+    Dimensions are ints, or the names of symbolic dimensions: `b` (examples) and `rows_<m>` (rows of a shared
+    modality m).
+    """
+    inputs = {}
+    for m in sorted(info.modalities):
+        mi = info.modalities[m]
+        rows = rows_dim(m) if mi.shared else BATCH_DIM
+        inputs[m] = ((rows, *mi.shape), np.dtype(mi.dtype).name)
+        if mi.shared:
+            inputs[f'{m}_index'] = ((BATCH_DIM,), 'int32')
+    return inputs
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """Nested parameter dicts -> {'a/b/c': leaf}."""
+    flat = {}
+    for k, v in params.items():
+        if '/' in k:
+            raise ValueError(
+                f'parameter name {prefix}{k!r} contains "/", which the flat paths use as separator'
+            )
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, f'{prefix}{k}/'))
+        else:
+            flat[f'{prefix}{k}'] = v
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a/b/c': leaf} -> nested dicts."""
+    nested: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split('/')
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = leaf
+    return nested
+
+
+def inference_params(model, params: Mapping[str, Any], info) -> dict[str, Any]:
+    """The subset of `params` (a checkpoint's, refiner included) that inference uses, shape-checked.
+
+    Raises:
+      checkpointing.ShapeMismatchError: naming each parameter whose shape differs from the config's model, or
+        that the checkpoint lacks.
+    """
+    from refnet_jax import checkpointing
+
+    example = _example_batch(info, examples=2, rows=2)
+    abstract = jax.eval_shape(
+        lambda batch: model.init(jax.random.key(0), batch, train=False, with_refiner=False)['params'], example
+    )
+    wanted = _flatten(abstract)
+    given = _flatten(params)
+    subset = {path: np.asarray(given[path]) for path in wanted if path in given}
+    checkpointing.check_shapes(_unflatten(subset), abstract, 'the checkpoint')
+    return subset
+
+
+def _example_batch(info, *, examples: int, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Concrete-shape stand-ins for a batch: `examples` examples, `rows` rows of each shared modality."""
+    sizes = {BATCH_DIM: examples} | {rows_dim(m): rows for m in info.modalities}
+    return {
+        name: jax.ShapeDtypeStruct(tuple(sizes.get(d, d) for d in shape), dtype)
+        for name, (shape, dtype) in input_signature(info).items()
+    }
+
+
+def export_model(
+    model,
+    params: Mapping[str, Any],
+    info,
+    output_dir: str | pathlib.Path,
+    *,
+    platforms: Sequence[str] | None = None,
+) -> jax.export.Exported:
+    """Exports `model`'s inference with the checkpoint parameters `params` into `output_dir`.
+
+    Args:
+      model: the `ReFNet` of the run's config (`model.create_model`).
+      params: the trained parameters (nested dicts of arrays, refiner parameters may be included: they are
+        dropped, inference does not use them).
+      info: the dataset's `input_pipeline.DatasetInfo`.
+      output_dir: created if needed; its export files are overwritten.
+      platforms: the platforms to lower for, e.g. ('cpu', 'cuda'); None: the default backend of this process.
+
+    Returns:
+      The `jax.export.Exported` that was serialized.
+    """
+    flat = inference_params(model, params, info)
+    signature = input_signature(info)
+    dim_names = sorted({d for shape, _ in signature.values() for d in shape if isinstance(d, str)})
+    dims = dict(zip(dim_names, jax.export.symbolic_shape(', '.join(dim_names)), strict=True))
+    batch_spec = {
+        name: jax.ShapeDtypeStruct(tuple(dims.get(d, d) for d in shape), dtype)
+        for name, (shape, dtype) in signature.items()
+    }
+    params_spec = {path: jax.ShapeDtypeStruct(x.shape, x.dtype) for path, x in flat.items()}
+
+    def infer(flat_params, batch):
+        logits, _ = model.apply({'params': _unflatten(flat_params)}, batch, train=False, with_refiner=False)
+        return logits
+
+    exported = jax.export.export(jax.jit(infer), platforms=platforms)(params_spec, batch_spec)
+
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPORTED_FILE).write_bytes(exported.serialize())
+    np.savez(out / PARAMS_FILE, **flat)
+    (out / SIGNATURE_FILE).write_text(
+        json.dumps(
+            {
+                'inputs': {
+                    name: {'shape': list(shape), 'dtype': dtype} for name, (shape, dtype) in signature.items()
+                },
+                'output': {'name': 'logits', 'shape': [BATCH_DIM, info.num_classes], 'dtype': 'float32'},
+                'multi_label': info.multi_label,
+                'class_names': list(info.class_names),
+                'platforms': list(exported.platforms),
+            },
+            indent=2,
+        )
+    )
+    return exported
+
+
+def restore_params(directory: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
+    """The parameters of the checkpoint at `step` (default: the latest) in `directory`, as NumPy arrays.
+
+    Unlike `Checkpointer.restore_params`, this works in a process with another device count than the one that
+    saved (an export on one CPU of a run trained on 8 devices): orbax then needs a target with shardings, built
+    here from the checkpoint's own metadata, every array on this process's first device.
+    """
+    import orbax.checkpoint as ocp
+
+    from refnet_jax import checkpointing
+
+    ckpt = checkpointing.Checkpointer(directory)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: nothing to export')
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            ckpt.manager.item_metadata(step)['state'],
+        )
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, restored['state']['params'])
+
+
+def export_workdir(
+    workdir: str | pathlib.Path,
+    output_dir: str | pathlib.Path,
+    *,
+    step: int | None = None,
+    platforms: Sequence[str] | None = None,
+) -> jax.export.Exported:
+    """Exports the run in `workdir`: its `config.json`, and the parameters of its latest checkpoint (or `step`)."""
+    import ml_collections
+
+    from refnet_jax import input_pipeline
+    from refnet_jax import model as model_lib
+
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / 'config.json'
+    if not config_path.exists():
+        raise FileNotFoundError(f'{config_path} not found: --workdir must be the workdir of a training run')
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    info = input_pipeline.get_dataset_info(config.data)
+    model = model_lib.create_model(config, info)
+    params = restore_params(workdir / 'checkpoints', step)
+    return export_model(model, params, info, output_dir, platforms=platforms)
+
+
+def load(directory: str | pathlib.Path) -> Callable[[Mapping[str, Any]], jax.Array]:
+    """Loads an export directory: returns `predict(batch) -> logits` (b, num_classes).
+
+    Needs only jax and numpy. `batch` maps the input names of `signature.json` to arrays (other keys, such as
+    `label` or `mask`, are ignored); integer inputs of another width are converted, other dtypes are an error.
+    Each new batch shape compiles once.
+    """
+    directory = pathlib.Path(directory)
+    exported = jax.export.deserialize(bytearray((directory / EXPORTED_FILE).read_bytes()))
+    with np.load(directory / PARAMS_FILE, allow_pickle=False) as data:
+        params = {name: jnp.asarray(data[name]) for name in data.files}
+    inputs = json.loads((directory / SIGNATURE_FILE).read_text())['inputs']
+    call = jax.jit(exported.call)
+
+    def predict(batch: Mapping[str, Any]) -> jax.Array:
+        args = {}
+        for name, spec in inputs.items():
+            if name not in batch:
+                raise ValueError(f'batch lacks input {name!r}; the model takes {sorted(inputs)}')
+            x, want = np.asarray(batch[name]), np.dtype(spec['dtype'])
+            if x.dtype.kind != want.kind or len(x.shape) != len(spec['shape']):
+                raise ValueError(
+                    f'batch[{name!r}] has dtype {x.dtype} and shape {x.shape}; expected {want} of shape '
+                    f'{tuple(spec["shape"])}'
+                )
+            args[name] = x.astype(want, copy=False)
+        return call(params, args)
+
+    return predict

@@ -1,0 +1,143 @@
+"""Export for serving: export.py on a trained tiny run, loaded in a fresh process with jax and numpy only."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import easy_vqa
+from refnet_jax import checkpointing, input_pipeline, sharding, train_lib
+from refnet_jax import export as export_lib
+from refnet_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, easy_vqa_dir):
+    """A tiny run trained for two steps, and its export written by the real `export.py`."""
+    config = easy_vqa.get_config('tiny')
+    config.data.data_dir = str(easy_vqa_dir)
+    config.train.num_steps = 2
+    workdir = tmp_path_factory.mktemp('run')
+    train_lib.train_and_evaluate(config, str(workdir))
+    out = workdir / 'export'
+    proc = subprocess.run(
+        [sys.executable, 'export.py', '--workdir', str(workdir), '--output', str(out)],
+        cwd=ROOT,
+        env=ONE_CPU,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return config, workdir, out
+
+
+def training_logits(config, workdir, batch):
+    """The logits of the training code's eval step, with the checkpoint's parameters, on one device."""
+    info = input_pipeline.get_dataset_info(config.data)
+    model = model_lib.create_model(config, info)
+    params = checkpointing.Checkpointer(workdir / 'checkpoints').restore_params()
+    state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
+    mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        logits, _ = train_lib.make_eval_step(mesh)(state, sharding.shard_batch(batch, mesh))
+    return np.asarray(logits)
+
+
+def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path):
+    config, workdir, out = trained
+    train_batch = next(input_pipeline.make_train_iterator(config, seed=1))  # 64 questions on 8 images
+    eval_batch = next(input_pipeline.eval_batches(config, 'test'))  # 256 rows (padding included), 8 images
+    small = {k: v[: 3 if k == 'image' else 24] for k, v in train_batch.items()}  # 24 questions on 3 images
+    batches = {'train': train_batch, 'eval': eval_batch, 'small': small}
+    sizes = {(b['question'].shape[0], b['image'].shape[0]) for b in batches.values()}
+    assert sizes == {(64, 8), (256, 8), (24, 3)}
+    for name, batch in batches.items():
+        np.savez(tmp_path / f'{name}.npz', **batch)
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from refnet_jax import export
+        predict = export.load({str(out)!r})
+        for name in ('train', 'eval', 'small'):
+            with np.load({str(tmp_path)!r} + f'/{{name}}.npz') as batch:
+                logits = predict(dict(batch))  # `label` and `mask` are ignored.
+            np.save({str(tmp_path)!r} + f'/{{name}}_logits.npy', np.asarray(logits))
+        unwanted = [m for m in ('flax', 'refnet_jax.model', 'orbax', 'ml_collections') if m in sys.modules]
+        assert not unwanted, unwanted
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', script], cwd=ROOT, env=ONE_CPU, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    for name, batch in batches.items():
+        got = np.load(tmp_path / f'{name}_logits.npy')
+        want = training_logits(config, workdir, batch)
+        assert got.shape == (batch['question'].shape[0], 13)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        assert np.ptp(want) > 1e-3  # Not a constant output.
+
+
+def test_export_files(trained):
+    config, workdir, out = trained
+    signature = json.loads((out / export_lib.SIGNATURE_FILE).read_text())
+    assert signature['inputs'] == {
+        'image': {'shape': ['rows_image', 64, 64, 3], 'dtype': 'uint8'},
+        'image_index': {'shape': ['b'], 'dtype': 'int32'},
+        'question': {'shape': ['b', 12], 'dtype': 'int32'},
+    }
+    assert signature['output']['shape'] == ['b', 13] and len(signature['class_names']) == 13
+    # The parameters inference uses, and only those: the checkpoint's, minus the refiner decoders.
+    with np.load(out / export_lib.PARAMS_FILE, allow_pickle=False) as saved:
+        saved = {k: saved[k] for k in saved.files}
+    checkpoint = export_lib._flatten(checkpointing.Checkpointer(workdir / 'checkpoints').restore_params())
+    refiner = {k for k in checkpoint if k.startswith('refiner_')}
+    assert refiner and set(saved) == set(checkpoint) - refiner
+    for k, v in saved.items():
+        np.testing.assert_array_equal(v, checkpoint[k])
+    # The weights live in params.npz, not in the serialized function.
+    exported = jax.export.deserialize(bytearray((out / export_lib.EXPORTED_FILE).read_bytes()))
+    assert len(exported.in_avals) == len(saved) + 3
+    assert (out / export_lib.EXPORTED_FILE).stat().st_size < sum(v.nbytes for v in saved.values())
+
+
+def test_loader_names_bad_inputs(trained):
+    _, _, out = trained
+    predict = export_lib.load(out)
+    batch = {
+        'image': np.zeros((2, 64, 64, 3), np.uint8),
+        'question': np.zeros((3, 12), np.int64),  # Another integer width is converted.
+        'image_index': np.array([0, 1, 1]),
+    }
+    assert predict(batch).shape == (3, 13)
+    with pytest.raises(ValueError, match=r"lacks input 'image_index'"):
+        predict({k: v for k, v in batch.items() if k != 'image_index'})
+    with pytest.raises(ValueError, match=r"batch\['image'\] has dtype float32.*expected uint8"):
+        predict(batch | {'image': np.zeros((2, 64, 64, 3), np.float32)})
+
+
+def test_export_of_a_checkpoint_that_does_not_fit_its_config_names_the_parameter(trained, tmp_path):
+    config, workdir, _ = trained
+    changed = tmp_path / 'run'
+    changed.mkdir()
+    (changed / 'checkpoints').symlink_to(workdir / 'checkpoints')
+    saved = json.loads((workdir / 'config.json').read_text())
+    saved['model']['encoders']['image']['embed_dim'] = 32
+    (changed / 'config.json').write_text(json.dumps(saved))
+    with pytest.raises(checkpointing.ShapeMismatchError, match=r'image/Dense_0/kernel: checkpoint \(8, 16\)'):
+        export_lib.export_workdir(changed, tmp_path / 'out')
+    with pytest.raises(FileNotFoundError, match='config.json'):
+        export_lib.export_workdir(tmp_path / 'nowhere', tmp_path / 'out')
