@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.ms = dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True)  # Multi-Similarity loss
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 1500  # optimizer steps
+    config.train.num_steps = 2000  # optimizer steps
     config.train.batch_size = 256  # examples (questions) per step, global over all devices and processes
     config.train.learning_rate = 2e-3  # peak learning rate
     config.train.warmup_steps = 100  # linear warm-up, then cosine decay to 0 at num_steps

@@ -53,7 +53,7 @@ def run_missing(runs_dir: str) -> None:
                 workdir = os.path.join(runs_dir, name)
                 cmd = cell_command(fusion, variant, seed, workdir)
                 print(f'[{time.strftime("%H:%M:%S")}] {name}: {" ".join(cmd)}', flush=True)
-                t = time.time()
+                t, load_before = time.time(), os.getloadavg()[0]
                 os.makedirs(os.path.join(ROOT, workdir), exist_ok=True)
                 with open(os.path.join(ROOT, workdir, 'train.log'), 'a') as log:
                     # The recorded command says `python`; it runs with this interpreter.
@@ -67,6 +67,8 @@ def run_missing(runs_dir: str) -> None:
                     'command': ' '.join(cmd),
                     'wall_seconds': wall,
                     'machine': machine(),
+                    # 1-minute load averages around the run: above 2 (the cores) other work slowed it.
+                    'load_average': [load_before, os.getloadavg()[0]],
                     'date': time.strftime('%Y-%m-%d'),
                     'results': results,
                 }
