@@ -13,7 +13,9 @@ from ml_collections import config_flags
 from refnet_jax import train_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:arg]).', lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (configs/*.py[:arg]).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results.json are written.')
 flags.mark_flags_as_required(['config', 'workdir'])
 

@@ -9,6 +9,7 @@ Expected: test accuracy >= 0.98 (400 digits) with all six views, in about a minu
 The argument picks a variant, as comma-separated tokens:
   fusion=concat|transformer|lowrank|gated   the fusion module (default concat)
   variant=baseline|refiner|refnet           no refiner and no MS loss / + refiner / + refiner + MS (default)
+  variant=pretrain                          for pretrain.py: refiner loss alone, `input` targets (no collapse)
   tiny                                      a few steps of a small network, for tests
 e.g. `--config configs/uci_mfeat.py:fusion=transformer,variant=baseline`.
 """
@@ -23,7 +24,7 @@ FUSION_FIELDS = {
     'lowrank': dict(fused_dim=128, rank=4),
     'gated': dict(fused_dim=128),
 }
-VARIANTS = ('baseline', 'refiner', 'refnet')
+VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -49,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg)
     config = ml_collections.ConfigDict()
     config.seed = 0  # seeds parameters, dropout and the data order
+    # A pre-training workdir (pretrain.py) whose encoders, fusion and refiner start this run; None: from scratch.
+    config.init_from = ml_collections.config_dict.placeholder(str)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = 'uci_mfeat'  # the module refnet_jax/datasets/<name>.py
@@ -63,10 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.fusion = dict(kind=opts['fusion'], **FUSION_FIELDS[opts['fusion']])
     config.model.refiner = ml_collections.ConfigDict()
     config.model.refiner.hidden = (256,)  # hidden widths of each modality's decoder
-    config.model.refiner.target = 'embedding'  # 'embedding' (e_m) or 'input' (the view's standardised features)
+    # 'embedding' (e_m) or 'input' (the view's standardised features; what pre-training needs)
+    config.model.refiner.target = 'input' if opts['variant'] == 'pretrain' else 'embedding'
     config.model.refiner.stop_gradient_target = True  # embedding targets are constants for the refiner loss
 
-    refine = opts['variant'] in ('refiner', 'refnet')
+    refine = opts['variant'] in ('refiner', 'refnet', 'pretrain')
     config.loss = ml_collections.ConfigDict()
     config.loss.refiner_weights = {view: 0.1 if refine else 0.0 for view in VIEWS}  # w_m per view
     config.loss.refiner_kind = 'cosine'  # 'cosine' (1 - cos) or 'mse'

@@ -122,9 +122,21 @@ class Checkpointer:
         return self.restore(state, data_iter, step)
 
     def restore_params(self, step: int | None = None) -> Any:
-        """The parameters of a checkpoint as NumPy arrays, without a target (for export and inspection)."""
+        """The parameters of a checkpoint as NumPy arrays, without a model (for export and inspection).
+
+        Works in a process with another device count than the one that saved (an export on one CPU of a run
+        trained on 8 devices): the target is built from the checkpoint's own metadata, every array on this
+        process's first device.
+        """
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        if step is None:
+            raise FileNotFoundError(f'no checkpoint in {self.directory}')
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            self.manager.item_metadata(step)['state'],
+        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return jax.tree.map(np.asarray, restored['state']['params'])
 
     def wait(self) -> None:

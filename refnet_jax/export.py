@@ -171,33 +171,6 @@ def export_model(
     return exported
 
 
-def restore_params(directory: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
-    """The parameters of the checkpoint at `step` (default: the latest) in `directory`, as NumPy arrays.
-
-    Unlike `Checkpointer.restore_params`, this works in a process with another device count than the one that
-    saved (an export on one CPU of a run trained on 8 devices): orbax then needs a target with shardings, built
-    here from the checkpoint's own metadata, every array on this process's first device.
-    """
-    import orbax.checkpoint as ocp
-
-    from refnet_jax import checkpointing
-
-    ckpt = checkpointing.Checkpointer(directory)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: nothing to export')
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            ckpt.manager.item_metadata(step)['state'],
-        )
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    finally:
-        ckpt.close()
-    return jax.tree.map(np.asarray, restored['state']['params'])
-
-
 def export_workdir(
     workdir: str | pathlib.Path,
     output_dir: str | pathlib.Path,
@@ -208,7 +181,7 @@ def export_workdir(
     """Exports the run in `workdir`: its `config.json`, and the parameters of its latest checkpoint (or `step`)."""
     import ml_collections
 
-    from refnet_jax import input_pipeline
+    from refnet_jax import checkpointing, input_pipeline
     from refnet_jax import model as model_lib
 
     workdir = pathlib.Path(workdir)
@@ -218,7 +191,11 @@ def export_workdir(
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     info = input_pipeline.get_dataset_info(config.data)
     model = model_lib.create_model(config, info)
-    params = restore_params(workdir / 'checkpoints', step)
+    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+    try:
+        params = ckpt.restore_params(step)
+    finally:
+        ckpt.close()
     return export_model(model, params, info, output_dir, platforms=platforms)
 
 
@@ -226,8 +203,8 @@ def load(directory: str | pathlib.Path) -> Callable[[Mapping[str, Any]], jax.Arr
     """Loads an export directory: returns `predict(batch) -> logits` (b, num_classes).
 
     Needs only jax and numpy. `batch` maps the input names of `signature.json` to arrays (other keys, such as
-    `label` or `mask`, are ignored); integer inputs of another width are converted, other dtypes are an error.
-    Each new batch shape compiles once.
+    `label` or `mask`, are ignored); integer inputs of another width are converted; another kind of dtype, a
+    fixed dimension that differs or an index out of range is an error. Each new batch shape compiles once.
     """
     directory = pathlib.Path(directory)
     exported = jax.export.deserialize(bytearray((directory / EXPORTED_FILE).read_bytes()))
@@ -241,13 +218,23 @@ def load(directory: str | pathlib.Path) -> Callable[[Mapping[str, Any]], jax.Arr
         for name, spec in inputs.items():
             if name not in batch:
                 raise ValueError(f'batch lacks input {name!r}; the model takes {sorted(inputs)}')
-            x, want = np.asarray(batch[name]), np.dtype(spec['dtype'])
-            if x.dtype.kind != want.kind or len(x.shape) != len(spec['shape']):
+            x, want, shape = np.asarray(batch[name]), np.dtype(spec['dtype']), spec['shape']
+            fits = len(x.shape) == len(shape) and all(
+                isinstance(d, str) or d == n for d, n in zip(shape, x.shape, strict=False)
+            )
+            if x.dtype.kind != want.kind or not fits:
                 raise ValueError(
                     f'batch[{name!r}] has dtype {x.dtype} and shape {x.shape}; expected {want} of shape '
-                    f'{tuple(spec["shape"])}'
+                    f'{tuple(shape)}'
                 )
             args[name] = x.astype(want, copy=False)
+        for name, index in args.items():
+            rows = args.get(name.removesuffix('_index')) if name.endswith('_index') else None
+            if rows is not None and index.size and (index.min() < 0 or index.max() >= rows.shape[0]):
+                raise ValueError(
+                    f'batch[{name!r}] holds rows [{index.min()}, {index.max()}] of '
+                    f'batch[{name.removesuffix("_index")!r}], which has {rows.shape[0]}'
+                )
         return call(params, args)
 
     return predict

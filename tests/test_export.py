@@ -49,7 +49,7 @@ def training_logits(config, workdir, batch):
     state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
     mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        logits, _ = train_lib.make_eval_step(mesh)(state, sharding.shard_batch(batch, mesh))
+        logits = train_lib.eval_step(state, sharding.shard_batch(batch, mesh))
     return np.asarray(logits)
 
 
@@ -127,6 +127,14 @@ def test_loader_names_bad_inputs(trained):
         predict({k: v for k, v in batch.items() if k != 'image_index'})
     with pytest.raises(ValueError, match=r"batch\['image'\] has dtype float32.*expected uint8"):
         predict(batch | {'image': np.zeros((2, 64, 64, 3), np.float32)})
+    with pytest.raises(
+        ValueError, match=r"batch\['question'\] has dtype int64 and shape \(3, 11\).*\('b', 12\)"
+    ):
+        predict(batch | {'question': np.zeros((3, 11), np.int64)})
+    with pytest.raises(
+        ValueError, match=r"batch\['image_index'\] holds rows \[0, 2\] of batch\['image'\], which has 2"
+    ):
+        predict(batch | {'image_index': np.array([0, 1, 2])})
 
 
 def test_export_of_a_checkpoint_that_does_not_fit_its_config_names_the_parameter(trained, tmp_path):
