@@ -1,0 +1,113 @@
+"""What every experiment config shares: the variant argument, and the fields common to all datasets.
+
+A config file under `configs/` calls `parse_arg` and `base_config`, then sets what is its own (the data
+fields, one encoder per modality, training length); `tiny` shrinks any config for tests. Every field is
+commented here once.
+"""
+
+from collections.abc import Sequence
+
+import ml_collections
+
+FUSION_FIELDS = {
+    # kind -> that module's fields (refnet_jax/fusion.py)
+    'concat': dict(hidden=(256,), fused_dim=128, dropout=0.0),
+    'transformer': dict(fused_dim=128, num_layers=2, num_heads=4, mlp_ratio=2, dropout=0.0),
+    'lowrank': dict(fused_dim=128, rank=4),
+    'gated': dict(fused_dim=128),
+}
+VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
+ARG_HELP = """The argument picks a variant, as comma-separated tokens:
+  fusion=concat|transformer|lowrank|gated   the fusion module
+  variant=baseline                          the plain fusion network: no refiner, no MS loss
+  variant=refiner                           + the refiner loss
+  variant=refnet                            + the refiner loss + the Multi-Similarity loss (default)
+  variant=pretrain                          for pretrain.py: the refiner loss alone, `input` targets
+  tiny                                      a few steps of a small network, for tests"""
+
+
+def parse_arg(arg: str | None, *, default_fusion: str) -> dict:
+    """'fusion=transformer,variant=baseline,tiny' -> {'fusion': ..., 'variant': ..., 'tiny': bool}."""
+    opts = {'fusion': default_fusion, 'variant': 'refnet', 'tiny': False}
+    for token in filter(None, (arg or '').split(',')):
+        key, sep, value = token.partition('=')
+        if token == 'tiny':
+            opts['tiny'] = True
+        elif sep and key == 'fusion' and value in FUSION_FIELDS:
+            opts['fusion'] = value
+        elif sep and key == 'variant' and value in VARIANTS:
+            opts['variant'] = value
+        else:
+            raise ValueError(
+                f'config argument {token!r} not understood; expected tiny, '
+                f'fusion={"|".join(FUSION_FIELDS)} or variant={"|".join(VARIANTS)}'
+            )
+    return opts
+
+
+def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_collections.ConfigDict:
+    """Every field but the encoders, with the variant of `opts` applied and generic training defaults."""
+    variant = opts['variant']
+    refine = variant in ('refiner', 'refnet', 'pretrain')
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # seeds parameters, dropout and the data order
+    # A pre-training workdir (pretrain.py) whose encoders, fusion and refiner start this run; None: from scratch.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = dataset  # the module refnet_jax/datasets/<name>.py
+    # Where TFDS keeps prepared data (None: TFDS's default, ~/tensorflow_datasets).
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.encoders = ml_collections.ConfigDict()  # one entry per modality: that encoder's fields
+    config.model.fusion = dict(kind=opts['fusion'], **FUSION_FIELDS[opts['fusion']])  # kind + its fields
+    config.model.refiner = ml_collections.ConfigDict()
+    config.model.refiner.hidden = (256,)  # hidden widths of each modality's decoder
+    # 'embedding' (e_m) or 'input' (the modality's raw input; what pre-training needs, as it cannot collapse)
+    config.model.refiner.target = 'input' if variant == 'pretrain' else 'embedding'
+    config.model.refiner.stop_gradient_target = True  # embedding targets are constants for the refiner loss
+
+    config.loss = ml_collections.ConfigDict()
+    # w_m per modality; 0 everywhere removes the refiner (and its parameters) altogether.
+    config.loss.refiner_weights = {m: 0.1 if refine else 0.0 for m in modalities}
+    config.loss.refiner_kind = 'cosine'  # 'cosine' (1 - cos) or 'mse'
+    config.loss.ms_weight = 0.1 if variant == 'refnet' else 0.0  # gamma: 0 switches the MS loss off
+    config.loss.ms = dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True)  # Multi-Similarity loss
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 2000  # optimizer steps
+    config.train.batch_size = 256  # examples per step, global over all devices and processes
+    config.train.learning_rate = 2e-3  # peak learning rate
+    config.train.warmup_steps = 100  # linear warm-up, then cosine decay to 0 at num_steps
+    config.train.weight_decay = 1e-4  # AdamW decoupled weight decay
+    config.train.grad_clip_norm = 1.0  # clip by global norm; 0 disables
+    config.train.log_every_steps = 50  # scalars to metrics.jsonl / TensorBoard
+    config.train.checkpoint_every_steps = 500  # orbax checkpoint (always one at the end)
+    config.train.eval_every_steps = 0  # validation during training; 0: only at the end
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 1024  # examples per evaluation batch (padding included)
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # devices on the data axis; -1: all devices of all processes
+    config.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+    return config
+
+
+def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> ml_collections.ConfigDict:
+    """Shrinks `config` in place to a few steps of a 16-wide network (for tests); `encoders` replaces its
+    encoders."""
+    for m, fields in encoders.items():
+        config.model.encoders[m] = fields
+    config.model.fusion.fused_dim = 16
+    if 'hidden' in config.model.fusion:
+        config.model.fusion.hidden = (16,)
+    config.model.refiner.hidden = (16,)
+    config.train.num_steps = 4
+    config.train.batch_size = 64
+    config.train.warmup_steps = 1
+    config.train.log_every_steps = 2
+    config.train.checkpoint_every_steps = 2
+    return config
