@@ -99,6 +99,48 @@ class DatasetInfo:
     num_examples: dict[str, int]
 
 
+class ToExample(grain.transforms.Map):
+    """A stored record -> its modalities and an int32 label, for datasets with one example per record."""
+
+    def __init__(self, modalities: tuple[str, ...]):
+        self.modalities = tuple(modalities)
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {**{m: record[m] for m in self.modalities}, 'label': np.int32(record['label'])}
+
+
+class PadBatch(grain.transforms.Map):
+    """A batch of up to `batch_size` examples -> exactly `batch_size` rows (zeros) and a `mask`."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        real = batch['label'].shape[0]
+        out = {
+            k: np.concatenate([v, np.zeros((self.batch_size - real, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()
+        }
+        out['mask'] = np.arange(self.batch_size) < real
+        return out
+
+
+def per_record_train_dataset(
+    records: grain.MapDataset, modalities: tuple[str, ...], batch_size: int
+) -> grain.MapDataset:
+    """`train_dataset` for one example per record: batches of {m: (B, ...), 'label': (B,) int32}."""
+    return records.map(ToExample(modalities)).batch(batch_size)
+
+
+def per_record_eval_dataset(
+    records: grain.MapDataset, modalities: tuple[str, ...], batch_size: int
+) -> grain.MapDataset:
+    """`eval_dataset` for one example per record: every example once, the last batch padded and masked."""
+    return (
+        records.map(ToExample(modalities)).batch(batch_size, drop_remainder=False).map(PadBatch(batch_size))
+    )
+
+
 def _dataset_module(data_config: ml_collections.ConfigDict) -> types.ModuleType:
     name = data_config.name
     if not isinstance(name, str) or not name.isidentifier():
