@@ -24,6 +24,9 @@ that provides
       process's shard of a split, in stored order. Returns finite, fixed-shape batches of
       `batch_size` example rows, padding included, holding every example exactly once,
       with a bool `mask` (B,) that is False on padding rows.
+  A dataset with one example per record and a `label` field may leave out `train_dataset` and
+  `eval_dataset`: the records' modality fields and label are then batched as they are
+  (`per_record_train_dataset`, `per_record_eval_dataset`).
 Records are what a split's data source returns: a dict of NumPy arrays (and Python
 scalars) per TFDS example. A new dataset is that one module; nothing here changes.
 """
@@ -224,6 +227,21 @@ def _read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
 
 
+def _dataset_fn(module: types.ModuleType, builder, kind: str):
+    """The module's `train_dataset` / `eval_dataset`, or the per-record default."""
+    fn = getattr(module, f'{kind}_dataset', None)
+    if fn is not None:
+        return fn
+    modalities = tuple(module.dataset_info(builder).modalities)
+    default = per_record_train_dataset if kind == 'train' else per_record_eval_dataset
+
+    def per_record(records, config, *, batch_size):
+        del config
+        return default(records, modalities, batch_size)
+
+    return per_record
+
+
 def make_train_iterator(
     config: ml_collections.ConfigDict,
     *,
@@ -243,7 +261,7 @@ def make_train_iterator(
     batch_size = _per_process(config.train.batch_size, 'config.train.batch_size', count)
     module, builder = _prepared_builder(config.data)
     records = _records(builder, 'train', index, count).seed(seed).shuffle().repeat()
-    dataset = module.train_dataset(records, config, batch_size=batch_size)
+    dataset = _dataset_fn(module, builder, 'train')(records, config, batch_size=batch_size)
     return iter(dataset.to_iter_dataset(_read_options()))
 
 
@@ -269,8 +287,9 @@ def eval_batches(
         batch_size = config.eval.batch_size
     local_batch_size = _per_process(batch_size, field, count)
     module, builder = _prepared_builder(config.data)
+    eval_dataset = _dataset_fn(module, builder, 'eval')
     shards = [
-        module.eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size)
+        eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size)
         for i in range(count)
     ]
     num_batches = max(len(shard) for shard in shards)

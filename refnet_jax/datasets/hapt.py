@@ -39,8 +39,6 @@ import pathlib
 import pickle
 from typing import Any, BinaryIO, ClassVar
 
-import grain
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -294,19 +292,3 @@ def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInf
         class_names=tuple(builder.info.metadata['class_names']),
         num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
     )
-
-
-def train_dataset(
-    records: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
-) -> grain.MapDataset:
-    """Batches of `batch_size` windows: acc, gyro (B, 128, 3) float32, label (B,) int32."""
-    del config
-    return input_pipeline.per_record_train_dataset(records, tuple(CHANNELS), batch_size)
-
-
-def eval_dataset(
-    records: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
-) -> grain.MapDataset:
-    """Every window once, in batches of `batch_size` rows; padding rows are zeros, `mask` False."""
-    del config
-    return input_pipeline.per_record_eval_dataset(records, tuple(CHANNELS), batch_size)

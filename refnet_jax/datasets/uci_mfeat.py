@@ -33,8 +33,6 @@ import importlib.util
 import pathlib
 from typing import Any, ClassVar
 
-import grain
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -181,19 +179,3 @@ def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInf
         class_names=tuple(builder.info.metadata['class_names']),
         num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
     )
-
-
-def train_dataset(
-    records: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
-) -> grain.MapDataset:
-    """Batches of `batch_size` digits: {view: (B, F) float32, 'label': (B,) int32}."""
-    del config
-    return input_pipeline.per_record_train_dataset(records, VIEWS, batch_size)
-
-
-def eval_dataset(
-    records: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
-) -> grain.MapDataset:
-    """Every digit once, in batches of `batch_size` rows; padding rows are zeros, `mask` False."""
-    del config
-    return input_pipeline.per_record_eval_dataset(records, VIEWS, batch_size)
