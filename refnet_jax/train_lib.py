@@ -30,12 +30,15 @@ from refnet_jax import model as model_lib
 
 TrainState = train_state.TrainState
 
-# Config fields that may change between a run and its resumption (they change nothing that was computed).
+# Config fields that may change between a run and its resumption: training longer, logging differently, or
+# resuming on another topology (the global batch, and so the computation, stays the same).
 RESUMABLE_FIELDS = (
     'train.num_steps',
     'train.log_every_steps',
     'train.checkpoint_every_steps',
     'train.eval_every_steps',
+    'mesh.data',
+    'mesh.distributed',
 )
 
 

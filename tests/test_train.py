@@ -219,3 +219,18 @@ def test_bad_batches_are_named(easy_vqa_dir, corrupt, message):
     corrupt(batch)
     with pytest.raises(ValueError, match=message):
         train_lib.check_batch(batch, info)
+
+
+def test_a_run_checkpointed_on_8_devices_resumes_on_1(tmp_path, easy_vqa_dir):
+    config = tiny_config(easy_vqa_dir, num_steps=2, checkpoint_every_steps=2)
+    config.mesh.data = 8
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    config.mesh.data = 1
+    config.train.num_steps = 4
+    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert results['step'] == 4
+    assert np.isfinite(results['train']['loss'])
+    straight = tiny_config(easy_vqa_dir, num_steps=4, checkpoint_every_steps=2)
+    straight.mesh.data = 1
+    expected = train_lib.train_and_evaluate(straight, str(tmp_path / 'straight'))
+    assert results['train']['loss'] == pytest.approx(expected['train']['loss'], rel=1e-5)
