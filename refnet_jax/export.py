@@ -91,9 +91,9 @@ def inference_params(model, params: Mapping[str, Any], info) -> dict[str, Any]:
       checkpointing.ShapeMismatchError: naming each parameter whose shape differs from the config's model, or
         that the checkpoint lacks.
     """
-    from refnet_jax import checkpointing
+    from refnet_jax import checkpointing, train_lib
 
-    example = _example_batch(info, examples=2, rows=2)
+    example = train_lib.dummy_batch(info, 2)
     abstract = jax.eval_shape(
         lambda batch: model.init(jax.random.key(0), batch, train=False, with_refiner=False)['params'], example
     )
@@ -102,15 +102,6 @@ def inference_params(model, params: Mapping[str, Any], info) -> dict[str, Any]:
     subset = {path: np.asarray(given[path]) for path in wanted if path in given}
     checkpointing.check_shapes(_unflatten(subset), abstract, 'the checkpoint')
     return subset
-
-
-def _example_batch(info, *, examples: int, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Concrete-shape stand-ins for a batch: `examples` examples, `rows` rows of each shared modality."""
-    sizes = {BATCH_DIM: examples} | {rows_dim(m): rows for m in info.modalities}
-    return {
-        name: jax.ShapeDtypeStruct(tuple(sizes.get(d, d) for d in shape), dtype)
-        for name, (shape, dtype) in input_signature(info).items()
-    }
 
 
 def export_model(

@@ -53,18 +53,6 @@ def input_target(x: jax.Array, info) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def target_dim(info, embed_dim: int, target: str) -> int:
-    """Size of a modality's refiner target."""
-    if target == 'embedding':
-        return embed_dim
-    if info.kind == 'tokens':
-        return info.vocab_size
-    n = 1
-    for s in info.shape:
-        n *= s
-    return n
-
-
 def refine(z: jax.Array, targets: Mapping[str, jax.Array], hidden: Sequence[int]) -> dict[str, jax.Array]:
     """Decodes z into a reconstruction of every target (call inside a compact Linen module)."""
     return {m: RefinerDecoder(t.shape[-1], tuple(hidden), name=f'refiner_{m}')(z) for m, t in targets.items()}
