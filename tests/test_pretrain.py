@@ -8,19 +8,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import fresh_state, tiny_config
 
-from configs import easy_vqa
-from refnet_jax import checkpointing, input_pipeline, sharding, train_lib
+from refnet_jax import checkpointing, input_pipeline, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pretrain_config(data_dir, **train):
-    config = easy_vqa.get_config('tiny,variant=pretrain')
-    config.data.data_dir = str(data_dir)
-    for k, v in train.items():
-        config.train[k] = v
-    return config
+    return tiny_config(data_dir, 'tiny,variant=pretrain', **train)
 
 
 @pytest.fixture(scope='module')
@@ -68,18 +64,12 @@ def test_pretraining_never_reads_labels(tmp_path, easy_vqa_dir, monkeypatch):
 
     monkeypatch.setattr(input_pipeline, 'make_train_iterator', bad_labels)
     with pytest.raises(ValueError, match='row 0 is -12345'):
-        train_lib.train_and_evaluate(easy_vqa_get_tiny(easy_vqa_dir), str(tmp_path / 'supervised'))
+        train_lib.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'supervised'))
     # The same corrupted labels are never looked at by pre-training.  (grain's iterator state cannot be
     # saved from a plain generator, so checkpoint only at the end and stub that save.)
     monkeypatch.setattr(checkpointing.Checkpointer, 'save', lambda self, state, data_iter=None: None)
     results = train_lib.pretrain(pretrain_config(easy_vqa_dir, num_steps=2), str(tmp_path / 'pretrain'))
     assert results['step'] == 2
-
-
-def easy_vqa_get_tiny(data_dir):
-    config = easy_vqa.get_config('tiny')
-    config.data.data_dir = str(data_dir)
-    return config
 
 
 def test_embedding_targets_are_refused_for_pretraining(tmp_path, easy_vqa_dir):
@@ -89,18 +79,10 @@ def test_embedding_targets_are_refused_for_pretraining(tmp_path, easy_vqa_dir):
         train_lib.pretrain(config, str(tmp_path / 'run'))
 
 
-def _fresh_state(config):
-    info = input_pipeline.get_dataset_info(config.data)
-    mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
-    model = train_lib.model_lib.create_model(config, info)
-    tx, _ = train_lib.create_optimizer(config)
-    return mesh, tx, train_lib.create_train_state(model, tx, info, jax.random.key(7), mesh)
-
-
 def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretrained, easy_vqa_dir):
-    config = easy_vqa_get_tiny(easy_vqa_dir)
+    config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'
-    mesh, tx, state = _fresh_state(config)
+    _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
     with jax.set_mesh(mesh):
         new = train_lib.init_from_pretrained(state, str(pretrained), tx)
     source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
@@ -115,8 +97,8 @@ def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretr
 
 
 def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained, easy_vqa_dir):
-    config = easy_vqa_get_tiny(easy_vqa_dir)  # refiner target 'embedding': decoders of another width
-    mesh, tx, state = _fresh_state(config)
+    config = tiny_config(easy_vqa_dir)  # refiner target 'embedding': decoders of another width
+    _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
     with (
         jax.set_mesh(mesh),
         pytest.raises(
@@ -128,7 +110,7 @@ def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained,
 
 
 def test_train_py_with_init_from_runs(tmp_path, pretrained, easy_vqa_dir):
-    config = easy_vqa_get_tiny(easy_vqa_dir)
+    config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'
     config.init_from = str(pretrained)
     results = train_lib.train_and_evaluate(config, str(tmp_path / 'finetune'))

@@ -10,8 +10,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import fresh_state, tiny_config
 
-from configs import easy_vqa
 from refnet_jax import checkpointing, input_pipeline, sharding, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,14 +36,6 @@ def run_train(workdir, data_dir, *overrides, wait=True):
         return proc
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
-
-
-def tiny_config(data_dir, **train):
-    config = easy_vqa.get_config('tiny')
-    config.data.data_dir = str(data_dir)
-    for k, v in train.items():
-        config.train[k] = v
-    return config
 
 
 def test_train_py_runs_and_writes_results(tmp_path, easy_vqa_dir):
@@ -132,12 +124,8 @@ def test_one_and_eight_devices_give_the_same_training(tmp_path, easy_vqa_dir):
 
 def test_train_step_compiles_once(easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
-    info = input_pipeline.get_dataset_info(config.data)
-    mesh = sharding.make_mesh(config)
-    model = train_lib.model_lib.create_model(config, info)
-    tx, schedule = train_lib.create_optimizer(config)
+    _, mesh, _, schedule, state = fresh_state(config)
     with jax.set_mesh(mesh):
-        state = train_lib.create_train_state(model, tx, info, jax.random.key(0), mesh)
         step = train_lib.make_train_step(config, False, schedule, mesh, state)
         it = input_pipeline.make_train_iterator(config, seed=0)
         for _ in range(3):
@@ -176,12 +164,8 @@ def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path, easy_vqa_dir
     config = tiny_config(easy_vqa_dir)
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
     config.model.encoders.image.embed_dim = 32
-    info = input_pipeline.get_dataset_info(config.data)
-    mesh = sharding.make_mesh(config)
-    model = train_lib.model_lib.create_model(config, info)
-    tx, _ = train_lib.create_optimizer(config)
+    _, mesh, _, _, state = fresh_state(config)
     with jax.set_mesh(mesh):
-        state = train_lib.create_train_state(model, tx, info, jax.random.key(0), mesh)
         ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
         with pytest.raises(
             checkpointing.ShapeMismatchError,

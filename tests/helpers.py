@@ -1,0 +1,26 @@
+"""Set-up shared by the tests: tiny easy-VQA configs and freshly initialised train states."""
+
+import jax
+
+from configs import easy_vqa
+from refnet_jax import input_pipeline, sharding, train_lib
+
+
+def tiny_config(data_dir, arg: str = 'tiny', **train):
+    """`configs/easy_vqa.py:<arg>` reading the prepared data in `data_dir`, with `train` fields overridden."""
+    config = easy_vqa.get_config(arg)
+    config.data.data_dir = str(data_dir)
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+def fresh_state(config, devices=None, seed: int = 0):
+    """(info, mesh, tx, schedule, state): what `train_lib` builds at the start of a run, without its loop."""
+    info = input_pipeline.get_dataset_info(config.data)
+    mesh = sharding.make_mesh(config, devices=devices)
+    model = train_lib.model_lib.create_model(config, info)
+    tx, schedule = train_lib.create_optimizer(config)
+    with jax.set_mesh(mesh):
+        state = train_lib.create_train_state(model, tx, info, jax.random.key(seed), mesh)
+    return info, mesh, tx, schedule, state
