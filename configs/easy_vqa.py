@@ -26,9 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.questions_per_image = (
         8  # training batches encode each image once for this many of its questions
     )
-    # The image CNN, pooled over positions: what is in the image matters, not where.
-    config.model.encoders.image = dict(features=(16, 32, 32, 32), embed_dim=128, pooling='max')
-    config.model.encoders.question = dict(embed_dim=128, use_positions=True)  # bag of word embeddings
+    encoders = {
+        # The image CNN, pooled over positions: what is in the image matters, not where.
+        'image': dict(features=(16, 32, 32, 32), embed_dim=128, pooling='max'),
+        'question': dict(embed_dim=128, use_positions=True),  # bag of word embeddings
+    }
+    config_lib.set_encoders(config, encoders)
     config.train.batch_size = 256  # questions per step (on batch_size / questions_per_image images)
     config.eval.batch_size = 768  # question slots per evaluation batch: 24 images x 32 slots
 

@@ -22,8 +22,7 @@ VIEWS = ('fac', 'fou', 'kar', 'mor', 'pix', 'zer')  # the dataset's modalities
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = config_lib.parse_arg(arg, default_fusion='concat')
     config = config_lib.base_config(opts, dataset='uci_mfeat', modalities=VIEWS)
-    for view in VIEWS:
-        config.model.encoders[view] = dict(hidden=(128,), embed_dim=64)  # FeatureMLP
+    config_lib.set_encoders(config, {view: dict(hidden=(128,), embed_dim=64) for view in VIEWS})  # FeatureMLP
     if opts['fusion'] == 'concat':
         config.model.fusion.dropout = 0.5  # 1,400 digits: heavy dropout
     config.train.num_steps = 1000  # ~90 epochs of the 1,400 training digits

@@ -23,12 +23,13 @@ ARG_HELP = """The argument picks a variant, as comma-separated tokens:
   variant=refiner                           + the refiner loss
   variant=refnet                            + the refiner loss + the Multi-Similarity loss (default)
   variant=pretrain                          for pretrain.py: the refiner loss alone, `input` targets
+  only=M[+M...]                             these modalities alone (a unimodal baseline: only=acc)
   tiny                                      a few steps of a small network, for tests"""
 
 
 def parse_arg(arg: str | None, *, default_fusion: str) -> dict:
     """'fusion=transformer,variant=baseline,tiny' -> {'fusion': ..., 'variant': ..., 'tiny': bool}."""
-    opts = {'fusion': default_fusion, 'variant': 'refnet', 'tiny': False}
+    opts = {'fusion': default_fusion, 'variant': 'refnet', 'tiny': False, 'only': None}
     for token in filter(None, (arg or '').split(',')):
         key, sep, value = token.partition('=')
         if token == 'tiny':
@@ -37,17 +38,30 @@ def parse_arg(arg: str | None, *, default_fusion: str) -> dict:
             opts['fusion'] = value
         elif sep and key == 'variant' and value in VARIANTS:
             opts['variant'] = value
+        elif sep and key == 'only' and value:
+            opts['only'] = tuple(value.split('+'))
         else:
             raise ValueError(
                 f'config argument {token!r} not understood; expected tiny, '
-                f'fusion={"|".join(FUSION_FIELDS)} or variant={"|".join(VARIANTS)}'
+                f'fusion={"|".join(FUSION_FIELDS)}, variant={"|".join(VARIANTS)} or only=MODALITY[+MODALITY]'
             )
     return opts
 
 
 def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_collections.ConfigDict:
-    """Every field but the encoders, with the variant of `opts` applied and generic training defaults."""
+    """Every field but the encoders, with the variant of `opts` applied and generic training defaults.
+
+    `modalities` are the dataset's; `opts['only']` narrows `config.data.modalities` to some of them. The
+    config file then gives an encoder to each of `config.data.modalities`.
+    """
     variant = opts['variant']
+    if opts.get('only'):
+        unknown = [m for m in opts['only'] if m not in modalities]
+        if unknown:
+            raise ValueError(
+                f'config argument only={"+".join(opts["only"])}: {unknown} not among {list(modalities)}'
+            )
+        modalities = tuple(m for m in modalities if m in opts['only'])
     refine = variant in ('refiner', 'refnet', 'pretrain')
 
     config = ml_collections.ConfigDict()
@@ -59,6 +73,11 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.data.name = dataset  # the module refnet_jax/datasets/<name>.py
     # Where TFDS keeps prepared data (None: TFDS's default, ~/tensorflow_datasets).
     config.data.data_dir = ml_collections.config_dict.placeholder(str)
+    # Where a dataset that needs a manual download finds the downloaded files (None: TFDS's default,
+    # <data_dir>/downloads/manual).
+    config.data.manual_dir = ml_collections.config_dict.placeholder(str)
+    # The modalities the model sees, a subset of the dataset's; the others are dropped from every batch.
+    config.data.modalities = tuple(modalities)
 
     config.model = ml_collections.ConfigDict()
     config.model.encoders = ml_collections.ConfigDict()  # one entry per modality: that encoder's fields
@@ -96,11 +115,16 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     return config
 
 
+def set_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> None:
+    """Sets `config.model.encoders` to the entries of `encoders` (one per dataset modality) that
+    `config.data.modalities` selects."""
+    config.model.encoders = ml_collections.ConfigDict({m: encoders[m] for m in config.data.modalities})
+
+
 def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> ml_collections.ConfigDict:
     """Shrinks `config` in place to a few steps of a 16-wide network (for tests); `encoders` replaces its
     encoders."""
-    for m, fields in encoders.items():
-        config.model.encoders[m] = fields
+    set_encoders(config, encoders)
     config.model.fusion.fused_dim = 16
     if 'hidden' in config.model.fusion:
         config.model.fusion.hidden = (16,)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 MODALITY_KINDS = ('image', 'tokens', 'series', 'features')
 # Threads that read and transform records. Parsing holds the GIL: one thread already
@@ -178,8 +180,16 @@ def _prepared_builder(
     builder = _make_builder(module, data_config)
     if builder.is_prepared():
         return module, builder
+    manual_dir = data_config.get('manual_dir')
+    if manual_dir is not None and not isinstance(manual_dir, str):
+        raise ValueError(f'config.data.manual_dir={manual_dir!r}, expected a str path or None')
     try:
-        builder.download_and_prepare(file_format='array_record')
+        builder.download_and_prepare(
+            file_format='array_record',
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
+            ),
+        )
     except OSError:
         # Another process prepared the same (deterministic) data first: its rename won.
         if not _make_builder(module, data_config).is_prepared():
@@ -195,9 +205,45 @@ def _prepared_builder(
 
 
 def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
-    """Describes the dataset of `config.data`, preparing it if needed (idempotent)."""
+    """Describes the dataset of `config.data`, preparing it if needed (idempotent).
+
+    `modalities` holds those that `config.data.modalities` selects (all of them when the field is absent
+    or None).
+    """
     module, builder = _prepared_builder(data_config)
-    return module.dataset_info(builder)
+    info = module.dataset_info(builder)
+    selected = _selected_modalities(data_config, info)
+    return dataclasses.replace(info, modalities={m: info.modalities[m] for m in selected})
+
+
+def _selected_modalities(data_config: ml_collections.ConfigDict, info: DatasetInfo) -> tuple[str, ...]:
+    selected = data_config.get('modalities')
+    if selected is None:
+        return tuple(info.modalities)
+    if isinstance(selected, str) or not selected or any(m not in info.modalities for m in selected):
+        raise ValueError(
+            f'config.data.modalities={selected!r}; expected a non-empty tuple of modalities of dataset '
+            f'{info.name!r}: {tuple(info.modalities)}'
+        )
+    return tuple(selected)
+
+
+class DropModalities(grain.transforms.Map):
+    """Removes the modalities (and their `_index` keys) that the config does not select from a batch."""
+
+    def __init__(self, dropped: tuple[str, ...]):
+        self.dropped = {k for m in dropped for k in (m, f'{m}_index')}
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in batch.items() if k not in self.dropped}
+
+
+def _select(dataset: grain.MapDataset, module: types.ModuleType, builder, data_config) -> grain.MapDataset:
+    """`dataset`'s batches without the modalities that `data_config.modalities` leaves out."""
+    info = module.dataset_info(builder)
+    selected = _selected_modalities(data_config, info)
+    dropped = tuple(m for m in info.modalities if m not in selected)
+    return dataset.map(DropModalities(dropped)) if dropped else dataset
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -262,6 +308,7 @@ def make_train_iterator(
     module, builder = _prepared_builder(config.data)
     records = _records(builder, 'train', index, count).seed(seed).shuffle().repeat()
     dataset = _dataset_fn(module, builder, 'train')(records, config, batch_size=batch_size)
+    dataset = _select(dataset, module, builder, config.data)
     return iter(dataset.to_iter_dataset(_read_options()))
 
 
@@ -289,7 +336,12 @@ def eval_batches(
     module, builder = _prepared_builder(config.data)
     eval_dataset = _dataset_fn(module, builder, 'eval')
     shards = [
-        eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size)
+        _select(
+            eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size),
+            module,
+            builder,
+            config.data,
+        )
         for i in range(count)
     ]
     num_batches = max(len(shard) for shard in shards)

@@ -12,9 +12,11 @@ import pickle
 import sys
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import fresh_state
 
 from configs import hapt as hapt_config
 from configs import uci_mfeat as uci_mfeat_config
@@ -309,3 +311,32 @@ def test_config_variants(config_module):
     assert config_module.get_config('variant=pretrain').model.refiner.target == 'input'
     with pytest.raises(ValueError, match="'fusion=bogus' not understood"):
         config_module.get_config('fusion=bogus')
+
+
+def test_a_unimodal_baseline_sees_its_modality_alone(tmp_path, data_dir):
+    config = hapt_config.get_config('only=acc,variant=baseline,tiny')
+    config.data.data_dir = str(data_dir)
+    config.train.num_steps = 2
+    config.mesh.data = 1
+    assert tuple(config.data.modalities) == ('acc',) and list(config.model.encoders) == ['acc']
+    info = input_pipeline.get_dataset_info(config.data)
+    assert list(info.modalities) == ['acc']
+    train_batch = next(input_pipeline.make_train_iterator(config, seed=0))
+    eval_batch = next(iter(input_pipeline.eval_batches(config, 'test')))
+    for batch in (train_batch, eval_batch):
+        assert 'acc' in batch and 'gyro' not in batch
+    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert results['test']['num_examples'] == info.num_examples['test']
+    *_, state = fresh_state(config, devices=jax.devices()[:1])
+    assert set(state.params) == {'acc', 'fusion', 'head'}
+
+
+def test_modality_selection_errors_name_the_modalities(data_dir):
+    with pytest.raises(
+        ValueError, match=r"only=acc\+magnetometer: \['magnetometer'\] not among \['acc', 'gyro'\]"
+    ):
+        hapt_config.get_config('only=acc+magnetometer')
+    config = data_config('hapt', data_dir)
+    config.modalities = ('acc', 'compass')
+    with pytest.raises(ValueError, match=r"config.data.modalities=\('acc', 'compass'\).*\('acc', 'gyro'\)"):
+        input_pipeline.get_dataset_info(config)

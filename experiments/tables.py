@@ -1,0 +1,162 @@
+r"""The README's result tables, one `train.py` run per cell: rows (a config variant) x seeds, per dataset.
+
+  python experiments/tables.py easy_vqa          # runs every missing cell, one at a time, then prints the table
+  python experiments/tables.py hapt --report     # only prints the table from results/hapt/
+  python experiments/tables.py uci_mfeat --rows fused-refnet --seeds 0   # a subset of the cells
+
+Tables:
+  easy_vqa    {lowrank (the default), concat, transformer} fusion x {baseline, refiner, refnet}
+  hapt        accelerometer alone, gyroscope alone, both fused: baseline, +refiner, +refiner+MS (concat)
+  uci_mfeat   each of the six views alone, all six fused: baseline, +refiner, +refiner+MS (concat)
+
+Each cell's results.json (plus the command, the wall time, the machine and its load) is written to
+results/<dataset>/<row>-seed<k>.json as soon as it finishes; a cell whose file exists is not run again, so an
+interrupted grid resumes where it was. Run it with `nice` when the machine is shared.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1, 2)
+
+
+def _easy_vqa_rows() -> dict[str, str]:
+    return {
+        f'{fusion}-{variant}': f'fusion={fusion},variant={variant}'
+        for fusion in ('lowrank', 'concat', 'transformer')
+        for variant in ('baseline', 'refiner', 'refnet')
+    }
+
+
+def _unimodal_and_fused_rows(modalities: tuple[str, ...]) -> dict[str, str]:
+    rows = {f'{m}-only': f'only={m},variant=baseline' for m in modalities}
+    rows.update({f'fused-{v}': f'variant={v}' for v in ('baseline', 'refiner', 'refnet')})
+    return rows
+
+
+# dataset -> {row name: config argument}; the row name is the results file's prefix.
+TABLES = {
+    'easy_vqa': _easy_vqa_rows(),
+    'hapt': _unimodal_and_fused_rows(('acc', 'gyro')),
+    'uci_mfeat': _unimodal_and_fused_rows(('fac', 'fou', 'kar', 'mor', 'pix', 'zer')),
+}
+
+
+def cell_command(dataset: str, row: str, seed: int | str, workdir: str) -> list[str]:
+    return [
+        'python',
+        'train.py',
+        '--config',
+        f'configs/{dataset}.py:{TABLES[dataset][row]}',
+        '--workdir',
+        workdir,
+        f'--config.seed={seed}',
+    ]
+
+
+def machine() -> str:
+    return f'{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, {platform.platform()}'
+
+
+def cell_path(dataset: str, row: str, seed: int) -> str:
+    return os.path.join(ROOT, 'results', dataset, f'{row}-seed{seed}.json')
+
+
+def run_missing(dataset: str, rows: list[str], seeds: list[int], runs_dir: str) -> None:
+    os.makedirs(os.path.join(ROOT, 'results', dataset), exist_ok=True)
+    cells = [
+        (row, seed) for row in rows for seed in seeds if not os.path.exists(cell_path(dataset, row, seed))
+    ]
+    for i, (row, seed) in enumerate(cells):
+        name = f'{row}-seed{seed}'
+        workdir = os.path.join(runs_dir, dataset, name)
+        cmd = cell_command(dataset, row, seed, workdir)
+        print(f'[{time.strftime("%H:%M:%S")}] cell {i + 1}/{len(cells)} {name}: {" ".join(cmd)}', flush=True)
+        t, load_before = time.time(), os.getloadavg()[0]
+        os.makedirs(os.path.join(ROOT, workdir), exist_ok=True)
+        with open(os.path.join(ROOT, workdir, 'train.log'), 'a') as log:
+            # The recorded command says `python`; it runs with this interpreter.
+            subprocess.run(
+                [sys.executable, *cmd[1:]], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT
+            )
+        wall = time.time() - t
+        with open(os.path.join(ROOT, workdir, 'results.json')) as f:
+            results = json.load(f)
+        record = {
+            'command': ' '.join(cmd),
+            'wall_seconds': wall,
+            'machine': machine(),
+            # 1-minute load averages around the run: above 2 (the cores) other work slowed it.
+            'load_average': [load_before, os.getloadavg()[0]],
+            'date': time.strftime('%Y-%m-%d'),
+            'results': results,
+        }
+        path = cell_path(dataset, row, seed)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        os.replace(path + '.tmp', path)
+        print(f'  test accuracy {results["test"]["accuracy"]:.4f}, {wall:.0f} s', flush=True)
+
+
+def report(dataset: str) -> str:
+    lines = [
+        '| row | config argument | test accuracy | validation accuracy | wall time (s) | seeds |',
+        '|---|---|---|---|---|---|',
+    ]
+    for row, arg in TABLES[dataset].items():
+        seeds = [s for s in SEEDS if os.path.exists(cell_path(dataset, row, s))]
+        if not seeds:
+            continue
+        recs = []
+        for seed in seeds:
+            with open(cell_path(dataset, row, seed)) as f:
+                recs.append(json.load(f))
+        test = np.array([r['results']['test']['accuracy'] for r in recs])
+        val = np.array([r['results']['val']['accuracy'] for r in recs])
+        wall = np.array([r['wall_seconds'] for r in recs])
+        lines.append(
+            f'| {row} | `{arg}` | {test.mean():.4f} ± {test.std():.4f} | {val.mean():.4f} ± {val.std():.4f} | '
+            f'{wall.mean():.0f} ± {wall.std():.0f} | {",".join(map(str, seeds))} |'
+        )
+    lines.append('')
+    lines.append(
+        f'Each cell: `python train.py --config configs/{dataset}.py:<config argument> '
+        f'--workdir runs/<row>-S --config.seed=S`.'
+    )
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument('dataset', choices=sorted(TABLES))
+    parser.add_argument('--report', action='store_true', help='only print the table')
+    parser.add_argument('--rows', default='', help='comma-separated row names (default: all)')
+    parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated seeds')
+    parser.add_argument(
+        '--runs_dir',
+        default=os.path.join('runs', 'tables'),
+        help='where the cells keep their workdirs (relative to the repository root)',
+    )
+    args = parser.parse_args()
+    rows = [r for r in args.rows.split(',') if r] or list(TABLES[args.dataset])
+    unknown = [r for r in rows if r not in TABLES[args.dataset]]
+    if unknown:
+        parser.error(f'--rows {unknown} not in the {args.dataset} table: {list(TABLES[args.dataset])}')
+    seeds = [int(s) for s in args.seeds.split(',') if s]
+    if not args.report:
+        run_missing(args.dataset, rows, seeds, args.runs_dir)
+    print(report(args.dataset))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
