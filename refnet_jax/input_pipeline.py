@@ -14,7 +14,9 @@ per-process batches must add the process's offset in rows of `m`.
 
 Per-dataset contract: `config.data.name` names a module `refnet_jax.datasets.<name>`
 that provides
-  `Builder`: a `tfds.core.GeneratorBasedBuilder` subclass, preparable offline.
+  `Builder`: a `tfds.core.GeneratorBasedBuilder` subclass, preparable offline (from
+      `config.data.manual_dir` for a manual download), or `make_builder(data_config, *,
+      data_dir, file_format) -> builder` when the builder depends on other `config.data` fields.
   `dataset_info(builder) -> DatasetInfo`: from the prepared builder's info and metadata.
   `train_dataset(records, config, *, batch_size) -> grain.MapDataset`: `records` is this
       process's shard of the `train` split, shuffled anew each epoch, repeated forever and
@@ -164,6 +166,9 @@ def _make_builder(module: types.ModuleType, data_config: ml_collections.ConfigDi
     data_dir = data_config.data_dir
     if data_dir is not None and not isinstance(data_dir, str):
         raise ValueError(f'config.data.data_dir={data_dir!r}, expected a str path or None (TFDS default)')
+    make_builder = getattr(module, 'make_builder', None)
+    if make_builder is not None:  # a builder that depends on the config (e.g. the user's own files)
+        return make_builder(data_config, data_dir=data_dir, file_format='array_record')
     return module.Builder(data_dir=data_dir, file_format='array_record')
 
 
