@@ -2,10 +2,13 @@
 
 A checkpoint holds two items: `state` (step, params, opt_state) and `data_iter` (the grain iterator's
 position), so that a killed run resumes exactly where it was. Restoring always goes against an abstract
-target that carries the shardings of the current mesh, so a checkpoint written under one topology restores
-under another.
+target that carries the shardings of the current mesh, and the iterator positions of all processes are the
+same (batch k of every process is its share of global batch k: `input_pipeline.make_train_iterator`), so a
+checkpoint written under one topology (2 processes x 4 devices) restores under another (1 process x 8).
 """
 
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -64,6 +67,43 @@ def check_shapes(saved: Any, expected: Any, what: str) -> None:
         )
 
 
+class IteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator handler (one `process_<i>-of-<n>.json` per process), restoring under any process count.
+
+    When the checkpoint was written by another number of processes, the position is taken from the files of
+    the processes that wrote it, which must all agree (they read in lockstep).
+    """
+
+    def restore(self, directory: epath.Path, item=None, args=None):
+        item = item or args.item
+        own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+        if own.exists():
+            return super().restore(directory, item=item)
+        files = sorted(directory.glob('process_*-of-*.json'))
+        states = {f.name: json.loads(f.read_text()) for f in files}
+        if not states or any(s != next(iter(states.values())) for s in states.values()):
+            raise ValueError(
+                f'cannot restore the data iterator from {directory} under {jax.process_count()} process(es): '
+                f'expected {own.name} or agreeing files of another process count; found {states or "none"}'
+            )
+        logging.info('Data iterator position from %s (written by another process count).', sorted(states))
+        item.set_state(next(iter(states.values())))
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpointer:
     """An orbax CheckpointManager for `state` and `data_iter`.
 
@@ -80,7 +120,7 @@ class Checkpointer:
             self.directory,
             item_handlers={
                 'state': ocp.StandardCheckpointHandler(),
-                'data_iter': grain.checkpoint.CheckpointHandler(),
+                'data_iter': IteratorHandler(),
             },
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
@@ -92,7 +132,7 @@ class Checkpointer:
         """Saves at `state.step` (asynchronously; `wait()` or `close()` finishes it)."""
         items = {'state': ocp.args.StandardSave(_as_dict(state))}
         if data_iter is not None:
-            items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
+            items['data_iter'] = IteratorSave(data_iter)
         self.manager.save(int(state.step), args=ocp.args.Composite(**items))
 
     def restore(self, state, data_iter: grain.DatasetIterator | None = None, step: int | None = None):
@@ -106,7 +146,7 @@ class Checkpointer:
         check_shapes(saved, target, f'the checkpoint at step {step} in {self.directory}')
         items = {'state': ocp.args.StandardRestore(target)}
         if data_iter is not None:
-            items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
+            items['data_iter'] = IteratorRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))['state']
         return state.replace(
             step=restored['step'], params=restored['params'], opt_state=restored['opt_state']

@@ -18,17 +18,23 @@ that provides
       `config.data.manual_dir` for a manual download), or `make_builder(data_config, *,
       data_dir, file_format) -> builder` when the builder depends on other `config.data` fields.
   `dataset_info(builder) -> DatasetInfo`: from the prepared builder's info and metadata.
-  `train_dataset(records, config, *, batch_size) -> grain.MapDataset`: `records` is this
-      process's shard of the `train` split, shuffled anew each epoch, repeated forever and
-      seeded (its `random_map` transforms draw from that seed). Returns batches of
-      `batch_size` examples (this process's share of `config.train.batch_size`).
+  `train_examples(records, config) -> grain.MapDataset`: `records` is the whole `train`
+      split, shuffled anew each epoch, repeated forever and seeded; returns its training
+      examples one per element (random transforms drawing from grain's per-index rngs:
+      `random_map`). Every process builds the same global stream and then keeps every
+      `process_count`-th element, so what a global batch holds, and every random draw, is
+      the same on any number of processes and devices.
+  `train_batches(examples, config, *, batch_size) -> grain.MapDataset`: this process's
+      share of the examples -> batches of `batch_size` examples (this process's share of
+      `config.train.batch_size`).
   `eval_dataset(records, config, *, batch_size) -> grain.MapDataset`: `records` is this
       process's shard of a split, in stored order. Returns finite, fixed-shape batches of
       `batch_size` example rows, padding included, holding every example exactly once,
       with a bool `mask` (B,) that is False on padding rows.
-  A dataset with one example per record and a `label` field may leave out `train_dataset` and
-  `eval_dataset`: the records' modality fields and label are then batched as they are
-  (`per_record_train_dataset`, `per_record_eval_dataset`).
+  A dataset with one example per record and a `label` field (class id or multi-hot) may leave
+  these three out: the
+  records' modality fields and label are then batched as they are (`ToExample`,
+  `per_record_eval_dataset`).
 Records are what a split's data source returns: a dict of NumPy arrays (and Python
 scalars) per TFDS example. A new dataset is that one module; nothing here changes.
 """
@@ -107,13 +113,14 @@ class DatasetInfo:
 
 
 class ToExample(grain.transforms.Map):
-    """A stored record -> its modalities and an int32 label, for datasets with one example per record."""
+    """A stored record -> its modalities and an int32 label (a class id, or multi-hot), for datasets with one
+    example per record."""
 
     def __init__(self, modalities: tuple[str, ...]):
         self.modalities = tuple(modalities)
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        return {**{m: record[m] for m in self.modalities}, 'label': np.int32(record['label'])}
+        return {**{m: record[m] for m in self.modalities}, 'label': np.asarray(record['label'], np.int32)}
 
 
 class PadBatch(grain.transforms.Map):
@@ -130,13 +137,6 @@ class PadBatch(grain.transforms.Map):
         }
         out['mask'] = np.arange(self.batch_size) < real
         return out
-
-
-def per_record_train_dataset(
-    records: grain.MapDataset, modalities: tuple[str, ...], batch_size: int
-) -> grain.MapDataset:
-    """`train_dataset` for one example per record: batches of {m: (B, ...), 'label': (B,) int32}."""
-    return records.map(ToExample(modalities)).batch(batch_size)
 
 
 def per_record_eval_dataset(
@@ -278,19 +278,27 @@ def _read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
 
 
-def _dataset_fn(module: types.ModuleType, builder, kind: str):
-    """The module's `train_dataset` / `eval_dataset`, or the per-record default."""
-    fn = getattr(module, f'{kind}_dataset', None)
-    if fn is not None:
-        return fn
+def _dataset_fns(module: types.ModuleType, builder):
+    """The module's (`train_examples`, `train_batches`, `eval_dataset`), or the per-record defaults."""
     modalities = tuple(module.dataset_info(builder).modalities)
-    default = per_record_train_dataset if kind == 'train' else per_record_eval_dataset
 
-    def per_record(records, config, *, batch_size):
+    def train_examples(records, config):
         del config
-        return default(records, modalities, batch_size)
+        return records.map(ToExample(modalities))
 
-    return per_record
+    def train_batches(examples, config, *, batch_size):
+        del config
+        return examples.batch(batch_size)
+
+    def eval_dataset(records, config, *, batch_size):
+        del config
+        return per_record_eval_dataset(records, modalities, batch_size)
+
+    return (
+        getattr(module, 'train_examples', train_examples),
+        getattr(module, 'train_batches', train_batches),
+        getattr(module, 'eval_dataset', eval_dataset),
+    )
 
 
 def make_train_iterator(
@@ -302,17 +310,23 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Infinite iterator over this process's training batches, reshuffled each epoch.
 
-    Deterministic given `seed` (and the process); checkpointable with the iterator's
-    `get_state()`/`set_state()`, or `grain.checkpoint.CheckpointSave`/`CheckpointRestore`
-    in orbax. Each batch holds `config.train.batch_size // process_count` examples from
-    this process's shard of the `train` split. `process_index`/`process_count` default to
-    JAX's.
+    Deterministic given `seed`; checkpointable with the iterator's `get_state()`/`set_state()`,
+    or `grain.checkpoint.CheckpointSave`/`CheckpointRestore` in orbax. All processes build
+    one global stream of training examples and process i keeps elements i, i + count,
+    i + 2 count, ...; its k-th batch holds `config.train.batch_size // process_count` of
+    them, and the k-th batches of all processes together hold the same examples (the same
+    random draws included) as the k-th batch of a single process. So losses do not depend
+    on the topology, and an iterator state (k batches read) restores under another process
+    count. Only this process's elements are read and transformed. `process_index` and
+    `process_count` default to JAX's.
     """
     index, count = _process(process_index, process_count)
     batch_size = _per_process(config.train.batch_size, 'config.train.batch_size', count)
     module, builder = _prepared_builder(config.data)
-    records = _records(builder, 'train', index, count).seed(seed).shuffle().repeat()
-    dataset = _dataset_fn(module, builder, 'train')(records, config, batch_size=batch_size)
+    train_examples, train_batches, _ = _dataset_fns(module, builder)
+    records = _records(builder, 'train', 0, 1).seed(seed).shuffle().repeat()
+    examples = train_examples(records, config)[index::count]
+    dataset = train_batches(examples, config, batch_size=batch_size)
     dataset = _select(dataset, module, builder, config.data)
     return iter(dataset.to_iter_dataset(_read_options()))
 
@@ -339,7 +353,7 @@ def eval_batches(
         batch_size = config.eval.batch_size
     local_batch_size = _per_process(batch_size, field, count)
     module, builder = _prepared_builder(config.data)
-    eval_dataset = _dataset_fn(module, builder, 'eval')
+    _, _, eval_dataset = _dataset_fns(module, builder)
     shards = [
         _select(
             eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size),

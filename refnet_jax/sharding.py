@@ -10,14 +10,30 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Starts multi-host JAX when `config.mesh.distributed` asks for it (auto-detection on TPU pods / SLURM)."""
-    if config.mesh.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """Starts multi-process JAX when `config.mesh.distributed` asks for it.
+
+    On Cloud TPU pods and under SLURM, `jax.distributed.initialize()` finds the coordinator, the number of
+    processes and this process's id by itself; elsewhere (several processes on one machine, with gloo CPU
+    collectives) `config.mesh.coordinator_address`, `num_processes` and `process_id` give them.
+    """
+    if not config.mesh.distributed or jax.distributed.is_initialized():
+        return
+    given = {k: config.mesh.get(k) for k in ('coordinator_address', 'num_processes', 'process_id')}
+    given = {k: v for k, v in given.items() if v is not None}
+    logging.info('jax.distributed.initialize(%s)', ', '.join(f'{k}={v!r}' for k, v in given.items()))
+    jax.distributed.initialize(**given)
+    logging.info(
+        'Process %d of %d; %d local devices.',
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+    )
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:

@@ -39,6 +39,9 @@ RESUMABLE_FIELDS = (
     'train.eval_every_steps',
     'mesh.data',
     'mesh.distributed',
+    'mesh.coordinator_address',
+    'mesh.num_processes',
+    'mesh.process_id',
 )
 
 

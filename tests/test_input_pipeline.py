@@ -333,6 +333,28 @@ def test_train_epoch_covers_each_image_once_and_process_shards_are_disjoint(data
     assert shards[0] | shards[1] == set(by_image)
 
 
+def test_the_processes_batches_together_are_the_single_process_batch(data_dir):
+    """Batch k of every process together holds the questions (random draws included) of batch k on one."""
+
+    def rows(batches):
+        out = []
+        for batch in batches:
+            images = [image.tobytes() for image in batch['image']]
+            out += [
+                (images[i], q.tobytes(), int(y))
+                for i, q, y in zip(batch['image_index'], batch['question'], batch['label'], strict=True)
+            ]
+        return sorted(out)
+
+    config = make_config(data_dir, **{'train.batch_size': 128})
+    single = input_pipeline.make_train_iterator(config, seed=3)
+    shards = [
+        input_pipeline.make_train_iterator(config, seed=3, process_index=i, process_count=2) for i in range(2)
+    ]
+    for _ in range(3):
+        assert rows([next(single)]) == rows([next(shard) for shard in shards])
+
+
 def test_process_defaults_come_from_jax(data_dir, monkeypatch):
     config = make_config(data_dir, **{'train.batch_size': 128})
     explicit = next(input_pipeline.make_train_iterator(config, seed=0, process_index=1, process_count=2))

@@ -17,7 +17,7 @@ package's training questions (train and validation). It and the answers (label n
 `easy_vqa.get_answers()` order) are stored in the prepared dataset's `metadata.json`.
 
 This module also implements the per-dataset contract of `refnet_jax.input_pipeline`
-(`Builder`, `dataset_info`, `train_dataset`, `eval_dataset`): the sampling of k questions
+(`Builder`, `dataset_info`, `train_examples`, `train_batches`, `eval_dataset`): the sampling of k questions
 per image and the flattening of batches with an `image_index` live here.
 """
 
@@ -271,8 +271,13 @@ def flatten_train_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def train_dataset(
-    records: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
+def train_examples(records: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.MapDataset:
+    """Image records -> one element per image with k of its questions, drawn at random."""
+    return records.random_map(SampleQuestions(_questions_per_image(config)))
+
+
+def train_batches(
+    examples: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
 ) -> grain.MapDataset:
     """Batches of `batch_size` questions: `batch_size // k` images, k questions each."""
     k = _questions_per_image(config)
@@ -282,7 +287,7 @@ def train_dataset(
             f'process) and config.data.questions_per_image={k}: expected the batch '
             'size per process to be a multiple of questions_per_image'
         )
-    return records.random_map(SampleQuestions(k)).batch(batch_size // k).map(flatten_train_batch)
+    return examples.batch(batch_size // k).map(flatten_train_batch)
 
 
 class PadEvalBatch(grain.transforms.Map):
