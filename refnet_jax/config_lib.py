@@ -27,13 +27,17 @@ ARG_HELP = """The argument picks a variant, as comma-separated tokens:
   tiny                                      a few steps of a small network, for tests"""
 
 
-def parse_arg(arg: str | None, *, default_fusion: str) -> dict:
-    """'fusion=transformer,variant=baseline,tiny' -> {'fusion': ..., 'variant': ..., 'tiny': bool}."""
+def parse_arg(arg: str | None, *, default_fusion: str, extra_flags: tuple[str, ...] = ()) -> dict:
+    """'fusion=transformer,variant=baseline,tiny' -> {'fusion': ..., 'variant': ..., 'tiny': bool, ...}.
+
+    `extra_flags` are a dataset's own bare tokens (e.g. 'features'): each becomes a bool in the result.
+    """
     opts = {'fusion': default_fusion, 'variant': 'refnet', 'tiny': False, 'only': None}
+    opts.update({flag: False for flag in extra_flags})
     for token in filter(None, (arg or '').split(',')):
         key, sep, value = token.partition('=')
-        if token == 'tiny':
-            opts['tiny'] = True
+        if token == 'tiny' or token in extra_flags:
+            opts[token] = True
         elif sep and key == 'fusion' and value in FUSION_FIELDS:
             opts['fusion'] = value
         elif sep and key == 'variant' and value in VARIANTS:
@@ -42,7 +46,7 @@ def parse_arg(arg: str | None, *, default_fusion: str) -> dict:
             opts['only'] = tuple(value.split('+'))
         else:
             raise ValueError(
-                f'config argument {token!r} not understood; expected tiny, '
+                f'config argument {token!r} not understood; expected {", ".join(("tiny", *extra_flags))}, '
                 f'fusion={"|".join(FUSION_FIELDS)}, variant={"|".join(VARIANTS)} or only=MODALITY[+MODALITY]'
             )
     return opts
@@ -111,7 +115,12 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis; -1: all devices of all processes
-    config.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+    # Multi-process start-up: jax.distributed.initialize(), auto-detected on Cloud TPU pods and SLURM; several
+    # processes on one machine (or a cluster without auto-detection) also set the three fields below.
+    config.mesh.distributed = False
+    config.mesh.coordinator_address = ml_collections.config_dict.placeholder(str)  # e.g. '127.0.0.1:12355'
+    config.mesh.num_processes = ml_collections.config_dict.placeholder(int)
+    config.mesh.process_id = ml_collections.config_dict.placeholder(int)
     return config
 
 
