@@ -80,6 +80,9 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     # Where a dataset that needs a manual download finds the downloaded files (None: TFDS's default,
     # <data_dir>/downloads/manual).
     config.data.manual_dir = ml_collections.config_dict.placeholder(str)
+    # The share of the training examples whose labels train.py uses: a stratified subset drawn with
+    # config.seed (input_pipeline.stratified_subset). pretrain.py always reads every input.
+    config.data.label_fraction = 1.0
     # The modalities the model sees, a subset of the dataset's; the others are dropped from every batch.
     config.data.modalities = tuple(modalities)
 

@@ -31,8 +31,12 @@ that provides
       process's shard of a split, in stored order. Returns finite, fixed-shape batches of
       `batch_size` example rows, padding included, holding every example exactly once,
       with a bool `mask` (B,) that is False on padding rows.
+  `labeled_subset(source, fraction, seed) -> sequence of records` (optional): the training
+      records restricted to a `fraction` of the labeled examples (`config.data.label_fraction`),
+      for datasets whose records hold several examples; the default keeps whole records
+      (`stratified_subset` of their labels).
   A dataset with one example per record and a `label` field (class id or multi-hot) may leave
-  these three out: the
+  these out: the
   records' modality fields and label are then batched as they are (`ToExample`,
   `per_record_eval_dataset`).
 Records are what a split's data source returns: a dict of NumPy arrays (and Python
@@ -53,6 +57,7 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 MODALITY_KINDS = ('image', 'tokens', 'series', 'features')
 # Threads that read and transform records. Parsing holds the GIL: one thread already
@@ -278,6 +283,64 @@ def _read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
 
 
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded `fraction` of the examples whose `labels` are given.
+
+    Class ids (N,): stratified, round(fraction * n_c) examples of each class c (at least one), drawn without
+    replacement. Multi-hot labels (N, C): a plain random round(fraction * N) (at least one), since label
+    combinations are too many to stratify on.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    if labels.ndim == 2:
+        n = max(1, round(fraction * len(labels)))
+        return np.sort(rng.choice(len(labels), n, replace=False))
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        keep.append(rng.choice(members, max(1, round(fraction * len(members))), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+class SubsetSource:
+    """The records `indices` of `source` (a random-access data source), optionally transformed by `fn(i, r)`
+    (i: the position in `indices`)."""
+
+    def __init__(self, source, indices: np.ndarray, fn=None):
+        self.source, self.indices, self.fn = source, np.asarray(indices), fn
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        record = self.source[int(self.indices[i])]
+        return record if self.fn is None else self.fn(i, record)
+
+
+def label_fraction(config: ml_collections.ConfigDict) -> float:
+    """`config.data.label_fraction` (1.0 when absent), checked to be in (0, 1]."""
+    fraction = config.data.get('label_fraction', 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f'config.data.label_fraction={fraction!r}, expected a number in (0, 1]')
+    return float(fraction)
+
+
+def _train_source(module: types.ModuleType, builder, config: ml_collections.ConfigDict, labeled: bool):
+    """The `train` split's records; with `labeled` and a label fraction below 1, only the labeled subset."""
+    source = builder.as_data_source(split='train')
+    fraction = label_fraction(config)
+    if not labeled or fraction == 1.0:
+        return source
+    subset = getattr(module, 'labeled_subset', None)
+    if subset is None:
+        labels = np.stack([np.asarray(source[i]['label']) for i in range(len(source))])
+        subset = SubsetSource(source, stratified_subset(labels, fraction, config.seed))
+    else:
+        subset = subset(source, fraction, config.seed)
+    logging.info('Label fraction %g: %d of %d training records.', fraction, len(subset), len(source))
+    return subset
+
+
 def _dataset_fns(module: types.ModuleType, builder):
     """The module's (`train_examples`, `train_batches`, `eval_dataset`), or the per-record defaults."""
     modalities = tuple(module.dataset_info(builder).modalities)
@@ -305,6 +368,7 @@ def make_train_iterator(
     config: ml_collections.ConfigDict,
     *,
     seed: int,
+    labeled: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
@@ -317,14 +381,18 @@ def make_train_iterator(
     them, and the k-th batches of all processes together hold the same examples (the same
     random draws included) as the k-th batch of a single process. So losses do not depend
     on the topology, and an iterator state (k batches read) restores under another process
-    count. Only this process's elements are read and transformed. `process_index` and
+    count. Only this process's elements are read and transformed. With `labeled` (training
+    on labels), a `config.data.label_fraction` below 1 restricts the stream to a seeded,
+    stratified subset of the labeled examples (`stratified_subset`, seeded by `config.seed`);
+    `labeled=False` (pre-training) always reads every input. `process_index` and
     `process_count` default to JAX's.
     """
     index, count = _process(process_index, process_count)
     batch_size = _per_process(config.train.batch_size, 'config.train.batch_size', count)
     module, builder = _prepared_builder(config.data)
     train_examples, train_batches, _ = _dataset_fns(module, builder)
-    records = _records(builder, 'train', 0, 1).seed(seed).shuffle().repeat()
+    source = _train_source(module, builder, config, labeled)
+    records = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     examples = train_examples(records, config)[index::count]
     dataset = train_batches(examples, config, batch_size=batch_size)
     dataset = _select(dataset, module, builder, config.data)

@@ -460,7 +460,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
         state = create_train_state(model, tx, info, init_rng, mesh)
         logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
-        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed)
+        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=not pretraining)
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
         if ckpt.latest_step() is None and config.get('init_from'):
             state = init_from_pretrained(state, config.init_from, tx)

@@ -479,3 +479,66 @@ def test_modality_info_validates():
         input_pipeline.ModalityInfo(kind='video', shape=(1,), dtype=np.float32)
     with pytest.raises(ValueError, match='vocab_size'):
         input_pipeline.ModalityInfo(kind='tokens', shape=(12,), dtype=np.int32)
+
+
+def test_stratified_subset_keeps_each_class_share_and_depends_on_the_seed():
+    labels = np.repeat(np.arange(4), [100, 40, 7, 1])
+    picked = input_pipeline.stratified_subset(labels, 0.25, seed=0)
+    assert np.all(np.diff(picked) > 0)
+    np.testing.assert_array_equal(np.bincount(labels[picked], minlength=4), [25, 10, 2, 1])
+    np.testing.assert_array_equal(input_pipeline.stratified_subset(labels, 0.25, seed=0), picked)
+    assert not np.array_equal(input_pipeline.stratified_subset(labels, 0.25, seed=1), picked)
+    multi_hot = np.eye(5, dtype=np.int32)[np.arange(40) % 5]
+    assert len(input_pipeline.stratified_subset(multi_hot, 0.1, seed=0)) == 4
+
+
+def test_label_fraction_keeps_a_stratified_share_of_the_questions(data_dir):
+    config = make_config(data_dir, **{'train.batch_size': 64})
+    config.seed = 0
+    config.data.label_fraction = 0.1
+    module, builder = input_pipeline._prepared_builder(config.data)
+    source = builder.as_data_source(split='train')
+    subset = easy_vqa.labeled_subset(source, 0.1, seed=0)
+
+    def questions(records):
+        out = collections.Counter()
+        for r in records:
+            n = int(r['num_questions'])
+            out.update(
+                (r['image'].tobytes(), q.tobytes(), int(a))
+                for q, a in zip(r['questions'][:n], r['answers'][:n], strict=True)
+            )
+        return out
+
+    everything = questions(source[i] for i in range(len(source)))
+    picked = questions(subset[i] for i in range(len(subset)))
+    assert picked and not picked - everything  # only real questions, each at most as often as stored
+    per_answer = collections.Counter(a for (_, _, a) in everything.elements())
+    picked_per_answer = collections.Counter(a for (_, _, a) in picked.elements())
+    for answer, n in per_answer.items():
+        assert picked_per_answer[answer] == max(1, round(0.1 * n))
+    assert all(int(subset[i]['num_questions']) >= 1 for i in range(len(subset)))
+
+    # Training reads only the picked questions; pre-training (labeled=False) reads every image.
+    iterator = input_pipeline.make_train_iterator(config, seed=0)
+    for _ in range(5):
+        batch = next(iterator)
+        rows = collections.Counter(
+            (batch['image'][i].tobytes(), q.tobytes(), int(y))
+            for i, q, y in zip(batch['image_index'], batch['question'], batch['label'], strict=True)
+        )
+        assert not set(rows) - set(picked)
+    seen = set()
+    iterator = input_pipeline.make_train_iterator(config, seed=0, labeled=False)
+    for _ in range(len(source) // 8 + 1):
+        seen.update(image.tobytes() for image in next(iterator)['image'])
+    assert len(seen) == len(source) > len(subset)
+
+
+def test_label_fraction_is_checked(data_dir):
+    for bad in (0.0, 1.5, '0.1', True):
+        config = make_config(data_dir)
+        config.seed = 0
+        config.data.label_fraction = bad
+        with pytest.raises(ValueError, match='config.data.label_fraction=.*expected a number in \\(0, 1\\]'):
+            input_pipeline.make_train_iterator(config, seed=0)

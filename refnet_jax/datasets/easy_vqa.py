@@ -237,6 +237,32 @@ def _questions_per_image(config: ml_collections.ConfigDict) -> int:
     return k
 
 
+def labeled_subset(source, fraction: float, seed: int) -> input_pipeline.SubsetSource:
+    """The image records holding a stratified `fraction` of the training questions, with only those questions.
+
+    The questions (not the images) are the labeled examples: `input_pipeline.stratified_subset` picks them
+    by answer; each image keeps its picked questions (moved to the front, `num_questions` updated), and an
+    image with none is left out.
+    """
+    counts = np.array([int(source[i]['num_questions']) for i in range(len(source))])
+    answers = np.concatenate([source[i]['answers'][:n] for i, n in enumerate(counts)])
+    owner = np.repeat(np.arange(len(source)), counts)  # question -> its image record
+    slot = np.concatenate([np.arange(n) for n in counts])
+    picked = input_pipeline.stratified_subset(answers, fraction, seed)
+    images = np.unique(owner[picked])
+    slots = {int(i): slot[picked][owner[picked] == i] for i in images}
+
+    def keep_picked(position: int, record: dict[str, Any]) -> dict[str, Any]:
+        rows = slots[int(images[position])]
+        n = len(rows)
+        questions = np.zeros_like(record['questions'])
+        answers = np.zeros_like(record['answers'])
+        questions[:n], answers[:n] = record['questions'][rows], record['answers'][rows]
+        return {**record, 'questions': questions, 'answers': answers, 'num_questions': np.int32(n)}
+
+    return input_pipeline.SubsetSource(source, images, keep_picked)
+
+
 class SampleQuestions(grain.transforms.RandomMap):
     """Keeps `k` questions of an image record, drawn without replacement.
 
