@@ -17,14 +17,11 @@ interrupted grid resumes where it was. Run it with `nice` when the machine is sh
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 
 import numpy as np
+from common import ROOT, run_cell
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 
 
@@ -62,48 +59,22 @@ def cell_command(dataset: str, row: str, seed: int | str, workdir: str) -> list[
     ]
 
 
-def machine() -> str:
-    return f'{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, {platform.platform()}'
-
-
 def cell_path(dataset: str, row: str, seed: int) -> str:
     return os.path.join(ROOT, 'results', dataset, f'{row}-seed{seed}.json')
 
 
 def run_missing(dataset: str, rows: list[str], seeds: list[int], runs_dir: str) -> None:
-    os.makedirs(os.path.join(ROOT, 'results', dataset), exist_ok=True)
     cells = [
         (row, seed) for row in rows for seed in seeds if not os.path.exists(cell_path(dataset, row, seed))
     ]
     for i, (row, seed) in enumerate(cells):
-        name = f'{row}-seed{seed}'
-        workdir = os.path.join(runs_dir, dataset, name)
-        cmd = cell_command(dataset, row, seed, workdir)
-        print(f'[{time.strftime("%H:%M:%S")}] cell {i + 1}/{len(cells)} {name}: {" ".join(cmd)}', flush=True)
-        t, load_before = time.time(), os.getloadavg()[0]
-        os.makedirs(os.path.join(ROOT, workdir), exist_ok=True)
-        with open(os.path.join(ROOT, workdir, 'train.log'), 'a') as log:
-            # The recorded command says `python`; it runs with this interpreter.
-            subprocess.run(
-                [sys.executable, *cmd[1:]], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT
-            )
-        wall = time.time() - t
-        with open(os.path.join(ROOT, workdir, 'results.json')) as f:
-            results = json.load(f)
-        record = {
-            'command': ' '.join(cmd),
-            'wall_seconds': wall,
-            'machine': machine(),
-            # 1-minute load averages around the run: above 2 (the cores) other work slowed it.
-            'load_average': [load_before, os.getloadavg()[0]],
-            'date': time.strftime('%Y-%m-%d'),
-            'results': results,
-        }
-        path = cell_path(dataset, row, seed)
-        with open(path + '.tmp', 'w') as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        os.replace(path + '.tmp', path)
-        print(f'  test accuracy {results["test"]["accuracy"]:.4f}, {wall:.0f} s', flush=True)
+        workdir = os.path.join(runs_dir, dataset, f'{row}-seed{seed}')
+        print(f'cell {i + 1}/{len(cells)}: {row}, seed {seed}', flush=True)
+        record = run_cell(cell_command(dataset, row, seed, workdir), workdir, cell_path(dataset, row, seed))
+        print(
+            f'  test accuracy {record["results"]["test"]["accuracy"]:.4f}, {record["wall_seconds"]:.0f} s',
+            flush=True,
+        )
 
 
 def report(dataset: str) -> str:

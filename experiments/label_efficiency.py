@@ -1,0 +1,211 @@
+r"""The label-efficiency study: test accuracy against the share of labeled training examples.
+
+  python experiments/label_efficiency.py                 # every missing cell, one at a time; then the report
+  python experiments/label_efficiency.py --report        # only the tables and the plot, from results/
+  python experiments/label_efficiency.py --datasets hapt --seeds 0   # a part of the grid
+
+Grid: datasets {easy_vqa, hapt} x label fractions {1%, 5%, 10%, 25%, 100%} x methods x seeds {0, 1, 2}:
+  baseline   the fused network alone (no refiner, no MS loss)
+  refnet     + refiner (embedding targets) + MS loss, from scratch
+  pretrain   ReFNet started from a refiner-only pre-training run on every training input (labels never read;
+             `input` targets, which pre-training needs, kept for fine-tuning so the refiner is restored too)
+The pre-training run is one per dataset and seed (`pretrain.py`), shared by that seed's fractions. The seed
+also draws the labeled subset (`config.data.label_fraction`, stratified), so the spread over seeds includes
+the choice of labels. Every run is shorter than the datasets' default training (STEPS) to fit the grid in a
+few hours on 2 cores; all methods get the same number of steps.
+
+Cells run seed by seed (all of seed 0 first), each as its own process; its record (command, wall time,
+machine, load, results) goes to results/label_efficiency/<dataset>/<method>-f<fraction>-seed<k>.json as soon
+as it finishes, and a cell whose record exists is not run again. The report writes
+docs/label_efficiency.md and docs/label_efficiency.png.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from common import ROOT, load_record, run_cell
+
+DATASETS = ('easy_vqa', 'hapt')
+FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
+METHODS = ('baseline', 'refnet', 'pretrain')
+SEEDS = (0, 1, 2)
+STEPS = {'easy_vqa': 1000, 'hapt': 750}  # optimizer steps of every run, pre-training included
+OUT = os.path.join(ROOT, 'results', 'label_efficiency')
+
+
+def pretrain_workdir(runs_dir: str, dataset: str, seed: int | str) -> str:
+    return os.path.join(runs_dir, dataset, f'pretrain-seed{seed}')
+
+
+def pretrain_command(dataset: str, seed: int | str, runs_dir: str) -> list[str]:
+    return [
+        'python',
+        'pretrain.py',
+        '--config',
+        f'configs/{dataset}.py:variant=pretrain',
+        '--workdir',
+        pretrain_workdir(runs_dir, dataset, seed),
+        f'--config.seed={seed}',
+        f'--config.train.num_steps={STEPS[dataset]}',
+    ]
+
+
+def cell_command(dataset: str, method: str, fraction: float, seed: int | str, runs_dir: str) -> list[str]:
+    variant = 'baseline' if method == 'baseline' else 'refnet'
+    cmd = [
+        'python',
+        'train.py',
+        '--config',
+        f'configs/{dataset}.py:variant={variant}',
+        '--workdir',
+        os.path.join(runs_dir, dataset, f'{method}-f{fraction}-seed{seed}'),
+        f'--config.seed={seed}',
+        f'--config.train.num_steps={STEPS[dataset]}',
+        f'--config.data.label_fraction={fraction}',
+    ]
+    if method == 'pretrain':
+        cmd += [
+            '--config.model.refiner.target=input',
+            f'--config.init_from={pretrain_workdir(runs_dir, dataset, seed)}',
+        ]
+    return cmd
+
+
+def record_path(dataset: str, name: str) -> str:
+    return os.path.join(OUT, dataset, f'{name}.json')
+
+
+def run_missing(datasets, seeds, runs_dir: str) -> None:
+    for seed in seeds:
+        for dataset in datasets:
+            path = record_path(dataset, f'pretrain-seed{seed}')
+            if not os.path.exists(path):
+                record = run_cell(
+                    pretrain_command(dataset, seed, runs_dir), pretrain_workdir(runs_dir, dataset, seed), path
+                )
+                spread = record['results']['test']['fused_spread']
+                print(f'  pre-trained: fused spread {spread:.3f}, {record["wall_seconds"]:.0f} s', flush=True)
+            for fraction in FRACTIONS:
+                for method in METHODS:
+                    name = f'{method}-f{fraction}-seed{seed}'
+                    path = record_path(dataset, name)
+                    if os.path.exists(path):
+                        continue
+                    cmd = cell_command(dataset, method, fraction, seed, runs_dir)
+                    workdir = cmd[cmd.index('--workdir') + 1]
+                    record = run_cell(cmd, workdir, path)
+                    accuracy = record['results']['test']['accuracy']
+                    print(f'  test accuracy {accuracy:.4f}, {record["wall_seconds"]:.0f} s', flush=True)
+
+
+def collect(dataset: str) -> dict[tuple[str, float], list[dict]]:
+    out = {}
+    for method in METHODS:
+        for fraction in FRACTIONS:
+            records = [load_record(record_path(dataset, f'{method}-f{fraction}-seed{s}')) for s in SEEDS]
+            out[method, fraction] = [r for r in records if r is not None]
+    return out
+
+
+def table(dataset: str) -> str:
+    cells = collect(dataset)
+    head = '| method | ' + ' | '.join(f'{f:.0%} labels' for f in FRACTIONS) + ' |'
+    lines = [head, '|---|' + '---|' * len(FRACTIONS)]
+    for method in METHODS:
+        row = []
+        for fraction in FRACTIONS:
+            acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
+            row.append(f'{acc.mean():.4f} ± {acc.std():.4f} (n={len(acc)})' if len(acc) else '–')
+        lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
+    walls = [r['wall_seconds'] for rs in cells.values() for r in rs]
+    pre = [load_record(record_path(dataset, f'pretrain-seed{s}')) for s in SEEDS]
+    pre = [r for r in pre if r is not None]
+    notes = [
+        f'Test accuracy, mean ± std over seeds (n = seeds finished), {STEPS[dataset]} steps per run. '
+        f'Wall time per fine-tuning or training run: {np.mean(walls):.0f} ± {np.std(walls):.0f} s '
+        f'over {len(walls)} runs.'
+        if walls
+        else 'No cells finished yet.'
+    ]
+    if pre:
+        spreads = ', '.join(f'{r["results"]["test"]["fused_spread"]:.3f}' for r in pre)
+        pre_walls = np.array([r['wall_seconds'] for r in pre])
+        notes.append(
+            f'Pre-training: fused-embedding spread on test {spreads} (seeds {len(pre)}; 0 would be collapse), '
+            f'{pre_walls.mean():.0f} s per run.'
+        )
+    return '\n'.join(lines) + '\n\n' + ' '.join(notes)
+
+
+def plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DATASETS), figsize=(5.5 * len(DATASETS), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], DATASETS, strict=True):
+        cells = collect(dataset)
+        for method in METHODS:
+            xs, means, stds = [], [], []
+            for fraction in FRACTIONS:
+                acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
+                if len(acc):
+                    xs.append(fraction * 100)
+                    means.append(acc.mean())
+                    stds.append(acc.std())
+            if xs:
+                ax.errorbar(xs, means, yerr=stds, marker='o', capsize=3, label=method)
+        ax.set_xscale('log')
+        ax.set_xticks([f * 100 for f in FRACTIONS], [f'{f:.0%}' for f in FRACTIONS])
+        ax.set_xlabel('labeled training examples')
+        ax.set_ylabel('test accuracy')
+        ax.set_title(f'{dataset} ({STEPS[dataset]} steps per run)')
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report() -> str:
+    parts = [
+        '# Label efficiency',
+        '',
+        'Produced by `python experiments/label_efficiency.py`; see its docstring.',
+        '',
+    ]
+    for dataset in DATASETS:
+        parts += [f'## {dataset}', '', table(dataset), '']
+    text = '\n'.join(parts)
+    os.makedirs(os.path.join(ROOT, 'docs'), exist_ok=True)
+    with open(os.path.join(ROOT, 'docs', 'label_efficiency.md'), 'w') as f:
+        f.write(text)
+    try:
+        plot(os.path.join(ROOT, 'docs', 'label_efficiency.png'))
+    except ImportError:
+        print('matplotlib is not installed (pip install -e ".[analysis]"): no plot.', file=sys.stderr)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument('--report', action='store_true', help='only write the tables and the plot')
+    parser.add_argument('--datasets', default=','.join(DATASETS))
+    parser.add_argument('--seeds', default=','.join(map(str, SEEDS)))
+    parser.add_argument('--runs_dir', default=os.path.join('runs', 'label_efficiency'))
+    args = parser.parse_args()
+    datasets = [d for d in args.datasets.split(',') if d]
+    if unknown := [d for d in datasets if d not in DATASETS]:
+        parser.error(f'--datasets {unknown}: expected some of {DATASETS}')
+    if not args.report:
+        run_missing(datasets, [int(s) for s in args.seeds.split(',') if s], args.runs_dir)
+    print(report())
+
+
+if __name__ == '__main__':
+    sys.exit(main())
