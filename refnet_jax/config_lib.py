@@ -100,7 +100,9 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.loss.refiner_weights = {m: 0.1 if refine else 0.0 for m in modalities}
     config.loss.refiner_kind = 'cosine'  # 'cosine' (1 - cos) or 'mse'
     config.loss.ms_weight = 0.1 if variant == 'refnet' else 0.0  # gamma: 0 switches the MS loss off
-    config.loss.ms = dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True)  # Multi-Similarity loss
+    config.loss.ms = ml_collections.ConfigDict(dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True))
+    # Anchor rows per block of the MS loss: None picks (dense up to B = 4,096, row blocks above), 0 is dense.
+    config.loss.ms.block_size = ml_collections.config_dict.placeholder(int)
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 2000  # optimizer steps

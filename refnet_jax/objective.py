@@ -69,6 +69,7 @@ def supervised_loss(
             epsilon=ms_cfg.epsilon,
             mining=ms_cfg.mining,
             where=mask,
+            block_size=ms_cfg.get('block_size'),
         )
         loss = loss + config.loss.ms_weight * ms
         metrics['ms_loss'] = ms
