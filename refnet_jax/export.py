@@ -170,16 +170,11 @@ def export_workdir(
     platforms: Sequence[str] | None = None,
 ) -> jax.export.Exported:
     """Exports the run in `workdir`: its `config.json`, and the parameters of its latest checkpoint (or `step`)."""
-    import ml_collections
-
-    from refnet_jax import checkpointing, input_pipeline
+    from refnet_jax import checkpointing, input_pipeline, train_lib
     from refnet_jax import model as model_lib
 
     workdir = pathlib.Path(workdir)
-    config_path = workdir / 'config.json'
-    if not config_path.exists():
-        raise FileNotFoundError(f'{config_path} not found: --workdir must be the workdir of a training run')
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = train_lib.load_workdir_config(workdir)
     info = input_pipeline.get_dataset_info(config.data)
     model = model_lib.create_model(config, info)
     ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')

@@ -62,6 +62,20 @@ def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     return out
 
 
+def load_workdir_config(workdir) -> ml_collections.ConfigDict:
+    """The config a run saved in `workdir/config.json` (for export and analysis of a finished run)."""
+    path = epath.Path(workdir) / 'config.json'
+    if not path.exists():
+        raise FileNotFoundError(f'{path} not found: expected the workdir of a training run')
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def init_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """(parameter init key, train-step key), both from `config.seed`."""
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    return init_rng, step_rng
+
+
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """Writes `config.json` into a new workdir; refuses to resume a workdir made with another config.
 
@@ -457,7 +471,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         return evaluate(state, batches, info, mesh)
 
     with jax.set_mesh(mesh):
-        init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+        init_rng, step_rng = init_rngs(config)
         state = create_train_state(model, tx, info, init_rng, mesh)
         logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=not pretraining)
