@@ -1,6 +1,7 @@
-"""Set-up shared by the tests: tiny easy-VQA configs and freshly initialised train states."""
+"""Set-up shared by the tests: tiny easy-VQA configs, freshly initialised train states, stored records."""
 
 import jax
+import numpy as np
 
 from configs import easy_vqa
 from refnet_jax import input_pipeline, sharding, train_lib
@@ -24,3 +25,15 @@ def fresh_state(config, devices=None, seed: int = 0):
     with jax.set_mesh(mesh):
         state = train_lib.create_train_state(model, tx, info, jax.random.key(seed), mesh)
     return info, mesh, tx, schedule, state
+
+
+def stored_records(data_config) -> dict[str, dict[str, np.ndarray]]:
+    """Every stored record of each split of the (prepared) dataset of `data_config`, stacked:
+    {split: {feature: (N, ...)}}."""
+    _, builder = input_pipeline._prepared_builder(data_config)
+    out = {}
+    for split in builder.info.splits:
+        source = builder.as_data_source(split=split)
+        rows = [source[i] for i in range(len(source))]
+        out[split] = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+    return out

@@ -15,6 +15,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from helpers import stored_records
 from PIL import Image
 
 from configs import custom as custom_config
@@ -61,14 +62,7 @@ def write_arrays(root, sizes=None, seed=0) -> dict[str, dict[str, np.ndarray]]:
 
 
 def records(config) -> dict[str, dict[str, np.ndarray]]:
-    """Every stored record of each split, stacked: {split: {feature: (N, ...)}}."""
-    _, builder = input_pipeline._prepared_builder(config.data)
-    out = {}
-    for split in builder.info.splits:
-        source = builder.as_data_source(split=split)
-        rows = [source[i] for i in range(len(source))]
-        out[split] = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
-    return out
+    return stored_records(config.data)
 
 
 def prepared(config):

@@ -13,6 +13,7 @@ import h5py
 import ml_collections
 import numpy as np
 import pytest
+from helpers import stored_records
 from sklearn.metrics import f1_score
 
 from configs import mm_imdb as mm_imdb_config
@@ -110,11 +111,7 @@ def prepared(tmp_path_factory, arrays):
 
 
 def split_records(data_dir, manual_dir, split) -> dict[str, np.ndarray]:
-    """Every stored record of `split`, stacked: {feature: (N, ...)}."""
-    _, builder = input_pipeline._prepared_builder(data_config(data_dir, manual_dir))
-    source = builder.as_data_source(split=split)
-    records = [source[i] for i in range(len(source))]
-    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+    return stored_records(data_config(data_dir, manual_dir))[split]
 
 
 def test_dataset_info(prepared):

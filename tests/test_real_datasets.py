@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import fresh_state
+from helpers import fresh_state, stored_records
 
 from configs import hapt as hapt_config
 from configs import uci_mfeat as uci_mfeat_config
@@ -39,14 +39,7 @@ def data_dir(tmp_path_factory):
 
 
 def split_records(name, data_dir) -> dict[str, dict[str, np.ndarray]]:
-    """Every stored record of each split, stacked: {split: {feature: (N, ...)}}."""
-    _, builder = input_pipeline._prepared_builder(data_config(name, data_dir))
-    out = {}
-    for split in SPLITS:
-        source = builder.as_data_source(split=split)
-        records = [source[i] for i in range(len(source))]
-        out[split] = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
-    return out
+    return stored_records(data_config(name, data_dir))
 
 
 def empty_package(path):
