@@ -117,7 +117,10 @@ def table(dataset: str) -> str:
         row = []
         for fraction in FRACTIONS:
             acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
-            row.append(f'{acc.mean():.4f} ± {acc.std():.4f} (n={len(acc)})' if len(acc) else '–')
+            if len(acc) > 1:
+                row.append(f'{acc.mean():.4f} ± {acc.std():.4f} (n={len(acc)})')
+            else:
+                row.append(f'{acc[0]:.4f} (n=1)' if len(acc) else '–')
         lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
     walls = [r['wall_seconds'] for rs in cells.values() for r in rs]
     pre = [load_record(record_path(dataset, f'pretrain-seed{s}')) for s in SEEDS]
@@ -133,7 +136,7 @@ def table(dataset: str) -> str:
         spreads = ', '.join(f'{r["results"]["test"]["fused_spread"]:.3f}' for r in pre)
         pre_walls = np.array([r['wall_seconds'] for r in pre])
         notes.append(
-            f'Pre-training: fused-embedding spread on test {spreads} (seeds {len(pre)}; 0 would be collapse), '
+            f'Pre-training: fused-embedding spread on test {spreads} ({len(pre)} seed(s); 0 would be collapse), '
             f'{pre_walls.mean():.0f} s per run.'
         )
     return '\n'.join(lines) + '\n\n' + ' '.join(notes)
