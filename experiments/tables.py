@@ -16,12 +16,11 @@ interrupted grid resumes where it was. Run it with `nice` when the machine is sh
 """
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
-from common import ROOT, run_cell
+from common import ROOT, load_record, run_cell
 
 SEEDS = (0, 1, 2)
 
@@ -91,10 +90,7 @@ def report(dataset: str) -> str:
         seeds = [s for s in SEEDS if os.path.exists(cell_path(dataset, row, s))]
         if not seeds:
             continue
-        recs = []
-        for seed in seeds:
-            with open(cell_path(dataset, row, seed)) as f:
-                recs.append(json.load(f))
+        recs = [load_record(cell_path(dataset, row, seed)) for seed in seeds]
         test = np.array([r['results']['test']['accuracy'] for r in recs])
         val = np.array([r['results']['val']['accuracy'] for r in recs])
         wall = np.array([r['wall_seconds'] for r in recs])

@@ -36,9 +36,8 @@ that provides
       for datasets whose records hold several examples; the default keeps whole records
       (`stratified_subset` of their labels).
   A dataset with one example per record and a `label` field (class id or multi-hot) may leave
-  these out: the
-  records' modality fields and label are then batched as they are (`ToExample`,
-  `per_record_eval_dataset`).
+  these out: the records' modality fields and label are then batched as they are
+  (`ToExample`, `per_record_eval_dataset`).
 Records are what a split's data source returns: a dict of NumPy arrays (and Python
 scalars) per TFDS example. A new dataset is that one module; nothing here changes.
 """
@@ -248,14 +247,6 @@ class DropModalities(grain.transforms.Map):
         return {k: v for k, v in batch.items() if k not in self.dropped}
 
 
-def _select(dataset: grain.MapDataset, module: types.ModuleType, builder, data_config) -> grain.MapDataset:
-    """`dataset`'s batches without the modalities that `data_config.modalities` leaves out."""
-    info = module.dataset_info(builder)
-    selected = _selected_modalities(data_config, info)
-    dropped = tuple(m for m in info.modalities if m not in selected)
-    return dataset.map(DropModalities(dropped)) if dropped else dataset
-
-
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -341,9 +332,13 @@ def _train_source(module: types.ModuleType, builder, config: ml_collections.Conf
     return subset
 
 
-def _dataset_fns(module: types.ModuleType, builder):
-    """The module's (`train_examples`, `train_batches`, `eval_dataset`), or the per-record defaults."""
-    modalities = tuple(module.dataset_info(builder).modalities)
+def _dataset_fns(module: types.ModuleType, builder, data_config: ml_collections.ConfigDict):
+    """The module's (`train_examples`, `train_batches`, `eval_dataset`), or the per-record defaults; the
+    batches of the last two leave out the modalities that `config.data.modalities` does not select."""
+    info = module.dataset_info(builder)
+    modalities = tuple(info.modalities)
+    selected = _selected_modalities(data_config, info)
+    dropped = tuple(m for m in modalities if m not in selected)
 
     def train_examples(records, config):
         del config
@@ -357,10 +352,15 @@ def _dataset_fns(module: types.ModuleType, builder):
         del config
         return per_record_eval_dataset(records, modalities, batch_size)
 
+    def selecting(make_batches):
+        if not dropped:
+            return make_batches
+        return lambda *args, **kwargs: make_batches(*args, **kwargs).map(DropModalities(dropped))
+
     return (
         getattr(module, 'train_examples', train_examples),
-        getattr(module, 'train_batches', train_batches),
-        getattr(module, 'eval_dataset', eval_dataset),
+        selecting(getattr(module, 'train_batches', train_batches)),
+        selecting(getattr(module, 'eval_dataset', eval_dataset)),
     )
 
 
@@ -390,12 +390,11 @@ def make_train_iterator(
     index, count = _process(process_index, process_count)
     batch_size = _per_process(config.train.batch_size, 'config.train.batch_size', count)
     module, builder = _prepared_builder(config.data)
-    train_examples, train_batches, _ = _dataset_fns(module, builder)
+    train_examples, train_batches, _ = _dataset_fns(module, builder, config.data)
     source = _train_source(module, builder, config, labeled)
     records = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     examples = train_examples(records, config)[index::count]
     dataset = train_batches(examples, config, batch_size=batch_size)
-    dataset = _select(dataset, module, builder, config.data)
     return iter(dataset.to_iter_dataset(_read_options()))
 
 
@@ -421,14 +420,9 @@ def eval_batches(
         batch_size = config.eval.batch_size
     local_batch_size = _per_process(batch_size, field, count)
     module, builder = _prepared_builder(config.data)
-    _, _, eval_dataset = _dataset_fns(module, builder)
+    _, _, eval_dataset = _dataset_fns(module, builder, config.data)
     shards = [
-        _select(
-            eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size),
-            module,
-            builder,
-            config.data,
-        )
+        eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size)
         for i in range(count)
     ]
     num_batches = max(len(shard) for shard in shards)
