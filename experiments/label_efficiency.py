@@ -174,10 +174,15 @@ def plot(path: str) -> None:
 
 
 def report() -> str:
+    records = [r for d in DATASETS for rs in collect(d).values() for r in rs]
+    machines = sorted({r['machine'] for r in records})
+    dates = sorted({r['date'] for r in records})
     parts = [
         '# Label efficiency',
         '',
-        'Produced by `python experiments/label_efficiency.py`; see its docstring.',
+        "Produced by `python experiments/label_efficiency.py`; see its docstring. Each cell's command, seed, "
+        'wall time and load average are in its record under results/label_efficiency/.',
+        f'Machine: {"; ".join(machines) or "-"} (CPU only). Dates: {", ".join(dates) or "-"}.',
         '',
     ]
     for dataset in DATASETS:
