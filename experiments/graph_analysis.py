@@ -1,25 +1,35 @@
 r"""The latent-graph analysis of docs/CLAIMS.md, and the linear probes of pre-training, as one command.
 
-  python experiments/graph_analysis.py           # trains what is missing, then analyses; prints the tables
+  python experiments/graph_analysis.py                 # trains what is missing, then analyses; prints the tables
+  python experiments/graph_analysis.py --parts probe    # only the linear probes of pre-training
+  python experiments/graph_analysis.py --parts probe --probe_seeds 0,1
 
 Models (each trained by `train.py` if its workdir has no results.json yet):
   easy_vqa   the default config (low-rank fusion) as baseline, +refiner, +refiner+MS, seed 0:
              runs/graph/easy_vqa/<variant>
   hapt       the README table's fused runs, seeds 0, 1, 2: runs/tables/hapt/fused-<variant>-seed<k>
              (what `python experiments/tables.py hapt` leaves behind)
-Probes: the label-efficiency study's pre-training runs (runs/label_efficiency/<dataset>/pretrain-seed0, made by
-`python experiments/label_efficiency.py`) against the same network untrained (RANDOM).
+Probes, seeds 0, 1, 2: the label-efficiency study's pre-training runs (runs/label_efficiency/<dataset>/
+pretrain-seed<k>, run here with the study's command if missing) against the same network untrained (RANDOM,
+the same config and seed).
 
-Writes docs/graph/<name>.json and .png through analyze.py (see its docstring for the metrics).
+Writes docs/graph/<name>.json and .png through analyze.py (see its docstring for the metrics), and
+docs/graph/probes.md: the probes' mean ± std over seeds.
 """
 
+import argparse
+import json
 import os
 import subprocess
 import sys
 
-from common import ROOT
+import label_efficiency
+import numpy as np
+from common import ROOT, load_record
 
 VARIANTS = ('baseline', 'refiner', 'refnet')
+SEEDS = (0, 1, 2)
+PROBED = ('pretrained', 'random')
 
 
 def ensure_trained(workdir: str, config: str, seed: int) -> None:
@@ -30,6 +40,68 @@ def ensure_trained(workdir: str, config: str, seed: int) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def ensure_pretrained(dataset: str, seed: int) -> str:
+    """The study's pre-training run of `dataset` and `seed`, run now if missing; returns its workdir."""
+    runs_dir = os.path.join('runs', 'label_efficiency')
+    workdir = label_efficiency.pretrain_workdir(runs_dir, dataset, seed)
+    results = os.path.join(ROOT, workdir, 'results.json')
+    if os.path.exists(results):
+        return workdir
+    cmd = label_efficiency.pretrain_command(dataset, seed, runs_dir)
+    print('pre-training:', ' '.join(cmd), flush=True)
+    subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True)
+    # Run again after the study recorded it: say whether it came out the same.
+    recorded = load_record(label_efficiency.record_path(dataset, f'pretrain-seed{seed}'))
+    if recorded is not None:
+        with open(results) as f:
+            now = json.load(f)['test']['fused_spread']
+        print(
+            f'  fused spread {now:.6f}; the study recorded {recorded["results"]["test"]["fused_spread"]:.6f}'
+        )
+    return workdir
+
+
+def probe_output(dataset: str, seed: int) -> str:
+    return f'probe-{dataset}' if seed == 0 else f'probe-{dataset}-seed{seed}'
+
+
+def probe_summary() -> str:
+    """docs/graph/probes.md: probe and k-NN accuracy and fused spread, mean ± std over the probed seeds."""
+    lines = [
+        '# Linear probes of pre-training',
+        '',
+        'Produced by `python experiments/graph_analysis.py --parts probe`: per seed, the pre-training run of the '
+        'label-efficiency study against the same network untrained (same config and seed); a logistic-regression '
+        'probe fitted on the fused embeddings of 5,000 training examples, scored on the whole test split. '
+        'Mean ± std over seeds (population std); per-seed figures in probe-<dataset>[-seed<k>].json.',
+        '',
+        '| dataset | network | seeds | probe accuracy | k-NN accuracy | per seed (probe) |',
+        '|---|---|---|---|---|---|',
+    ]
+    for dataset in label_efficiency.DATASETS:
+        runs = []
+        for seed in SEEDS:
+            path = os.path.join(ROOT, 'docs', 'graph', probe_output(dataset, seed) + '.json')
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.append((seed, {n: m['metrics'] for n, m in json.load(f)['models'].items()}))
+        for name in PROBED:
+            if not runs:
+                continue
+            probe = np.array([scores[name]['probe_accuracy'] for _, scores in runs])
+            knn = np.array([scores[name]['knn_accuracy'] for _, scores in runs])
+            seeds = ', '.join(str(seed) for seed, _ in runs)
+            each = ', '.join(f'{p:.3f}' for p in probe)
+            lines.append(
+                f'| {dataset} | {name} | {seeds} | {probe.mean():.3f} ± {probe.std():.3f} | '
+                f'{knn.mean():.3f} ± {knn.std():.3f} | {each} |'
+            )
+    text = '\n'.join(lines) + '\n'
+    with open(os.path.join(ROOT, 'docs', 'graph', 'probes.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
 def analyze(output: str, sources: dict[str, str], *extra: str) -> None:
     workdirs = ','.join(f'{name}={source}' for name, source in sources.items())
     cmd = [sys.executable, 'analyze.py', f'--workdirs={workdirs}', f'--output=docs/graph/{output}', *extra]
@@ -37,7 +109,7 @@ def analyze(output: str, sources: dict[str, str], *extra: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def main() -> None:
+def graphs() -> None:
     easy = {v: f'runs/graph/easy_vqa/{v}' for v in VARIANTS}
     for v, workdir in easy.items():
         ensure_trained(workdir, f'configs/easy_vqa.py:variant={v}', seed=0)
@@ -47,18 +119,41 @@ def main() -> None:
         for v, workdir in hapt.items():
             ensure_trained(workdir, f'configs/hapt.py:variant={v}', seed=seed)
         analyze('hapt' if seed == 0 else f'hapt-seed{seed}', hapt, *(['--noplot'] if seed else []))
-    for dataset in ('easy_vqa', 'hapt'):
-        pretrained = f'runs/label_efficiency/{dataset}/pretrain-seed0'
-        if not os.path.exists(os.path.join(ROOT, pretrained, 'results.json')):
-            print(f'{pretrained} missing: run experiments/label_efficiency.py first; no probe for {dataset}')
-            continue
-        analyze(
-            f'probe-{dataset}',
-            {'pretrained': pretrained, 'random': 'RANDOM'},
-            '--probe',
-            f'--config=configs/{dataset}.py:variant=pretrain',
-            '--probe_examples=5000',
-        )
+
+
+def probes(seeds) -> None:
+    for seed in seeds:
+        for dataset in label_efficiency.DATASETS:
+            pretrained = ensure_pretrained(dataset, seed)
+            analyze(
+                probe_output(dataset, seed),
+                {'pretrained': pretrained, 'random': 'RANDOM'},
+                '--probe',
+                f'--config=configs/{dataset}.py:variant=pretrain',
+                f'--config.seed={seed}',
+                '--probe_examples=5000',
+                *(['--noplot'] if seed else []),
+            )
+    print(probe_summary())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument('--parts', default='graph,probe', help='some of graph,probe')
+    parser.add_argument('--probe_seeds', default=','.join(map(str, SEEDS)), help='the seeds probed')
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(',') if p]
+    if unknown := sorted(set(parts) - {'graph', 'probe'}):
+        parser.error(f'--parts {unknown}: expected some of graph, probe')
+    seeds = [int(s) for s in args.probe_seeds.split(',') if s]
+    if unknown := sorted(set(seeds) - set(SEEDS)):
+        parser.error(f'--probe_seeds {unknown}: expected some of {SEEDS}')
+    if 'graph' in parts:
+        graphs()
+    if 'probe' in parts:
+        probes(seeds)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ r"""The label-efficiency study: test accuracy against the share of labeled train
   python experiments/label_efficiency.py                 # every missing cell, one at a time; then the report
   python experiments/label_efficiency.py --report        # only the tables and the plot, from results/
   python experiments/label_efficiency.py --datasets hapt --seeds 0   # a part of the grid
+  python experiments/label_efficiency.py --rerun hapt/pretrain-f0.01-seed0   # a cell again, from scratch
 
 Grid: datasets {easy_vqa, hapt} x label fractions {1%, 5%, 10%, 25%, 100%} x methods x seeds {0, 1, 2}:
   baseline   the fused network alone (no refiner, no MS loss)
@@ -18,10 +19,16 @@ Cells run seed by seed (all of seed 0 first), each as its own process; its recor
 machine, load, results) goes to results/label_efficiency/<dataset>/<method>-f<fraction>-seed<k>.json as soon
 as it finishes, and a cell whose record exists is not run again. The report writes
 docs/label_efficiency.md and docs/label_efficiency.png.
+
+--rerun checks that the table is reproducible: it runs the named cells again from nothing, in another runs
+directory (runs/label_efficiency_rerun; a `pretrain` cell's pre-training included), records them under
+results/label_efficiency/reruns/, and the report sets each rerun beside the first run and the reported
+mean ± std of its cell.
 """
 
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -33,6 +40,9 @@ METHODS = ('baseline', 'refnet', 'pretrain')
 SEEDS = (0, 1, 2)
 STEPS = {'easy_vqa': 1000, 'hapt': 750}  # optimizer steps of every run, pre-training included
 OUT = os.path.join(ROOT, 'results', 'label_efficiency')
+RERUN_OUT = os.path.join(OUT, 'reruns')
+RERUN_RUNS_DIR = os.path.join('runs', 'label_efficiency_rerun')
+CELL = re.compile(r'(?P<dataset>\w+)/(?P<method>\w+)-f(?P<fraction>[0-9.]+)-seed(?P<seed>\d+)')
 
 
 def pretrain_workdir(runs_dir: str, dataset: str, seed: int | str) -> str:
@@ -98,6 +108,71 @@ def run_missing(datasets, seeds, runs_dir: str) -> None:
                     record = run_cell(cmd, workdir, path)
                     accuracy = record['results']['test']['accuracy']
                     print(f'  test accuracy {accuracy:.4f}, {record["wall_seconds"]:.0f} s', flush=True)
+
+
+def parse_cell(cell: str) -> tuple[str, str, float, int]:
+    """'hapt/pretrain-f0.01-seed0' -> ('hapt', 'pretrain', 0.01, 0), checked against the grid."""
+    match = CELL.fullmatch(cell)
+    expected = '<dataset>/<method>-f<fraction>-seed<k>, e.g. hapt/pretrain-f0.01-seed0'
+    if match is None:
+        raise ValueError(f'--rerun {cell!r}: expected {expected}')
+    dataset, method = match['dataset'], match['method']
+    fraction, seed = float(match['fraction']), int(match['seed'])
+    for field, value, allowed in (
+        ('dataset', dataset, DATASETS),
+        ('method', method, METHODS),
+        ('fraction', fraction, FRACTIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f'--rerun {cell!r}: {field} {value!r} is not one of {allowed}')
+    return dataset, method, fraction, seed
+
+
+def rerun(cells: list[str]) -> None:
+    """Runs each cell again from nothing (its pre-training too) and records it under results/.../reruns/."""
+    for cell in cells:
+        dataset, method, fraction, seed = parse_cell(cell)
+        path = os.path.join(RERUN_OUT, dataset, f'{method}-f{fraction}-seed{seed}.json')
+        if os.path.exists(path):
+            print(f'{cell}: rerun already recorded in {os.path.relpath(path, ROOT)}', flush=True)
+            continue
+        if method == 'pretrain':
+            pretrain_path = os.path.join(RERUN_OUT, dataset, f'pretrain-seed{seed}.json')
+            if not os.path.exists(pretrain_path):
+                workdir = pretrain_workdir(RERUN_RUNS_DIR, dataset, seed)
+                run_cell(pretrain_command(dataset, seed, RERUN_RUNS_DIR), workdir, pretrain_path)
+        cmd = cell_command(dataset, method, fraction, seed, RERUN_RUNS_DIR)
+        record = run_cell(cmd, cmd[cmd.index('--workdir') + 1], path)
+        print(f'  {cell}: test accuracy {record["results"]["test"]["accuracy"]:.4f}', flush=True)
+
+
+def rerun_table() -> str:
+    """The reruns beside their first runs and the spread the report gives for their cells."""
+    lines = [
+        '| cell | first run | rerun | difference | reported mean ± std (n) | rerun within mean ± std |',
+        '|---|---|---|---|---|---|',
+    ]
+    found = False
+    for dataset in DATASETS:
+        folder = os.path.join(RERUN_OUT, dataset)
+        names = sorted(n[: -len('.json')] for n in os.listdir(folder)) if os.path.isdir(folder) else []
+        for name in names:
+            if name.startswith('pretrain-seed'):
+                continue
+            _, method, fraction, _ = parse_cell(f'{dataset}/{name}')
+            first = load_record(record_path(dataset, name))
+            again = load_record(os.path.join(folder, f'{name}.json'))
+            if first is None:
+                continue
+            found = True
+            acc = np.array([r['results']['test']['accuracy'] for r in collect(dataset)[method, fraction]])
+            a, b = first['results']['test']['accuracy'], again['results']['test']['accuracy']
+            within = abs(b - acc.mean()) <= acc.std()
+            lines.append(
+                f'| {dataset}/{name} | {a:.4f} | {b:.4f} | {b - a:+.4f} | {acc.mean():.4f} ± {acc.std():.4f} '
+                f'(n={len(acc)}) | {"yes" if within else "no"} |'
+            )
+    return '\n'.join(lines) if found else ''
 
 
 def collect(dataset: str) -> dict[tuple[str, float], list[dict]]:
@@ -187,6 +262,16 @@ def report() -> str:
     ]
     for dataset in DATASETS:
         parts += [f'## {dataset}', '', table(dataset), '']
+    if reruns := rerun_table():
+        parts += [
+            '## Reruns',
+            '',
+            'Cells run again from nothing (`--rerun`; pre-training included), in another runs directory, '
+            'on the same machine.',
+            '',
+            reruns,
+            '',
+        ]
     text = '\n'.join(parts)
     os.makedirs(os.path.join(ROOT, 'docs'), exist_ok=True)
     with open(os.path.join(ROOT, 'docs', 'label_efficiency.md'), 'w') as f:
@@ -206,11 +291,21 @@ def main() -> None:
     parser.add_argument('--datasets', default=','.join(DATASETS))
     parser.add_argument('--seeds', default=','.join(map(str, SEEDS)))
     parser.add_argument('--runs_dir', default=os.path.join('runs', 'label_efficiency'))
+    parser.add_argument(
+        '--rerun', nargs='+', default=[], metavar='CELL', help='e.g. hapt/pretrain-f0.01-seed0'
+    )
     args = parser.parse_args()
     datasets = [d for d in args.datasets.split(',') if d]
     if unknown := [d for d in datasets if d not in DATASETS]:
         parser.error(f'--datasets {unknown}: expected some of {DATASETS}')
-    if not args.report:
+    for cell in args.rerun:  # every cell checked before any runs
+        try:
+            parse_cell(cell)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.rerun:
+        rerun(args.rerun)
+    elif not args.report:
         run_missing(datasets, [int(s) for s in args.seeds.split(',') if s], args.runs_dir)
     print(report())
 
