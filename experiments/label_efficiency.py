@@ -4,12 +4,16 @@ r"""The label-efficiency study: test accuracy against the share of labeled train
   python experiments/label_efficiency.py --report        # only the tables and the plot, from results/
   python experiments/label_efficiency.py --datasets hapt --seeds 0   # a part of the grid
   python experiments/label_efficiency.py --rerun hapt/pretrain-f0.01-seed0   # a cell again, from scratch
+  python experiments/label_efficiency.py --datasets easy_vqa --methods refnet_input --fractions 0.05,0.25
 
 Grid: datasets {easy_vqa, hapt} x label fractions {1%, 5%, 10%, 25%, 100%} x methods x seeds {0, 1, 2}:
   baseline   the fused network alone (no refiner, no MS loss)
   refnet     + refiner (embedding targets) + MS loss, from scratch
   pretrain   ReFNet started from a refiner-only pre-training run on every training input (labels never read;
              `input` targets, which pre-training needs, kept for fine-tuning so the refiner is restored too)
+A control, run only when asked for with --methods:
+  refnet_input  ReFNet from scratch with the `input` refiner targets of `pretrain`: the same fine-tuning
+                objective without the pre-trained start, to tell the two apart
 The pre-training run is one per dataset and seed (`pretrain.py`), shared by that seed's fractions. The seed
 also draws the labeled subset (`config.data.label_fraction`, stratified), so the spread over seeds includes
 the choice of labels. Every run is shorter than the datasets' default training (STEPS) to fit the grid in a
@@ -37,6 +41,7 @@ from common import ROOT, load_record, run_cell
 DATASETS = ('easy_vqa', 'hapt')
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 METHODS = ('baseline', 'refnet', 'pretrain')
+CONTROLS = ('refnet_input',)
 SEEDS = (0, 1, 2)
 STEPS = {'easy_vqa': 1000, 'hapt': 750}  # optimizer steps of every run, pre-training included
 OUT = os.path.join(ROOT, 'results', 'label_efficiency')
@@ -75,11 +80,10 @@ def cell_command(dataset: str, method: str, fraction: float, seed: int | str, ru
         f'--config.train.num_steps={STEPS[dataset]}',
         f'--config.data.label_fraction={fraction}',
     ]
+    if method in ('pretrain', 'refnet_input'):
+        cmd.append('--config.model.refiner.target=input')
     if method == 'pretrain':
-        cmd += [
-            '--config.model.refiner.target=input',
-            f'--config.init_from={pretrain_workdir(runs_dir, dataset, seed)}',
-        ]
+        cmd.append(f'--config.init_from={pretrain_workdir(runs_dir, dataset, seed)}')
     return cmd
 
 
@@ -87,18 +91,18 @@ def record_path(dataset: str, name: str) -> str:
     return os.path.join(OUT, dataset, f'{name}.json')
 
 
-def run_missing(datasets, seeds, runs_dir: str) -> None:
+def run_missing(datasets, seeds, runs_dir: str, methods=METHODS, fractions=FRACTIONS) -> None:
     for seed in seeds:
         for dataset in datasets:
             path = record_path(dataset, f'pretrain-seed{seed}')
-            if not os.path.exists(path):
+            if 'pretrain' in methods and not os.path.exists(path):
                 record = run_cell(
                     pretrain_command(dataset, seed, runs_dir), pretrain_workdir(runs_dir, dataset, seed), path
                 )
                 spread = record['results']['test']['fused_spread']
                 print(f'  pre-trained: fused spread {spread:.3f}, {record["wall_seconds"]:.0f} s', flush=True)
-            for fraction in FRACTIONS:
-                for method in METHODS:
+            for fraction in fractions:
+                for method in methods:
                     name = f'{method}-f{fraction}-seed{seed}'
                     path = record_path(dataset, name)
                     if os.path.exists(path):
@@ -120,7 +124,7 @@ def parse_cell(cell: str) -> tuple[str, str, float, int]:
     fraction, seed = float(match['fraction']), int(match['seed'])
     for field, value, allowed in (
         ('dataset', dataset, DATASETS),
-        ('method', method, METHODS),
+        ('method', method, METHODS + CONTROLS),
         ('fraction', fraction, FRACTIONS),
     ):
         if value not in allowed:
@@ -177,7 +181,7 @@ def rerun_table() -> str:
 
 def collect(dataset: str) -> dict[tuple[str, float], list[dict]]:
     out = {}
-    for method in METHODS:
+    for method in METHODS + CONTROLS:
         for fraction in FRACTIONS:
             records = [load_record(record_path(dataset, f'{method}-f{fraction}-seed{s}')) for s in SEEDS]
             out[method, fraction] = [r for r in records if r is not None]
@@ -188,7 +192,9 @@ def table(dataset: str) -> str:
     cells = collect(dataset)
     head = '| method | ' + ' | '.join(f'{f:.0%} labels' for f in FRACTIONS) + ' |'
     lines = [head, '|---|' + '---|' * len(FRACTIONS)]
-    for method in METHODS:
+    for method in METHODS + CONTROLS:
+        if method in CONTROLS and not any(cells[method, f] for f in FRACTIONS):
+            continue
         row = []
         for fraction in FRACTIONS:
             acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
@@ -226,7 +232,7 @@ def plot(path: str) -> None:
     fig, axes = plt.subplots(1, len(DATASETS), figsize=(5.5 * len(DATASETS), 4), squeeze=False)
     for ax, dataset in zip(axes[0], DATASETS, strict=True):
         cells = collect(dataset)
-        for method in METHODS:
+        for method in METHODS + CONTROLS:
             xs, means, stds = [], [], []
             for fraction in FRACTIONS:
                 acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
@@ -291,6 +297,8 @@ def main() -> None:
     parser.add_argument('--datasets', default=','.join(DATASETS))
     parser.add_argument('--seeds', default=','.join(map(str, SEEDS)))
     parser.add_argument('--runs_dir', default=os.path.join('runs', 'label_efficiency'))
+    parser.add_argument('--methods', default=','.join(METHODS), help=f'some of {METHODS + CONTROLS}')
+    parser.add_argument('--fractions', default=','.join(map(str, FRACTIONS)))
     parser.add_argument(
         '--rerun', nargs='+', default=[], metavar='CELL', help='e.g. hapt/pretrain-f0.01-seed0'
     )
@@ -298,6 +306,15 @@ def main() -> None:
     datasets = [d for d in args.datasets.split(',') if d]
     if unknown := [d for d in datasets if d not in DATASETS]:
         parser.error(f'--datasets {unknown}: expected some of {DATASETS}')
+    methods = [m for m in args.methods.split(',') if m]
+    if unknown := [m for m in methods if m not in METHODS + CONTROLS]:
+        parser.error(f'--methods {unknown}: expected some of {METHODS + CONTROLS}')
+    try:
+        fractions = [float(f) for f in args.fractions.split(',') if f]
+    except ValueError:
+        parser.error(f'--fractions {args.fractions!r}: expected numbers, some of {FRACTIONS}')
+    if unknown := [f for f in fractions if f not in FRACTIONS]:
+        parser.error(f'--fractions {unknown}: expected some of {FRACTIONS}')
     for cell in args.rerun:  # every cell checked before any runs
         try:
             parse_cell(cell)
@@ -306,7 +323,8 @@ def main() -> None:
     if args.rerun:
         rerun(args.rerun)
     elif not args.report:
-        run_missing(datasets, [int(s) for s in args.seeds.split(',') if s], args.runs_dir)
+        seeds = [int(s) for s in args.seeds.split(',') if s]
+        run_missing(datasets, seeds, args.runs_dir, methods, fractions)
     print(report())
 
 
