@@ -1,0 +1,127 @@
+"""The experiment grids: the commands each cell runs, and resuming (a cell with a record is never run again)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+
+import common  # noqa: E402
+import label_efficiency  # noqa: E402
+
+
+def flag(cmd: list[str], name: str) -> str | None:
+    values = [arg.split('=', 1)[1] for arg in cmd if arg.startswith(f'--config.{name}=')]
+    return values[-1] if values else None
+
+
+def test_cell_commands_differ_only_where_the_methods_do():
+    runs = os.path.join('runs', 'x')
+    cmds = {
+        m: label_efficiency.cell_command('hapt', m, 0.05, 2, runs)
+        for m in ('baseline', 'refnet', 'pretrain', 'refnet_input')
+    }
+    for method, cmd in cmds.items():
+        assert cmd[:2] == ['python', 'train.py']
+        assert flag(cmd, 'seed') == '2'
+        assert flag(cmd, 'data.label_fraction') == '0.05'
+        assert flag(cmd, 'train.num_steps') == str(label_efficiency.STEPS['hapt'])
+        assert cmd[cmd.index('--workdir') + 1] == os.path.join(runs, 'hapt', f'{method}-f0.05-seed2')
+    assert cmds['baseline'][3] == 'configs/hapt.py:variant=baseline'
+    assert all(cmds[m][3] == 'configs/hapt.py:variant=refnet' for m in ('refnet', 'pretrain', 'refnet_input'))
+    # The pre-trained cell starts from the pre-training run of its own seed, and keeps its `input` targets;
+    # the control has the same targets and no start.
+    pretrain_cmd = label_efficiency.pretrain_command('hapt', 2, runs)
+    assert flag(cmds['pretrain'], 'init_from') == pretrain_cmd[pretrain_cmd.index('--workdir') + 1]
+    assert flag(cmds['pretrain'], 'model.refiner.target') == 'input'
+    assert flag(cmds['refnet_input'], 'model.refiner.target') == 'input'
+    assert flag(cmds['refnet_input'], 'init_from') is None
+    assert flag(cmds['refnet'], 'model.refiner.target') is None
+    assert flag(pretrain_cmd, 'seed') == '2' and pretrain_cmd[1] == 'pretrain.py'
+
+
+def test_parse_cell_round_trips_record_names_and_names_the_bad_field():
+    assert label_efficiency.parse_cell('hapt/pretrain-f0.01-seed0') == ('hapt', 'pretrain', 0.01, 0)
+    assert label_efficiency.parse_cell('easy_vqa/refnet_input-f1.0-seed2') == (
+        'easy_vqa',
+        'refnet_input',
+        1.0,
+        2,
+    )
+    with pytest.raises(ValueError, match='expected <dataset>'):
+        label_efficiency.parse_cell('hapt/pretrain-seed0')
+    with pytest.raises(ValueError, match="dataset 'mnist'"):
+        label_efficiency.parse_cell('mnist/baseline-f0.01-seed0')
+    with pytest.raises(ValueError, match="method 'finetune'"):
+        label_efficiency.parse_cell('hapt/finetune-f0.01-seed0')
+    with pytest.raises(ValueError, match='fraction 0.5'):
+        label_efficiency.parse_cell('hapt/baseline-f0.5-seed0')
+
+
+def test_grid_runs_only_the_missing_cells(tmp_path, monkeypatch):
+    monkeypatch.setattr(label_efficiency, 'OUT', str(tmp_path))
+    ran = []
+
+    def fake_run_cell(cmd, workdir, record_path):
+        ran.append(os.path.relpath(record_path, tmp_path))
+        record = {'results': {'test': {'accuracy': 0.5, 'fused_spread': 0.1}}, 'wall_seconds': 1.0}
+        os.makedirs(os.path.dirname(record_path), exist_ok=True)
+        with open(record_path, 'w') as f:
+            json.dump(record, f)
+        return record
+
+    monkeypatch.setattr(label_efficiency, 'run_cell', fake_run_cell)
+    # Finished before the interruption: the pre-training and one cell of seed 0.
+    for name in ('pretrain-seed0', 'refnet-f0.01-seed0'):
+        fake_run_cell(None, None, label_efficiency.record_path('hapt', name))
+    ran.clear()
+
+    label_efficiency.run_missing(
+        ['hapt'], [0], 'runs', methods=('baseline', 'refnet', 'pretrain'), fractions=(0.01, 0.1)
+    )
+    assert ran == [
+        os.path.join('hapt', f'{name}.json')
+        for name in (
+            'baseline-f0.01-seed0',
+            'pretrain-f0.01-seed0',
+            'baseline-f0.1-seed0',
+            'refnet-f0.1-seed0',
+            'pretrain-f0.1-seed0',
+        )
+    ]
+    ran.clear()
+    label_efficiency.run_missing(
+        ['hapt'], [0], 'runs', methods=('baseline', 'refnet', 'pretrain'), fractions=(0.01, 0.1)
+    )
+    assert ran == []  # everything is recorded: nothing runs again
+    # A grid without the pre-trained method does not pre-train.
+    label_efficiency.run_missing(['hapt'], [1], 'runs', methods=('refnet_input',), fractions=(0.01,))
+    assert ran == [os.path.join('hapt', 'refnet_input-f0.01-seed1.json')]
+
+
+def test_run_cell_records_the_run_atomically(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, 'ROOT', str(tmp_path))
+    script = tmp_path / 'job.py'
+    script.write_text(
+        'import json, os, sys\n'
+        'os.makedirs(sys.argv[1], exist_ok=True)\n'
+        "json.dump({'test': {'accuracy': 0.75}}, open(os.path.join(sys.argv[1], 'results.json'), 'w'))\n"
+        "print('ran')\n"
+    )
+    record_path = str(tmp_path / 'results' / 'cell.json')
+    record = common.run_cell(['python', str(script), 'work'], 'work', record_path)
+    assert record['results'] == {'test': {'accuracy': 0.75}}
+    assert record['command'] == f'python {script} work'
+    assert record['wall_seconds'] > 0 and len(record['load_average']) == 2
+    assert common.load_record(record_path) == record
+    assert not os.path.exists(record_path + '.tmp')
+    assert (tmp_path / 'work' / 'train.log').read_text() == 'ran\n'
+    assert common.load_record(str(tmp_path / 'missing.json')) is None
+
+    # A run that fails leaves no record, so the grid runs it again next time.
+    script.write_text('raise SystemExit(3)\n')
+    with pytest.raises(Exception, match='exit status 3'):
+        common.run_cell(['python', str(script), 'work'], 'work', str(tmp_path / 'results' / 'failed.json'))
+    assert not os.path.exists(tmp_path / 'results' / 'failed.json')
