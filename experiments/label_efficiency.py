@@ -26,8 +26,8 @@ docs/label_efficiency.md and docs/label_efficiency.png.
 
 --rerun checks that the table is reproducible: it runs the named cells again from nothing, in another runs
 directory (runs/label_efficiency_rerun; a `pretrain` cell's pre-training included), records them under
-results/label_efficiency/reruns/, and the report sets each rerun beside the first run and the reported
-mean ± std of its cell.
+results/label_efficiency/reruns/, and the report sets each rerun beside its first run (same seed) and the
+std over seeds of its cell: the difference between the two runs must stay below that spread.
 """
 
 import argparse
@@ -151,9 +151,9 @@ def rerun(cells: list[str]) -> None:
 
 
 def rerun_table() -> str:
-    """The reruns beside their first runs and the spread the report gives for their cells."""
+    """The reruns beside their first runs (same seed) and the spread over seeds the report gives their cells."""
     lines = [
-        '| cell | first run | rerun | difference | reported mean ± std (n) | rerun within mean ± std |',
+        '| cell | first run | rerun | difference | reported mean ± std over seeds (n) | difference ≤ std |',
         '|---|---|---|---|---|---|',
     ]
     found = False
@@ -171,7 +171,9 @@ def rerun_table() -> str:
             found = True
             acc = np.array([r['results']['test']['accuracy'] for r in collect(dataset)[method, fraction]])
             a, b = first['results']['test']['accuracy'], again['results']['test']['accuracy']
-            within = abs(b - acc.mean()) <= acc.std()
+            # The rerun repeats the first run's seed: what it measures is the noise of the procedure itself,
+            # which must stay below the spread over seeds the table reports.
+            within = abs(b - a) <= acc.std()
             lines.append(
                 f'| {dataset}/{name} | {a:.4f} | {b:.4f} | {b - a:+.4f} | {acc.mean():.4f} ± {acc.std():.4f} '
                 f'(n={len(acc)}) | {"yes" if within else "no"} |'
