@@ -66,7 +66,7 @@ def probe_output(dataset: str, seed: int) -> str:
 
 
 def probe_summary() -> str:
-    """docs/graph/probes.md: probe and k-NN accuracy and fused spread, mean ± std over the probed seeds."""
+    """docs/graph/probes.md: probe and k-NN accuracy, mean ± std over the seeds probed so far."""
     lines = [
         '# Linear probes of pre-training',
         '',
