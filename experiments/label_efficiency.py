@@ -243,7 +243,17 @@ def plot(path: str) -> None:
                     means.append(acc.mean())
                     stds.append(acc.std())
             if xs:
-                ax.errorbar(xs, means, yerr=stds, marker='o', capsize=3, label=method)
+                # A control has only some fractions: points, not a line across the gaps.
+                control = method in CONTROLS
+                ax.errorbar(
+                    xs,
+                    means,
+                    yerr=stds,
+                    marker='s' if control else 'o',
+                    linestyle='none' if control else '-',
+                    capsize=3,
+                    label=f'{method} (control)' if control else method,
+                )
         ax.set_xscale('log')
         ax.set_xticks([f * 100 for f in FRACTIONS], [f'{f:.0%}' for f in FRACTIONS])
         ax.set_xlabel('labeled training examples')
