@@ -3,10 +3,11 @@ r"""The latent-graph analysis of docs/CLAIMS.md, and the linear probes of pre-tr
   python experiments/graph_analysis.py                 # trains what is missing, then analyses; prints the tables
   python experiments/graph_analysis.py --parts probe    # only the linear probes of pre-training
   python experiments/graph_analysis.py --parts probe --probe_seeds 0,1
+  python experiments/graph_analysis.py --parts graph --graph_datasets easy_vqa --graph_seeds 1,2
 
 Models (each trained by `train.py` if its workdir has no results.json yet):
-  easy_vqa   the default config (low-rank fusion) as baseline, +refiner, +refiner+MS, seed 0:
-             runs/graph/easy_vqa/<variant>
+  easy_vqa   the default config (low-rank fusion) as baseline, +refiner, +refiner+MS, seeds 0, 1, 2:
+             runs/graph/easy_vqa/<variant> (seed 0), runs/graph/easy_vqa/<variant>-seed<k>
   hapt       the README table's fused runs, seeds 0, 1, 2: runs/tables/hapt/fused-<variant>-seed<k>
              (what `python experiments/tables.py hapt` leaves behind)
 Probes, seeds 0, 1, 2: the label-efficiency study's pre-training runs (runs/label_efficiency/<dataset>/
@@ -109,16 +110,22 @@ def analyze(output: str, sources: dict[str, str], *extra: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def graphs() -> None:
-    easy = {v: f'runs/graph/easy_vqa/{v}' for v in VARIANTS}
-    for v, workdir in easy.items():
-        ensure_trained(workdir, f'configs/easy_vqa.py:variant={v}', seed=0)
-    analyze('easy_vqa', easy)
-    for seed in (0, 1, 2):
-        hapt = {v: f'runs/tables/hapt/fused-{v}-seed{seed}' for v in VARIANTS}
-        for v, workdir in hapt.items():
-            ensure_trained(workdir, f'configs/hapt.py:variant={v}', seed=seed)
-        analyze('hapt' if seed == 0 else f'hapt-seed{seed}', hapt, *(['--noplot'] if seed else []))
+def graph_workdir(dataset: str, variant: str, seed: int) -> str:
+    if dataset == 'hapt':  # the README table's runs
+        return f'runs/tables/hapt/fused-{variant}-seed{seed}'
+    return f'runs/graph/{dataset}/{variant}' + (f'-seed{seed}' if seed else '')
+
+
+def graphs(datasets, seeds) -> None:
+    for seed in seeds:
+        for dataset in datasets:
+            workdirs = {v: graph_workdir(dataset, v, seed) for v in VARIANTS}
+            for v, workdir in workdirs.items():
+                ensure_trained(workdir, f'configs/{dataset}.py:variant={v}', seed=seed)
+            # The picture is seed 0's; the other seeds add their numbers.
+            analyze(
+                dataset if seed == 0 else f'{dataset}-seed{seed}', workdirs, *(['--noplot'] if seed else [])
+            )
 
 
 def probes(seeds) -> None:
@@ -143,17 +150,26 @@ def main() -> None:
     )
     parser.add_argument('--parts', default='graph,probe', help='some of graph,probe')
     parser.add_argument('--probe_seeds', default=','.join(map(str, SEEDS)), help='the seeds probed')
+    parser.add_argument('--graph_datasets', default='easy_vqa,hapt', help='the datasets of the graph part')
+    parser.add_argument(
+        '--graph_seeds', default=','.join(map(str, SEEDS)), help='the seeds of the graph part'
+    )
     args = parser.parse_args()
     parts = [p for p in args.parts.split(',') if p]
     if unknown := sorted(set(parts) - {'graph', 'probe'}):
         parser.error(f'--parts {unknown}: expected some of graph, probe')
-    seeds = [int(s) for s in args.probe_seeds.split(',') if s]
-    if unknown := sorted(set(seeds) - set(SEEDS)):
-        parser.error(f'--probe_seeds {unknown}: expected some of {SEEDS}')
+    seeds = {}
+    for name in ('probe_seeds', 'graph_seeds'):
+        seeds[name] = [int(s) for s in getattr(args, name).split(',') if s]
+        if unknown := sorted(set(seeds[name]) - set(SEEDS)):
+            parser.error(f'--{name} {unknown}: expected some of {SEEDS}')
+    datasets = [d for d in args.graph_datasets.split(',') if d]
+    if unknown := sorted(set(datasets) - {'easy_vqa', 'hapt'}):
+        parser.error(f'--graph_datasets {unknown}: expected some of easy_vqa, hapt')
     if 'graph' in parts:
-        graphs()
+        graphs(datasets, seeds['graph_seeds'])
     if 'probe' in parts:
-        probes(seeds)
+        probes(seeds['probe_seeds'])
 
 
 if __name__ == '__main__':
