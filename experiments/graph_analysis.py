@@ -14,8 +14,8 @@ Probes, seeds 0, 1, 2: the label-efficiency study's pre-training runs (runs/labe
 pretrain-seed<k>, run here with the study's command if missing) against the same network untrained (RANDOM,
 the same config and seed).
 
-Writes docs/graph/<name>.json and .png through analyze.py (see its docstring for the metrics), and
-docs/graph/probes.md: the probes' mean ± std over seeds.
+Writes docs/graph/<name>.json and .png through analyze.py (see its docstring for the metrics), and the
+mean ± std over seeds: docs/graph/graphs.md (graph metrics) and docs/graph/probes.md (probes).
 """
 
 import argparse
@@ -62,6 +62,50 @@ def ensure_pretrained(dataset: str, seed: int) -> str:
     return workdir
 
 
+def graph_output(dataset: str, seed: int) -> str:
+    return dataset if seed == 0 else f'{dataset}-seed{seed}'
+
+
+def load_scores(output: str) -> dict[str, dict[str, float]] | None:
+    """{model: metrics} of docs/graph/<output>.json, or None if it has not been written."""
+    path = os.path.join(ROOT, 'docs', 'graph', output + '.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {name: model['metrics'] for name, model in json.load(f)['models'].items()}
+
+
+def graph_summary() -> str:
+    """docs/graph/graphs.md: every graph metric of the three models, mean ± std over the seeds analysed."""
+    lines = [
+        '# Latent graph of the fused embeddings, over seeds',
+        '',
+        'Produced by `python experiments/graph_analysis.py --parts graph` from docs/graph/<dataset>[-seed<k>].json '
+        '(see analyze.py for the metrics). Mean ± std over seeds (population std), per seed in brackets.',
+        '',
+    ]
+    for dataset in ('easy_vqa', 'hapt'):
+        runs = [(seed, scores) for seed in SEEDS if (scores := load_scores(graph_output(dataset, seed)))]
+        if not runs:
+            continue
+        keys = ['accuracy', 'knn_accuracy', 'homophily', 'silhouette']
+        keys += sorted(k for k in runs[0][1][VARIANTS[0]] if k.startswith('responsibility/'))
+        seeds = ', '.join(str(seed) for seed, _ in runs)
+        lines += [f'## {dataset} (seeds {seeds})', '', '| model | ' + ' | '.join(keys) + ' |']
+        lines.append('|---|' + '---|' * len(keys))
+        for variant in VARIANTS:
+            cells = []
+            for key in keys:
+                x = np.array([scores[variant][key] for _, scores in runs])
+                cells.append(f'{x.mean():.4f} ± {x.std():.4f} [' + ', '.join(f'{v:.3f}' for v in x) + ']')
+            lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    text = '\n'.join(lines)
+    with open(os.path.join(ROOT, 'docs', 'graph', 'graphs.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
 def probe_output(dataset: str, seed: int) -> str:
     return f'probe-{dataset}' if seed == 0 else f'probe-{dataset}-seed{seed}'
 
@@ -80,12 +124,7 @@ def probe_summary() -> str:
         '|---|---|---|---|---|---|',
     ]
     for dataset in label_efficiency.DATASETS:
-        runs = []
-        for seed in SEEDS:
-            path = os.path.join(ROOT, 'docs', 'graph', probe_output(dataset, seed) + '.json')
-            if os.path.exists(path):
-                with open(path) as f:
-                    runs.append((seed, {n: m['metrics'] for n, m in json.load(f)['models'].items()}))
+        runs = [(seed, scores) for seed in SEEDS if (scores := load_scores(probe_output(dataset, seed)))]
         for name in PROBED:
             if not runs:
                 continue
@@ -123,9 +162,8 @@ def graphs(datasets, seeds) -> None:
             for v, workdir in workdirs.items():
                 ensure_trained(workdir, f'configs/{dataset}.py:variant={v}', seed=seed)
             # The picture is seed 0's; the other seeds add their numbers.
-            analyze(
-                dataset if seed == 0 else f'{dataset}-seed{seed}', workdirs, *(['--noplot'] if seed else [])
-            )
+            analyze(graph_output(dataset, seed), workdirs, *(['--noplot'] if seed else []))
+    print(graph_summary())
 
 
 def probes(seeds) -> None:
