@@ -29,6 +29,7 @@ import numpy as np
 from common import ROOT, load_record
 
 VARIANTS = ('baseline', 'refiner', 'refnet')
+GRAPH_DATASETS = ('easy_vqa', 'hapt')
 SEEDS = (0, 1, 2)
 PROBED = ('pretrained', 'random')
 
@@ -84,7 +85,7 @@ def graph_summary() -> str:
         '(see analyze.py for the metrics). Mean ± std over seeds (population std), per seed in brackets.',
         '',
     ]
-    for dataset in ('easy_vqa', 'hapt'):
+    for dataset in GRAPH_DATASETS:
         runs = [(seed, scores) for seed in SEEDS if (scores := load_scores(graph_output(dataset, seed)))]
         if not runs:
             continue
@@ -125,9 +126,9 @@ def probe_summary() -> str:
     ]
     for dataset in label_efficiency.DATASETS:
         runs = [(seed, scores) for seed in SEEDS if (scores := load_scores(probe_output(dataset, seed)))]
+        if not runs:
+            continue
         for name in PROBED:
-            if not runs:
-                continue
             probe = np.array([scores[name]['probe_accuracy'] for _, scores in runs])
             knn = np.array([scores[name]['knn_accuracy'] for _, scores in runs])
             seeds = ', '.join(str(seed) for seed, _ in runs)
@@ -188,7 +189,9 @@ def main() -> None:
     )
     parser.add_argument('--parts', default='graph,probe', help='some of graph,probe')
     parser.add_argument('--probe_seeds', default=','.join(map(str, SEEDS)), help='the seeds probed')
-    parser.add_argument('--graph_datasets', default='easy_vqa,hapt', help='the datasets of the graph part')
+    parser.add_argument(
+        '--graph_datasets', default=','.join(GRAPH_DATASETS), help='the datasets of the graph part'
+    )
     parser.add_argument(
         '--graph_seeds', default=','.join(map(str, SEEDS)), help='the seeds of the graph part'
     )
@@ -202,8 +205,8 @@ def main() -> None:
         if unknown := sorted(set(seeds[name]) - set(SEEDS)):
             parser.error(f'--{name} {unknown}: expected some of {SEEDS}')
     datasets = [d for d in args.graph_datasets.split(',') if d]
-    if unknown := sorted(set(datasets) - {'easy_vqa', 'hapt'}):
-        parser.error(f'--graph_datasets {unknown}: expected some of easy_vqa, hapt')
+    if unknown := sorted(set(datasets) - set(GRAPH_DATASETS)):
+        parser.error(f'--graph_datasets {unknown}: expected some of {GRAPH_DATASETS}')
     if 'graph' in parts:
         graphs(datasets, seeds['graph_seeds'])
     if 'probe' in parts:

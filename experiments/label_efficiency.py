@@ -87,31 +87,45 @@ def cell_command(dataset: str, method: str, fraction: float, seed: int | str, ru
     return cmd
 
 
-def record_path(dataset: str, name: str) -> str:
-    return os.path.join(OUT, dataset, f'{name}.json')
+def record_path(dataset: str, name: str, out: str | None = None) -> str:
+    """Where the record of run `name` goes: under `out`, by default the study's results/label_efficiency."""
+    return os.path.join(OUT if out is None else out, dataset, f'{name}.json')
+
+
+def run_pretraining(dataset: str, seed: int, runs_dir: str, out: str | None = None) -> None:
+    """The pre-training run of `dataset` and `seed`, unless its record exists under `out`."""
+    path = record_path(dataset, f'pretrain-seed{seed}', out)
+    if os.path.exists(path):
+        return
+    record = run_cell(
+        pretrain_command(dataset, seed, runs_dir), pretrain_workdir(runs_dir, dataset, seed), path
+    )
+    spread = record['results']['test']['fused_spread']
+    print(f'  pre-trained: fused spread {spread:.3f}, {record["wall_seconds"]:.0f} s', flush=True)
+
+
+def run_one(
+    dataset: str, method: str, fraction: float, seed: int, runs_dir: str, out: str | None = None
+) -> dict | None:
+    """One cell, unless its record exists under `out`; returns the new record (None: already recorded)."""
+    path = record_path(dataset, f'{method}-f{fraction}-seed{seed}', out)
+    if os.path.exists(path):
+        return None
+    cmd = cell_command(dataset, method, fraction, seed, runs_dir)
+    record = run_cell(cmd, cmd[cmd.index('--workdir') + 1], path)
+    accuracy = record['results']['test']['accuracy']
+    print(f'  test accuracy {accuracy:.4f}, {record["wall_seconds"]:.0f} s', flush=True)
+    return record
 
 
 def run_missing(datasets, seeds, runs_dir: str, methods=METHODS, fractions=FRACTIONS) -> None:
     for seed in seeds:
         for dataset in datasets:
-            path = record_path(dataset, f'pretrain-seed{seed}')
-            if 'pretrain' in methods and not os.path.exists(path):
-                record = run_cell(
-                    pretrain_command(dataset, seed, runs_dir), pretrain_workdir(runs_dir, dataset, seed), path
-                )
-                spread = record['results']['test']['fused_spread']
-                print(f'  pre-trained: fused spread {spread:.3f}, {record["wall_seconds"]:.0f} s', flush=True)
+            if 'pretrain' in methods:
+                run_pretraining(dataset, seed, runs_dir)
             for fraction in fractions:
                 for method in methods:
-                    name = f'{method}-f{fraction}-seed{seed}'
-                    path = record_path(dataset, name)
-                    if os.path.exists(path):
-                        continue
-                    cmd = cell_command(dataset, method, fraction, seed, runs_dir)
-                    workdir = cmd[cmd.index('--workdir') + 1]
-                    record = run_cell(cmd, workdir, path)
-                    accuracy = record['results']['test']['accuracy']
-                    print(f'  test accuracy {accuracy:.4f}, {record["wall_seconds"]:.0f} s', flush=True)
+                    run_one(dataset, method, fraction, seed, runs_dir)
 
 
 def parse_cell(cell: str) -> tuple[str, str, float, int]:
@@ -136,18 +150,10 @@ def rerun(cells: list[str]) -> None:
     """Runs each cell again from nothing (its pre-training too) and records it under results/.../reruns/."""
     for cell in cells:
         dataset, method, fraction, seed = parse_cell(cell)
-        path = os.path.join(RERUN_OUT, dataset, f'{method}-f{fraction}-seed{seed}.json')
-        if os.path.exists(path):
-            print(f'{cell}: rerun already recorded in {os.path.relpath(path, ROOT)}', flush=True)
-            continue
         if method == 'pretrain':
-            pretrain_path = os.path.join(RERUN_OUT, dataset, f'pretrain-seed{seed}.json')
-            if not os.path.exists(pretrain_path):
-                workdir = pretrain_workdir(RERUN_RUNS_DIR, dataset, seed)
-                run_cell(pretrain_command(dataset, seed, RERUN_RUNS_DIR), workdir, pretrain_path)
-        cmd = cell_command(dataset, method, fraction, seed, RERUN_RUNS_DIR)
-        record = run_cell(cmd, cmd[cmd.index('--workdir') + 1], path)
-        print(f'  {cell}: test accuracy {record["results"]["test"]["accuracy"]:.4f}', flush=True)
+            run_pretraining(dataset, seed, RERUN_RUNS_DIR, RERUN_OUT)
+        if run_one(dataset, method, fraction, seed, RERUN_RUNS_DIR, RERUN_OUT) is None:
+            print(f'{cell}: rerun already recorded under {os.path.relpath(RERUN_OUT, ROOT)}', flush=True)
 
 
 def rerun_table() -> str:
@@ -160,6 +166,7 @@ def rerun_table() -> str:
     for dataset in DATASETS:
         folder = os.path.join(RERUN_OUT, dataset)
         names = sorted(n[: -len('.json')] for n in os.listdir(folder)) if os.path.isdir(folder) else []
+        cells = collect(dataset)
         for name in names:
             if name.startswith('pretrain-seed'):
                 continue
@@ -169,7 +176,7 @@ def rerun_table() -> str:
             if first is None:
                 continue
             found = True
-            acc = np.array([r['results']['test']['accuracy'] for r in collect(dataset)[method, fraction]])
+            acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
             a, b = first['results']['test']['accuracy'], again['results']['test']['accuracy']
             # The rerun repeats the first run's seed: what it measures is the noise of the procedure itself,
             # which must stay below the spread over seeds the table reports.
