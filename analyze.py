@@ -40,7 +40,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refnet_jax import graph, train_lib
+from refnet_jax import cli, graph, train_lib
 
 RANDOM = 'RANDOM'
 
@@ -192,4 +192,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

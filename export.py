@@ -9,7 +9,7 @@ jax and numpy.
 
 from absl import app, flags, logging
 
-from refnet_jax import export
+from refnet_jax import cli, export
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The workdir of a training run (holds config.json and checkpoints/).')
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

@@ -10,7 +10,7 @@ Everything happens in `refnet_jax.train_lib.pretrain`; this file only parses fla
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refnet_jax import train_lib
+from refnet_jax import cli, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

@@ -8,7 +8,7 @@ Everything happens in `refnet_jax.train_lib.train_and_evaluate`; this file only 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refnet_jax import train_lib
+from refnet_jax import cli, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

@@ -1,0 +1,94 @@
+"""The entry points' command line: a user's mistake is one plain line, a bug keeps its traceback.
+
+train.py, pretrain.py, export.py and analyze.py call `run(main)` where absl's `app.run(main)` would go. This
+package reports a wrong config value, data or workdir as a ValueError, an OSError (FileNotFoundError: a
+missing file, a config file that does not load) or a FloatingPointError (`train_lib.NonFiniteLossError`);
+those, a flag that does not parse, an unknown config field and an `app.UsageError` print
+`error: <message>` on stderr and exit with status 2. Any other exception is a bug and shows its traceback;
+with `--debug` (or REFNET_DEBUG=1 in the environment) every one does.
+"""
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
+EXIT_USER_ERROR = 2
+DEBUG_ENV = 'REFNET_DEBUG'
+
+flags.DEFINE_bool(
+    'debug',
+    False,
+    f'Show the traceback of every error, a mistake in the flags, config or data included ({DEBUG_ENV}=1 too).',
+)
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`app.run(main)`, with the errors of the module docstring printed as one `error: ...` line."""
+
+    def plain_main(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            if _debugging():
+                raise
+            _fail(str(e) or type(e).__name__)
+
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS['debug'])  # --helpshort shows it
+    app.run(plain_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, OSError, AttributeError, KeyError) as e:
+        message = _flag_error_message(e)
+        if message is None or _debugging(argv):
+            raise
+        _fail(message)
+
+
+def _flag_error_message(error: Exception) -> str | None:
+    """The plain message of an error raised while parsing the flags; None for a bug (keep the traceback)."""
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if isinstance(error, flags.Error):
+        message = str(error)
+        # config_flags puts the traceback of a config file's error into the message: keep the error.
+        if 'Traceback (most recent call last)' in message:
+            message = f'{message.split(": ", 1)[0]}: {chain[-1]}'
+        return message
+    if isinstance(error, OSError):  # a config file that does not load, read by a --config.x.y=... override
+        return str(error)
+    # ml_collections raises a KeyError (in an AttributeError) for a `--config.x.y=...` naming a field the
+    # config lacks; raised elsewhere (a config file's own code), one is a bug.
+    frames = traceback.extract_tb(chain[-1].__traceback__)
+    if frames and f'{os.sep}ml_collections{os.sep}' in frames[-1].filename:
+        first = next((e for e in chain if isinstance(e, KeyError)), chain[-1])  # it says "Did you mean"
+        return f'no such config field: {first.args[0] if first.args else first}'
+    return None
+
+
+def _debugging(argv: Sequence[str] | None = None) -> bool:
+    """--debug or REFNET_DEBUG=1. With `argv`, --debug is read from it: the flags did not parse."""
+    if os.environ.get(DEBUG_ENV, '') not in ('', '0'):
+        return True
+    if argv is None:
+        return flags.FLAGS.debug
+    own = flags.FlagValues()
+    flags.DEFINE_bool('debug', False, '', flag_values=own)
+    try:
+        own(list(argv), known_only=True)
+    except flags.Error:  # --debug=maybe: reported as the error it is
+        return False
+    return own.debug
+
+
+def _fail(message: str):
+    sys.stderr.write(f'error: {message}\n')
+    sys.stderr.flush()
+    sys.exit(EXIT_USER_ERROR)
