@@ -48,30 +48,26 @@ FEEDS = ('prefetched', 'live')
 def worker(args) -> dict:
     import jax
 
-    from refnet_jax import input_pipeline, sharding, train_lib
-    from refnet_jax import model as model_lib
+    from refnet_jax import contract, input_pipeline, sharding, train_lib
 
     baseline = benchlib.current_rss()
     spec = args.config[-1]
     config = benchlib.load_config(spec)
     config.mesh.data = 1
-    info = input_pipeline.get_dataset_info(config.data)  # prepares the data on first use (not timed)
-    mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
-    model = model_lib.create_model(config, info)
-    tx, schedule = train_lib.create_optimizer(config)
+    # What a training run builds (the data is prepared on first use, not timed).
+    run = train_lib.build(config, devices=jax.devices()[:1])
+    info, mesh, state, step_fn = run.info, run.mesh, run.state, run.train_step
     batch_size = config.train.batch_size
 
     with jax.set_mesh(mesh):
-        init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-        state = train_lib.create_train_state(model, tx, info, init_rng, mesh)
+        _, step_rng = train_lib.init_rngs(config)
         params = sum(x.size for x in jax.tree.leaves(state.params))
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed)
         host_batches = [next(train_iter) for _ in range(args.distinct_batches)]
         for batch in host_batches:
-            train_lib.check_batch(batch, info)
+            contract.check_batch(batch, info)
         device_batches = jax.block_until_ready([sharding.shard_batch(b, mesh) for b in host_batches])
 
-        step_fn = train_lib.make_train_step(config, info.multi_label, schedule, mesh, state)
         start = time.perf_counter()
         lowered = step_fn.lower(state, device_batches[0], step_rng)
         lower_s = time.perf_counter() - start
@@ -87,7 +83,7 @@ def worker(args) -> dict:
             if args.feed == 'prefetched':
                 return device_batches[count % len(device_batches)]
             batch = next(train_iter)
-            train_lib.check_batch(batch, info)
+            contract.check_batch(batch, info)
             return sharding.shard_batch(batch, mesh)
 
         def run(steps: int) -> float:

@@ -16,7 +16,7 @@ reuses that copy, and editing either prepares a new one.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/custom.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated, variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny.
+  fusion=concat|transformer|lowrank|gated|mmft|mbt, variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny.
 """
 
 import ml_collections
@@ -27,17 +27,29 @@ from refnet_jax import config_lib
 # with 0 as padding, 'series' (T, C) numbers, or 'features' (D,) numbers. The kind picks the encoder.
 MODALITIES = {'signal': 'series', 'profile': 'features'}
 
-ENCODERS = {  # per kind, that encoder's fields (refnet_jax/encoders.py)
-    'image': dict(features=(16, 32, 32), embed_dim=64, pooling='max'),  # ImageCNN
-    'tokens': dict(embed_dim=64, use_positions=False),  # TokenEncoder: a bag of words
-    'series': dict(features=(32, 64), embed_dim=64),  # SeriesEncoder: 1-D convolutions
-    'features': dict(hidden=(128,), embed_dim=64),  # FeatureMLP
+ENCODERS = {  # per kind, its encoder (`module`, a name in refnet_jax/encoders.py) and that encoder's fields
+    'image': dict(module='cnn', features=(16, 32, 32), embed_dim=64, pooling='max'),  # ImageCNN
+    'tokens': dict(module='bow', embed_dim=64, use_positions=False),  # TokenEncoder: a bag of words
+    'series': dict(module='conv1d', features=(32, 64), embed_dim=64),  # SeriesEncoder: 1-D convolutions
+    'features': dict(module='mlp', hidden=(128,), embed_dim=64),  # FeatureMLP
+}
+TOKEN_ENCODERS = {  # the same with a token-level fusion (fusion=mmft|mbt): tokens out where the kind has them
+    'image': dict(module='cnn', features=(16, 32, 32), embed_dim=64, pooling='tokens'),  # grid tokens
+    'tokens': dict(module='text_transformer', width=64, depth=1, num_heads=4),  # a transformer over word ids
+    'series': dict(module='conv1d', features=(32, 64), embed_dim=64, pooling='tokens'),  # time-step tokens
+    'features': dict(module='mlp', hidden=(128,), embed_dim=64),  # one token
 }
 TINY_ENCODERS = {
-    'image': dict(features=(8, 8), embed_dim=16, pooling='max'),
-    'tokens': dict(embed_dim=16, use_positions=False),
-    'series': dict(features=(8, 8), embed_dim=16),
-    'features': dict(hidden=(16,), embed_dim=16),
+    'image': dict(module='cnn', features=(8, 8), embed_dim=16, pooling='max'),
+    'tokens': dict(module='bow', embed_dim=16, use_positions=False),
+    'series': dict(module='conv1d', features=(8, 8), embed_dim=16),
+    'features': dict(module='mlp', hidden=(16,), embed_dim=16),
+}
+TINY_TOKEN_ENCODERS = {
+    'image': dict(module='cnn', features=(8, 8), embed_dim=16, pooling='tokens'),
+    'tokens': dict(module='text_transformer', width=16, depth=1, num_heads=2),
+    'series': dict(module='conv1d', features=(8, 8), embed_dim=16, pooling='tokens'),
+    'features': dict(module='mlp', hidden=(16,), embed_dim=16),
 }
 
 
@@ -65,7 +77,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.nan = 'error'  # non-finite 'features'/'series' values: 'error' (naming file, row, field) or 'zero'
     data.image_size = 64  # a table's images are resized to image_size x image_size RGB
 
-    config_lib.set_encoders(config, {m: dict(ENCODERS[kind]) for m, kind in MODALITIES.items()})
+    tokens = config_lib.token_level(opts)
+    encoders = TOKEN_ENCODERS if tokens else ENCODERS
+    config_lib.set_encoders(config, {m: dict(encoders[kind]) for m, kind in MODALITIES.items()})
+    if tokens:
+        config.model.fusion.fused_dim = 64
     config.train.num_steps = 1000
     config.train.batch_size = 64
     config.train.warmup_steps = 50
@@ -74,7 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.batch_size = 256
 
     if opts['tiny']:
-        tiny = {m: dict(TINY_ENCODERS[kind]) for m, kind in MODALITIES.items()}
+        encoders = TINY_TOKEN_ENCODERS if tokens else TINY_ENCODERS
+        tiny = {m: dict(encoders[kind]) for m, kind in MODALITIES.items()}
         config_lib.make_tiny(config, encoders=tiny)
         config.train.batch_size = 16
         config.eval.batch_size = 32

@@ -5,8 +5,9 @@ r"""The README's result tables, one `train.py` run per cell: rows (a config vari
   python experiments/tables.py uci_mfeat --rows fused-refnet --seeds 0   # a subset of the cells
 
 Tables:
-  easy_vqa    {lowrank (the default), concat, transformer} fusion x {baseline, refiner, refnet}
-  hapt        accelerometer alone, gyroscope alone, both fused: baseline, +refiner, +refiner+MS (concat)
+  easy_vqa    {lowrank (the default), concat, transformer, mmft, mbt} fusion x {baseline, refiner, refnet}
+  hapt        accelerometer alone, gyroscope alone, both fused: baseline, +refiner, +refiner+MS (concat);
+              the token-level fusions mmft and mbt x {baseline, refiner, refnet}
   uci_mfeat   each of the six views alone, all six fused and the three weakest fused: baseline, +refiner,
               +refiner+MS (concat)
 
@@ -28,7 +29,7 @@ SEEDS = (0, 1, 2)
 def _easy_vqa_rows() -> dict[str, str]:
     return {
         f'{fusion}-{variant}': f'fusion={fusion},variant={variant}'
-        for fusion in ('lowrank', 'concat', 'transformer')
+        for fusion in ('lowrank', 'concat', 'transformer', 'mmft', 'mbt')
         for variant in ('baseline', 'refiner', 'refnet')
     }
 
@@ -39,10 +40,19 @@ def _unimodal_and_fused_rows(modalities: tuple[str, ...]) -> dict[str, str]:
     return rows
 
 
+def _token_fusion_rows() -> dict[str, str]:
+    """Token-level fusions (their refiner targets are `tokens`): baseline, +refiner, +refiner+MS."""
+    return {
+        f'{fusion}-{variant}': f'fusion={fusion},variant={variant}'
+        for fusion in ('mmft', 'mbt')
+        for variant in ('baseline', 'refiner', 'refnet')
+    }
+
+
 # dataset -> {row name: config argument}; the row name is the results file's prefix.
 TABLES = {
     'easy_vqa': _easy_vqa_rows(),
-    'hapt': _unimodal_and_fused_rows(('acc', 'gyro')),
+    'hapt': {**_unimodal_and_fused_rows(('acc', 'gyro')), **_token_fusion_rows()},
     'uci_mfeat': {
         **_unimodal_and_fused_rows(('fac', 'fou', 'kar', 'mor', 'pix', 'zer')),
         # The three weakest views alone (fou, mor, zer: 0.77-0.82 each) fused, away from the ceiling.

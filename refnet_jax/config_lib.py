@@ -9,16 +9,12 @@ from collections.abc import Sequence
 
 import ml_collections
 
-FUSION_FIELDS = {
-    # kind -> that module's fields (refnet_jax/fusion.py)
-    'concat': dict(hidden=(256,), fused_dim=128, dropout=0.0),
-    'transformer': dict(fused_dim=128, num_layers=2, num_heads=4, mlp_ratio=2, dropout=0.0),
-    'lowrank': dict(fused_dim=128, rank=4),
-    'gated': dict(fused_dim=128),
-}
+from refnet_jax import fusion, modules
+
 VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
 ARG_HELP = """The argument picks a variant, as comma-separated tokens:
-  fusion=concat|transformer|lowrank|gated   the fusion module
+  fusion=KIND                               the fusion module: a name in refnet_jax/fusion.py FUSIONS
+                                            (concat, transformer, lowrank, gated; token-level: mmft, mbt)
   variant=baseline                          the plain fusion network: no refiner, no MS loss
   variant=refiner                           + the refiner loss
   variant=refnet                            + the refiner loss + the Multi-Similarity loss (default)
@@ -38,7 +34,7 @@ def parse_arg(arg: str | None, *, default_fusion: str, extra_flags: tuple[str, .
         key, sep, value = token.partition('=')
         if token == 'tiny' or token in extra_flags:
             opts[token] = True
-        elif sep and key == 'fusion' and value in FUSION_FIELDS:
+        elif sep and key == 'fusion' and value in fusion.FUSIONS:
             opts['fusion'] = value
         elif sep and key == 'variant' and value in VARIANTS:
             opts['variant'] = value
@@ -47,9 +43,14 @@ def parse_arg(arg: str | None, *, default_fusion: str, extra_flags: tuple[str, .
         else:
             raise ValueError(
                 f'config argument {token!r} not understood; expected {", ".join(("tiny", *extra_flags))}, '
-                f'fusion={"|".join(FUSION_FIELDS)}, variant={"|".join(VARIANTS)} or only=MODALITY[+MODALITY]'
+                f'fusion={"|".join(fusion.FUSIONS)}, variant={"|".join(VARIANTS)} or only=MODALITY[+MODALITY]'
             )
     return opts
+
+
+def token_level(opts: dict) -> bool:
+    """Whether the fusion that `opts` picks takes tokens (then the config gives its encoders token outputs)."""
+    return fusion.is_token_level(fusion.FUSIONS[opts['fusion']])
 
 
 def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_collections.ConfigDict:
@@ -87,12 +88,19 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.data.modalities = tuple(modalities)
 
     config.model = ml_collections.ConfigDict()
-    config.model.encoders = ml_collections.ConfigDict()  # one entry per modality: that encoder's fields
-    config.model.fusion = dict(kind=opts['fusion'], **FUSION_FIELDS[opts['fusion']])  # kind + its fields
+    # One entry per modality: `module` (a name in encoders.ENCODERS, FILE.py:Class, package.module:Class, or
+    # None for the modality kind's default) and that module's fields.
+    config.model.encoders = ml_collections.ConfigDict()
+    # kind (a name in fusion.FUSIONS, FILE.py:Class or package.module:Class) + that module's fields
+    config.model.fusion = dict(kind=opts['fusion'], **modules.module_fields(fusion.FUSIONS[opts['fusion']]))
     config.model.refiner = ml_collections.ConfigDict()
     config.model.refiner.hidden = (256,)  # hidden widths of each modality's decoder
-    # 'embedding' (e_m) or 'input' (the modality's raw input; what pre-training needs, as it cannot collapse)
-    config.model.refiner.target = 'input' if variant == 'pretrain' else 'embedding'
+    # 'embedding' (e_m), 'input' (the modality's raw input; what pre-training needs, as it cannot collapse) or
+    # 'tokens' (the mean of m's own tokens at a token fusion's read-out layer; mmft, mbt)
+    if variant == 'pretrain':
+        config.model.refiner.target = 'input'
+    else:
+        config.model.refiner.target = 'tokens' if token_level(opts) else 'embedding'
     config.model.refiner.stop_gradient_target = True  # embedding targets are constants for the refiner loss
 
     config.loss = ml_collections.ConfigDict()
@@ -131,8 +139,14 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
 
 def set_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> None:
     """Sets `config.model.encoders` to the entries of `encoders` (one per dataset modality) that
-    `config.data.modalities` selects."""
-    config.model.encoders = ml_collections.ConfigDict({m: encoders[m] for m in config.data.modalities})
+    `config.data.modalities` selects. An entry without `module` gets None: its modality kind's default."""
+    entries = {}
+    for m in config.data.modalities:
+        entry = ml_collections.ConfigDict(encoders[m])
+        if 'module' not in entry:
+            entry.module = ml_collections.config_dict.placeholder(str)
+        entries[m] = entry
+    config.model.encoders = ml_collections.ConfigDict(entries)
 
 
 def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> ml_collections.ConfigDict:
@@ -142,6 +156,11 @@ def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> m
     config.model.fusion.fused_dim = 16
     if 'hidden' in config.model.fusion:
         config.model.fusion.hidden = (16,)
+    if 'depth' in config.model.fusion:  # token-level fusions: one block (MBT: fused through bottlenecks)
+        config.model.fusion.depth = 1
+        config.model.fusion.num_heads = 2
+        if 'fusion_layer' in config.model.fusion:
+            config.model.fusion.fusion_layer = 0
     config.model.refiner.hidden = (16,)
     config.train.num_steps = 4
     config.train.batch_size = 64

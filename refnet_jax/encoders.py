@@ -1,7 +1,10 @@
-"""Unimodal encoders E_m: one Linen module per kind of modality, each mapping a batch to (B, D).
+"""Unimodal encoders E_m: Linen modules mapping one modality's batch to pooled (B, D) or `layers.Tokens`.
 
-Which encoder a modality gets follows from its kind in the dataset's `ModalityInfo` (`image`, `tokens`,
-`series`, `features`) through `ENCODERS`; its fields come from `config.model.encoders.<modality>`.
+`ENCODERS` names the built-in ones for `config.model.encoders.<m>.module` (None picks the modality kind's
+default, `contract.KINDS`); the entry's other fields are the module's fields. Any Linen module with the call
+signature `(x, *, train) -> (B, D) | Tokens` can be named instead (`FILE.py:Class`, `package.module:Class`).
+A token-level encoder returns (B, T, D) tokens and their (B, T) mask; a pooled fusion mask-mean pools them,
+and a token fusion takes a pooled vector as one token.
 """
 
 from collections.abc import Sequence
@@ -10,15 +13,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from refnet_jax import layers
+
+POOLINGS = ('max', 'mean', 'flatten', 'tokens')
+
+
+def _to_float_image(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) / 255.0 if jnp.issubdtype(x.dtype, jnp.integer) else x.astype(jnp.float32)
+
 
 class ImageCNN(nn.Module):
     """A small convolutional encoder for images.
 
     Attributes:
       features: output channels of each 3x3 convolution; each is followed by a stride-2 max-pool.
-      embed_dim: size of the returned embedding.
-      pooling: how the last feature map becomes a vector: 'max' or 'mean' over positions (translation
-        invariant: what is in the image matters, not where), or 'flatten' (keeps positions).
+      embed_dim: size of the embedding (of each token, with `pooling='tokens'`).
+      pooling: how the last feature map becomes the output: 'max' or 'mean' over positions (translation
+        invariant: what is in the image matters, not where), 'flatten' (keeps positions), or 'tokens': one
+        token per position of the last feature map, with a learned position embedding (grid features, as
+        MMBT feeds a ResNet's).
     """
 
     features: Sequence[int] = (16, 32, 32, 32)
@@ -26,22 +39,127 @@ class ImageCNN(nn.Module):
     pooling: str = 'max'
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
         del train
-        if jnp.issubdtype(x.dtype, jnp.integer):
-            x = x.astype(jnp.float32) / 255.0  # uint8 pixels -> [0, 1]
+        if self.pooling not in POOLINGS:
+            raise ValueError(f'ImageCNN.pooling is {self.pooling!r}; expected one of {POOLINGS}')
+        x = _to_float_image(x)  # uint8 pixels -> [0, 1]
         for f in self.features:
             x = nn.relu(nn.Conv(f, (3, 3))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if self.pooling == 'tokens':
+            grid = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H' W', C')
+            grid = nn.Dense(self.embed_dim)(grid)
+            pos = self.param('pos_embedding', nn.initializers.normal(0.02), grid.shape[1:])
+            return layers.all_valid(grid + pos)  # (B, T, D)
         if self.pooling == 'max':
             x = x.max(axis=(1, 2))  # (B, C')
         elif self.pooling == 'mean':
             x = x.mean(axis=(1, 2))  # (B, C')
-        elif self.pooling == 'flatten':
-            x = x.reshape(x.shape[0], -1)  # (B, H' * W' * C')
         else:
-            raise ValueError(f"ImageCNN.pooling is {self.pooling!r}; expected 'max', 'mean' or 'flatten'")
+            x = x.reshape(x.shape[0], -1)  # (B, H' W' C')
         return nn.Dense(self.embed_dim)(x)
+
+
+class ViT(nn.Module):
+    """A Vision Transformer image encoder (Dosovitskiy et al.), parameters named as big_vision's `vit.py`.
+
+    Patches of `patch_size` are embedded by a strided convolution (`embedding`), a learned position
+    embedding (`pos_embedding`) is added, and `depth` pre-LayerNorm blocks (`Transformer`) follow.
+
+    Attributes:
+      patch_size: (height, width) of a patch.
+      width: token width.
+      depth: transformer blocks.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width; None: 4 x width.
+      dropout: dropout rate.
+      pooling: 'tokens' (every patch token), 'gap' (their mean) or 'cls' (a prepended class token).
+      embed_dim: when set, a final Dense to this size (`head`); None: outputs stay `width` wide.
+    """
+
+    patch_size: Sequence[int] = (8, 8)
+    width: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    pooling: str = 'tokens'
+    embed_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+        if self.pooling not in ('tokens', 'gap', 'cls'):
+            raise ValueError(f"ViT.pooling is {self.pooling!r}; expected 'tokens', 'gap' or 'cls'")
+        p = tuple(self.patch_size)
+        x = nn.Conv(self.width, p, strides=p, padding='VALID', name='embedding')(_to_float_image(x))
+        x = x.reshape(x.shape[0], -1, self.width)  # (B, N, width)
+        pos = self.param('pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:]))
+        x = x + pos
+        if self.pooling == 'cls':
+            cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, name='Transformer')(
+            x, train=train
+        )
+        if self.embed_dim is not None:
+            x = nn.Dense(self.embed_dim, name='head')(x)
+        if self.pooling == 'cls':
+            return x[:, 0]
+        if self.pooling == 'gap':
+            return x.mean(axis=1)
+        return layers.all_valid(x)
+
+
+class TextTransformer(nn.Module):
+    """A transformer text encoder over token ids (0 = padding), as big_vision's SigLIP text tower.
+
+    Token embeddings (`Embed`) plus learned positions (`pos_embedding`), `depth` pre-LayerNorm blocks
+    (`Encoder`) that never attend to padding.
+
+    Attributes:
+      vocab_size: number of token ids, padding included (from the dataset).
+      width: token width.
+      depth: transformer blocks.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width; None: 4 x width.
+      dropout: dropout rate.
+      pooling: 'tokens' (every real token, padding masked), 'gap' (their masked mean) or 'first'.
+      embed_dim: when set, a final Dense to this size (`head`); None: outputs stay `width` wide.
+    """
+
+    vocab_size: int
+    width: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    pooling: str = 'tokens'
+    embed_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+        if self.pooling not in ('tokens', 'gap', 'first'):
+            raise ValueError(
+                f"TextTransformer.pooling is {self.pooling!r}; expected 'tokens', 'gap' or 'first'"
+            )
+        mask = ids != 0  # (B, L)
+        x = nn.Embed(self.vocab_size, self.width, name='Embed')(ids)
+        pos = self.param('pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:]))
+        x = jnp.where(mask[..., None], x + pos, 0)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, name='Encoder')(
+            x, mask, train=train
+        )
+        if self.embed_dim is not None:
+            x = nn.Dense(self.embed_dim, name='head')(x)
+        out = layers.Tokens(x, mask).clean()
+        if self.pooling == 'gap':
+            return layers.pooled(out)
+        if self.pooling == 'first':
+            return out.tokens[:, 0]
+        return out
 
 
 class TokenEncoder(nn.Module):
@@ -63,35 +181,43 @@ class TokenEncoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
         del train
-        mask = (tokens != 0)[..., None].astype(jnp.float32)  # (B, L, 1)
         x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)  # (B, L, D)
         if self.use_positions:
             pos = self.param('positions', nn.initializers.normal(0.02), tokens.shape[-1:] + (self.embed_dim,))
             x = x + pos
-        x = (x * mask).sum(-2) / jnp.maximum(mask.sum(-2), 1.0)  # (B, D)
+        x = layers.masked_mean(x, tokens != 0)  # (B, D)
         return nn.Dense(self.embed_dim)(nn.relu(nn.Dense(self.embed_dim)(x)))
 
 
 class SeriesEncoder(nn.Module):
-    """1-D convolutions over a multichannel time series (B, T, C), global average pooled.
+    """1-D convolutions over a multichannel time series (B, T, C).
 
     Attributes:
       features: channels of each width-5 convolution; each but the last is followed by a stride-2 max-pool.
-      embed_dim: size of the returned embedding.
+      embed_dim: size of the embedding (of each token, with `pooling='tokens'`).
+      pooling: 'mean' over time, or 'tokens': one token per remaining time step, with a learned position
+        embedding.
     """
 
     features: Sequence[int] = (32, 64, 64)
     embed_dim: int = 128
+    pooling: str = 'mean'
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
         del train
+        if self.pooling not in ('mean', 'tokens'):
+            raise ValueError(f"SeriesEncoder.pooling is {self.pooling!r}; expected 'mean' or 'tokens'")
         x = x.astype(jnp.float32)
         for i, f in enumerate(self.features):
             x = nn.relu(nn.Conv(f, (5,))(x))
             if i < len(self.features) - 1:
                 x = nn.max_pool(x, (2,), strides=(2,))
-        return nn.Dense(self.embed_dim)(x.mean(axis=-2))
+        if self.pooling == 'mean':
+            return nn.Dense(self.embed_dim)(x.mean(axis=-2))
+        x = nn.Dense(self.embed_dim)(x)  # (B, T', D)
+        pos = self.param('pos_embedding', nn.initializers.normal(0.02), x.shape[1:])
+        return layers.all_valid(x + pos)
 
 
 class FeatureMLP(nn.Module):
@@ -115,9 +241,11 @@ class FeatureMLP(nn.Module):
 
 
 ENCODERS: dict[str, type[nn.Module]] = {
-    'image': ImageCNN,
-    'tokens': TokenEncoder,
-    'series': SeriesEncoder,
-    'features': FeatureMLP,
+    'cnn': ImageCNN,
+    'vit': ViT,
+    'bow': TokenEncoder,
+    'text_transformer': TextTransformer,
+    'conv1d': SeriesEncoder,
+    'mlp': FeatureMLP,
 }
-"""The encoder class for each kind of modality; a new kind needs its module and one line here."""
+"""Built-in encoders by `config.model.encoders.<m>.module`; a new one is its class and one line here."""

@@ -42,7 +42,7 @@ def rows_dim(modality: str) -> str:
 
 
 def input_signature(info) -> dict[str, tuple[tuple[str | int, ...], str]]:
-    """{input name: (shape, dtype name)} of the inference batch of a dataset (an `input_pipeline.DatasetInfo`).
+    """{input name: (shape, dtype name)} of the inference batch of a dataset (an `contract.DatasetInfo`).
 
     Dimensions are ints, or the names of symbolic dimensions: `b` (examples) and `rows_<m>` (rows of a shared
     modality m).
@@ -91,9 +91,9 @@ def inference_params(model, params: Mapping[str, Any], info) -> dict[str, Any]:
       checkpointing.ShapeMismatchError: naming each parameter whose shape differs from the config's model, or
         that the checkpoint lacks.
     """
-    from refnet_jax import checkpointing, train_lib
+    from refnet_jax import checkpointing, contract
 
-    example = train_lib.dummy_batch(info, 2)
+    example = contract.dummy_batch(info, 2)
     abstract = jax.eval_shape(
         lambda batch: model.init(jax.random.key(0), batch, train=False, with_refiner=False)['params'], example
     )
@@ -118,7 +118,7 @@ def export_model(
       model: the `ReFNet` of the run's config (`model.create_model`).
       params: the trained parameters (nested dicts of arrays, refiner parameters may be included: they are
         dropped, inference does not use them).
-      info: the dataset's `input_pipeline.DatasetInfo`.
+      info: the dataset's `contract.DatasetInfo`.
       output_dir: created if needed; its export files are overwritten.
       platforms: the platforms to lower for, e.g. ('cpu', 'cuda'); None: the default backend of this process.
 
@@ -170,13 +170,14 @@ def export_workdir(
     platforms: Sequence[str] | None = None,
 ) -> jax.export.Exported:
     """Exports the run in `workdir`: its `config.json`, and the parameters of its latest checkpoint (or `step`)."""
-    from refnet_jax import checkpointing, input_pipeline, train_lib
-    from refnet_jax import model as model_lib
+    from refnet_jax import checkpointing, train_lib
 
     workdir = pathlib.Path(workdir)
     config = train_lib.load_workdir_config(workdir)
-    info = input_pipeline.get_dataset_info(config.data)
-    model = model_lib.create_model(config, info)
+    with config.unlocked():
+        config.mesh.data = 1  # export traces on one device; the run's mesh may be larger than this machine
+    run = train_lib.build(config, devices=jax.devices()[:1], init=False)
+    info, model = run.info, run.model
     ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
     try:
         params = ckpt.restore_params(step)

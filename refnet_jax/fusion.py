@@ -1,15 +1,23 @@
-"""Fusion modules F: a dict of unimodal embeddings {m: (B, D_m)} -> the fused embedding z (B, D).
+"""Fusion modules F: the encoders' outputs {m: (B, D_m) | Tokens} -> the fused embedding z (B, D).
 
-Every fusion module takes the modalities in sorted-name order, so that the result does not depend on the
-order of a dict. `FUSIONS` maps `config.model.fusion.kind` to a module; the other fields of
-`config.model.fusion` are that module's attributes.
+Pooled fusions (concat, transformer, lowrank, gated) see one vector per modality: token encoders' outputs
+are mask-mean pooled for them. Token fusions (`TOKEN_LEVEL = True`: mmft, mbt) see `layers.Tokens` for every
+modality (a pooled encoder's output is one token) and return `(z, readouts)`, where `readouts[m]` (B, D) is
+the masked mean of modality m's own tokens at the layer z is read from: the `tokens` refiner target.
+
+Every module takes the modalities in sorted-name order, so that the result does not depend on the order of
+a dict. `FUSIONS` maps `config.model.fusion.kind` to a module; the other fields of `config.model.fusion` are
+that module's attributes, with the dataclass defaults as their defaults.
 """
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from refnet_jax import layers
 
 
 def _ordered(embeddings: Mapping[str, jax.Array]) -> list[jax.Array]:
@@ -134,10 +142,162 @@ class GatedFusion(nn.Module):
         return (gates * h).sum(1)  # (B, D)
 
 
+def _token_inputs(
+    module: nn.Module, inputs: Mapping[str, jax.Array | layers.Tokens], width: int
+) -> tuple[list[str], list[jax.Array], list[jax.Array]]:
+    """Sorted modality names, their tokens projected to `width` plus a learned modality-type embedding
+    (`proj_<m>`, `type_<m>` of `module`), and their masks. Padded positions are zeroed before any arithmetic,
+    so padding values never reach the outputs or the gradients."""
+    names, tokens, masks = sorted(inputs), [], []
+    for m in names:
+        t = layers.as_tokens(inputs[m])
+        x = nn.Dense(width, name=f'proj_{m}')(t.tokens)  # (B, T_m, width)
+        x = x + module.param(f'type_{m}', nn.initializers.normal(0.02), (width,))
+        tokens.append(jnp.where(t.mask[..., None], x, 0))
+        masks.append(t.mask)
+    return names, tokens, masks
+
+
+class MMFT(nn.Module):
+    """Single-stream multimodal transformer (MMF's MMFT; the model the author's refiner head sits on).
+
+    The tokens of every modality, projected to `fused_dim` with a modality-type embedding each, are
+    concatenated and run through `depth` pre-LayerNorm blocks that attend across modalities and never to
+    padding. z is read from the output of block `depth - readout_layer + 1` (MMF's `average_k_from_last`:
+    layer -k), after a LayerNorm: the masked mean over all real tokens (`readout='mean'`), or a prepended
+    CLS token (`readout='cls'`). The `tokens` refiner target of modality m is the masked mean of m's own
+    tokens at that same layer.
+
+    Attributes:
+      fused_dim: token width and size of z.
+      depth: transformer blocks.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width; None: 4 x fused_dim.
+      dropout: dropout rate.
+      readout: 'mean' (masked mean of all tokens) or 'cls'.
+      readout_layer: k, the read-out layer counted from the last (1: the last block).
+    """
+
+    TOKEN_LEVEL: ClassVar[bool] = True
+    fused_dim: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    readout: str = 'mean'
+    readout_layer: int = 1
+
+    @nn.compact
+    def __call__(
+        self, inputs: Mapping[str, layers.Tokens], *, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if self.readout not in ('mean', 'cls'):
+            raise ValueError(f"MMFT.readout is {self.readout!r}; expected 'mean' or 'cls'")
+        if not 1 <= self.readout_layer <= self.depth:
+            raise ValueError(f'MMFT.readout_layer is {self.readout_layer}; expected 1..depth ({self.depth})')
+        names, tokens, masks = _token_inputs(self, inputs, self.fused_dim)
+        sizes = [t.shape[1] for t in tokens]
+        x, mask = jnp.concatenate(tokens, 1), jnp.concatenate(masks, 1)  # (B, T, D), (B, T)
+        offset = 0
+        if self.readout == 'cls':
+            cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, self.fused_dim))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.fused_dim)), x], 1)
+            mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], 1)
+            offset = 1
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        for i in range(self.depth - self.readout_layer + 1):
+            block = layers.EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, name=f'encoderblock_{i}')
+            x = block(x, mask, train=train)
+        h = nn.LayerNorm(name='readout_norm')(x)  # (B, [1 +] T, D)
+        z = h[:, 0] if self.readout == 'cls' else layers.masked_mean(h, mask)
+        readouts, start = {}, offset
+        for m, size in zip(names, sizes, strict=True):
+            readouts[m] = layers.masked_mean(h[:, start : start + size], mask[:, start : start + size])
+            start += size
+        return z, readouts
+
+
+class MBT(nn.Module):
+    """Multimodal bottleneck transformer (MBT; Nagrani et al., NeurIPS 2021; scenic `projects/mbt`).
+
+    Each modality runs its own blocks on its own tokens up to `fusion_layer`; from there on, modality m's
+    block attends over [its tokens; `num_bottlenecks` shared bottleneck tokens], and the bottleneck tokens
+    that the modalities' blocks return are averaged: the only path between modalities. z is the mean over
+    modalities of the masked mean of each modality's final tokens (after its LayerNorm); that per-modality
+    mean is also its `tokens` refiner target.
+
+    Attributes:
+      fused_dim: token width and size of z.
+      depth: blocks per modality.
+      fusion_layer: the first block that uses the bottlenecks (0: all of them; depth: none, late fusion).
+      num_bottlenecks: shared bottleneck tokens.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width; None: 4 x fused_dim.
+      dropout: dropout rate.
+    """
+
+    TOKEN_LEVEL: ClassVar[bool] = True
+    fused_dim: int = 128
+    depth: int = 2
+    fusion_layer: int = 1
+    num_bottlenecks: int = 4
+    num_heads: int = 4
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, inputs: Mapping[str, layers.Tokens], *, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if not 0 <= self.fusion_layer <= self.depth:
+            raise ValueError(f'MBT.fusion_layer is {self.fusion_layer}; expected 0..depth ({self.depth})')
+        names, tokens, masks = _token_inputs(self, inputs, self.fused_dim)
+        x = dict(zip(names, tokens, strict=True))
+        mask = dict(zip(names, masks, strict=True))
+        batch = tokens[0].shape[0]
+        init = self.param(
+            'bottleneck', nn.initializers.normal(0.02), (1, self.num_bottlenecks, self.fused_dim)
+        )
+        bottleneck = jnp.broadcast_to(init, (batch, self.num_bottlenecks, self.fused_dim))
+        b_mask = jnp.ones((batch, self.num_bottlenecks), bool)
+        for i in range(self.depth):
+            block = {
+                m: layers.EncoderBlock(
+                    self.num_heads, self.mlp_dim, self.dropout, name=f'{m}_encoderblock_{i}'
+                )
+                for m in names
+            }
+            if i < self.fusion_layer:
+                x = {m: block[m](x[m], mask[m], train=train) for m in names}
+                continue
+            shared = []
+            for m in names:
+                n = x[m].shape[1]
+                y = block[m](
+                    jnp.concatenate([x[m], bottleneck], 1), jnp.concatenate([mask[m], b_mask], 1), train=train
+                )
+                x[m] = y[:, :n]
+                shared.append(y[:, n:])
+            bottleneck = jnp.mean(jnp.stack(shared), axis=0)  # (B, num_bottlenecks, D)
+        readouts = {
+            m: layers.masked_mean(nn.LayerNorm(name=f'{m}_encoder_norm')(x[m]), mask[m]) for m in names
+        }
+        z = jnp.mean(jnp.stack([readouts[m] for m in names]), axis=0)  # (B, D)
+        return z, readouts
+
+
 FUSIONS: dict[str, type[nn.Module]] = {
     'concat': ConcatMLP,
     'transformer': TransformerFusion,
     'lowrank': LowRankTensorFusion,
     'gated': GatedFusion,
+    'mmft': MMFT,
+    'mbt': MBT,
 }
-"""Fusion modules by `config.model.fusion.kind`; a new one needs its module and one line here."""
+"""Built-in fusion modules by `config.model.fusion.kind`; a new one is its class and one line here."""
+
+
+def is_token_level(cls: type[nn.Module]) -> bool:
+    """Whether a fusion class takes `Tokens` and returns `(z, readouts)` (its `TOKEN_LEVEL` class variable;
+    False for any module that does not declare it)."""
+    return bool(getattr(cls, 'TOKEN_LEVEL', False))

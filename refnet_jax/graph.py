@@ -453,7 +453,7 @@ class Network:
       config: its config.
       workdir: the run its parameters come from; None for the random network.
       step: the checkpoint step; None for the random network.
-      info: the dataset's `input_pipeline.DatasetInfo`.
+      info: the dataset's `contract.DatasetInfo`.
       params: the parameters inference uses (no refiner).
       embed: jitted `(params, batch) -> {'logits', 'fused', 'embeddings'}`, without dropout or refiner.
     """
@@ -475,20 +475,17 @@ def load_network(config, workdir: str | pathlib.Path | None, *, step: int | None
     config's model.
     """
     import jax
-    import optax
-    from jax.sharding import AxisType
 
-    from refnet_jax import checkpointing, input_pipeline, train_lib
-    from refnet_jax import model as model_lib
+    from refnet_jax import checkpointing, contract, train_lib
 
-    info = input_pipeline.get_dataset_info(config.data)
-    model = model_lib.create_model(config, info)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.mesh.data = 1
+    # The state exactly as a training run starts it (the random-network baseline) when workdir is None.
+    run = train_lib.build(config, devices=jax.devices()[:1], init=workdir is None)
+    info, model = run.info, run.model
     if workdir is None:
-        mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-        init_rng, _ = train_lib.init_rngs(config)  # as a training run starts
-        with jax.set_mesh(mesh):
-            state = train_lib.create_train_state(model, optax.identity(), info, init_rng, mesh)
-        params = jax.device_get(state.params)
+        params = jax.device_get(run.state.params)
         where = f'the initialisation of seed {config.seed}'
         step = None
     else:
@@ -500,7 +497,7 @@ def load_network(config, workdir: str | pathlib.Path | None, *, step: int | None
             ckpt.close()
         where = f'the checkpoint at step {step} in {workdir}'
     abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), train_lib.dummy_batch(info, 2), train=False, with_refiner=False)
+        lambda: model.init(jax.random.key(0), contract.dummy_batch(info, 2), train=False, with_refiner=False)
     )['params']
     params = {k: v for k, v in params.items() if k in abstract}
     checkpointing.check_shapes(params, abstract, where)
@@ -553,7 +550,7 @@ def collect(
     """
     import jax
 
-    from refnet_jax import input_pipeline, train_lib
+    from refnet_jax import contract, input_pipeline
 
     if max_examples is not None and (isinstance(max_examples, bool) or not int(max_examples) >= 1):
         raise ValueError(f'max_examples={max_examples!r}, expected a positive int or None')
@@ -567,7 +564,7 @@ def collect(
     info = network.info
     parts = []
     for batch in input_pipeline.eval_batches(config, split, batch_size, process_index=0, process_count=1):
-        train_lib.check_batch(batch, info)
+        contract.check_batch(batch, info)
         mask = np.asarray(batch['mask'], bool)
         if not mask.any():
             continue

@@ -58,62 +58,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-MODALITY_KINDS = ('image', 'tokens', 'series', 'features')
+from refnet_jax import contract
+
 # Threads that read and transform records. Parsing holds the GIL: one thread already
 # gives ~38k easy-VQA questions/s on one core, and more threads add nothing.
 NUM_THREADS = 2
 PREFETCH_BATCHES = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ModalityInfo:
-    """One input modality.
-
-    Attributes:
-      kind: 'image' | 'tokens' | 'series' | 'features', picks the encoder family.
-      shape: shape of one item, e.g. (64, 64, 3) or (12,).
-      dtype: NumPy dtype of the batch array.
-      vocab_size: number of token ids (`tokens` only), padding and unknown-word ids
-        included.
-      shared: True when one item serves several examples: the batch then has
-        `f'{name}_index'` (B,) int32.
-    """
-
-    kind: str
-    shape: tuple[int, ...]
-    dtype: Any
-    vocab_size: int | None = None
-    shared: bool = False
-
-    def __post_init__(self):
-        if self.kind not in MODALITY_KINDS:
-            raise ValueError(f'ModalityInfo.kind={self.kind!r}, expected one of {MODALITY_KINDS}')
-        if (self.kind == 'tokens') != (self.vocab_size is not None):
-            raise ValueError(
-                f'ModalityInfo.vocab_size={self.vocab_size!r} with kind={self.kind!r}: '
-                'expected a vocab_size for kind "tokens" only'
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What the model and the train loop need to know about a dataset.
-
-    Attributes:
-      name: dataset name (`config.data.name`).
-      modalities: modality name (a batch key) -> its description.
-      num_classes: number of classes (output width of the task head).
-      multi_label: True when `label` is multi-hot (B, num_classes), else class ids (B,).
-      class_names: the classes' names, in label-id order.
-      num_examples: examples per split (for easy-VQA: questions, not images).
-    """
-
-    name: str
-    modalities: dict[str, ModalityInfo]
-    num_classes: int
-    multi_label: bool
-    class_names: tuple[str, ...]
-    num_examples: dict[str, int]
 
 
 class ToExample(grain.transforms.Map):
@@ -213,7 +163,7 @@ def _prepared_builder(
     return module, builder
 
 
-def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
+def get_dataset_info(data_config: ml_collections.ConfigDict) -> contract.DatasetInfo:
     """Describes the dataset of `config.data`, preparing it if needed (idempotent).
 
     `modalities` holds those that `config.data.modalities` selects (all of them when the field is absent
@@ -225,7 +175,9 @@ def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     return dataclasses.replace(info, modalities={m: info.modalities[m] for m in selected})
 
 
-def _selected_modalities(data_config: ml_collections.ConfigDict, info: DatasetInfo) -> tuple[str, ...]:
+def _selected_modalities(
+    data_config: ml_collections.ConfigDict, info: contract.DatasetInfo
+) -> tuple[str, ...]:
     selected = data_config.get('modalities')
     if selected is None:
         return tuple(info.modalities)

@@ -1,11 +1,13 @@
 """ReFNet: unimodal encoders -> fusion -> task head, with the refiner decoding z back into each modality.
 
-The model is one Linen module whose output is `(logits, aux)`; `aux` carries what the losses need
-(DESIGN.md §2): `embeddings` {m: e_m}, `fused` z, and, when the refiner is on, `reconstructions` {m: ê_m}
-and `targets` {m: t_m}. No loss reaches into the model.
+`create_model(config, info)` is the one place that turns config into modules: each modality's encoder
+(`config.model.encoders.<m>.module`: a built-in name, None for its kind's default, or the user's
+`FILE.py:Class` / `package.module:Class`) and the fusion module (`config.model.fusion.kind`, the same way).
+`ReFNet` receives the module instances and composes them. Its output is `(logits, aux)`; `aux` carries what
+the losses need (DESIGN.md §2): `embeddings` {m: e_m} (pooled), `fused` z, and, when the refiner is on,
+`reconstructions` {m: ê_m} and `targets` {m: t_m}. No loss reaches into the model.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,37 +16,45 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from refnet_jax import encoders, fusion, refiner
+from refnet_jax import contract, encoders, fusion, layers, modules, refiner
 
 
-def build_module(cls: type[nn.Module], fields: Mapping[str, Any], where: str, **extra) -> nn.Module:
-    """Constructs `cls(**fields, **extra)`, naming the config path of any field the module does not have."""
-    known = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(
-            f'{where} has field(s) {unknown} that {cls.__name__} does not take; '
-            f'its fields are {sorted(known - set(extra))}'
-        )
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, **extra)
+class _Encoders(nn.Module):
+    """Runs each modality's encoder under `encoders/<m>` (a container, so that parameter paths read
+    `encoders/image/...`)."""
+
+    members: tuple[tuple[str, nn.Module], ...]
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> dict[str, Any]:
+        return {m: enc.clone(parent=self, name=m)(batch[m], train=train) for m, enc in self.members}
 
 
 class ReFNet(nn.Module):
     """Refiner Fusion Network.
 
     Attributes:
-      modalities: (name, ModalityInfo) pairs of the dataset, in a fixed order.
+      modalities: (name, ModalityInfo) pairs of the dataset, in sorted-name order.
+      encoders: (name, encoder module) pairs, one per modality; each maps the modality's batch to
+        (B, D) or `layers.Tokens`.
+      fusion: the fusion module; token-level ones (`fusion.is_token_level`) take Tokens and return
+        `(z, readouts)`, pooled ones take {m: (B, D)} and return z.
       num_classes: outputs of the task head.
-      config: the frozen `config.model`: `encoders.<modality>` (that encoder's fields), `fusion` (`kind` and
-        that module's fields), `refiner` (`hidden`, `target`, `stop_gradient_target`).
       refiner_modalities: the modalities that get a refiner decoder (those with a non-zero refiner weight);
         empty for the plain fusion baseline, which then has no refiner parameters at all.
+      refiner_target: one of `refiner.TARGETS`.
+      refiner_hidden: hidden widths of each decoder.
+      stop_gradient_target: `embedding` and `tokens` targets are constants for the refiner loss.
     """
 
-    modalities: tuple[tuple[str, Any], ...]
+    modalities: tuple[tuple[str, contract.ModalityInfo], ...]
+    encoders: tuple[tuple[str, nn.Module], ...]
+    fusion: nn.Module
     num_classes: int
-    config: ml_collections.FrozenConfigDict
     refiner_modalities: tuple[str, ...] = ()
+    refiner_target: str = 'embedding'
+    refiner_hidden: tuple[int, ...] = (256,)
+    stop_gradient_target: bool = True
 
     @nn.compact
     def __call__(
@@ -53,69 +63,58 @@ class ReFNet(nn.Module):
         """Runs the network on a batch keyed by modality.
 
         A modality marked `shared` is stored once for several examples: its rows are encoded once and gathered
-        to the examples through `batch[f'{m}_index']` (B,).
+        to the examples through `batch[contract.index_key(m)]` (B,).
 
         Args:
-          batch: {m: (B_m, *shape)} per modality, plus `{m}_index` for shared modalities.
+          batch: {m: (B_m, *shape)} per modality, plus the index keys of shared modalities.
           train: enables dropout (needs a 'dropout' rng).
           with_refiner: set False for inference: the refiner costs nothing there.
 
         Returns:
           logits (B, num_classes) and aux.
         """
-        cfg = self.config
-        emb, inputs = {}, {}
+        refine = bool(self.refiner_modalities) and with_refiner
+        outputs = _Encoders(self.encoders, name='encoders')(batch, train=train)
+        infos = dict(self.modalities)
+        encoded, inputs = {}, {}
         for m, info in self.modalities:
-            fields = cfg.encoders[m]
-            enc = build_module(
-                encoders.ENCODERS[info.kind],
-                fields,
-                f'config.model.encoders.{m}',
-                name=m,
-                **({'vocab_size': info.vocab_size} if info.kind == 'tokens' else {}),
-            )
-            e = enc(batch[m], train=train)  # (B_m, D)
-            x = batch[m]
+            e, x = outputs[m], batch[m]
             if info.shared:
-                idx = batch[f'{m}_index']  # (B,)
-                e = jnp.take(e, idx, axis=0)
-                x = jnp.take(x, idx, axis=0) if self.refiner_modalities and with_refiner else x
-            emb[m] = e
-            inputs[m] = x
+                idx = batch[contract.index_key(m)]  # (B,)
+                e = jax.tree.map(lambda a, idx=idx: jnp.take(a, idx, axis=0), e)
+                x = jnp.take(x, idx, axis=0) if refine and self.refiner_target == 'input' else x
+            encoded[m], inputs[m] = e, x
+        embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
-        fields = dict(cfg.fusion)
-        kind = fields.pop('kind')
-        if kind not in fusion.FUSIONS:
-            raise ValueError(
-                f'config.model.fusion.kind is {kind!r}; expected one of {sorted(fusion.FUSIONS)}'
-            )
-        z = build_module(fusion.FUSIONS[kind], fields, 'config.model.fusion', name='fusion')(emb, train=train)
+        readouts = None
+        if fusion.is_token_level(type(self.fusion)):
+            z, readouts = self.fusion(encoded, train=train)
+        else:
+            z = self.fusion(embeddings, train=train)
         logits = nn.Dense(self.num_classes, name='head')(z)  # (B, C)
-        aux = {'embeddings': emb, 'fused': z}
+        aux = {'embeddings': embeddings, 'fused': z}
 
-        if self.refiner_modalities and with_refiner:
-            rcfg = cfg.refiner
-            if rcfg.target not in refiner.TARGETS:
-                raise ValueError(
-                    f'config.model.refiner.target is {rcfg.target!r}; expected one of {refiner.TARGETS}'
-                )
-            infos = dict(self.modalities)
-            if rcfg.target == 'embedding':
-                targets = {m: emb[m] for m in self.refiner_modalities}
-                if rcfg.stop_gradient_target:
-                    targets = jax.lax.stop_gradient(targets)
+        if refine:
+            ms = self.refiner_modalities
+            if self.refiner_target == 'input':
+                targets = {m: contract.KINDS[infos[m].kind].input_target(inputs[m], infos[m]) for m in ms}
             else:
-                targets = {m: refiner.input_target(inputs[m], infos[m]) for m in self.refiner_modalities}
-            aux['reconstructions'] = refiner.refine(z, targets, rcfg.hidden)
+                source = embeddings if self.refiner_target == 'embedding' else readouts
+                targets = {m: source[m] for m in ms}
+                if self.stop_gradient_target:
+                    targets = jax.lax.stop_gradient(targets)
+            aux['reconstructions'] = refiner.Refiner(self.refiner_hidden, name='refiner')(z, targets)
             aux['targets'] = targets
         return logits, aux
 
 
-def create_model(config: ml_collections.ConfigDict, info) -> ReFNet:
-    """The ReFNet of `config` for the dataset described by `info` (an `input_pipeline.DatasetInfo`).
+def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) -> ReFNet:
+    """The ReFNet of `config` for the dataset described by `info`.
 
-    Checks that `config.model.encoders` and `config.loss.refiner_weights` name exactly the dataset's
-    modalities, so that a misspelt modality is an error rather than an encoder or weight silently unused.
+    Checks, before any work, that `config.model.encoders` and `config.loss.refiner_weights` name exactly the
+    dataset's modalities (a misspelt modality is an error rather than an encoder or weight silently
+    unused), that every module name resolves to a Linen module that takes the given fields, and that the
+    refiner target suits the fusion.
     """
     names = sorted(info.modalities)
     for field in ('model.encoders', 'loss.refiner_weights'):
@@ -128,9 +127,39 @@ def create_model(config: ml_collections.ConfigDict, info) -> ReFNet:
     for m in names:
         if weights[m] < 0:
             raise ValueError(f'config.loss.refiner_weights.{m} is {weights[m]}; expected >= 0')
+
+    built = []
+    for m in names:
+        fields = dict(config.model.encoders[m])
+        spec = fields.pop('module', None) or contract.KINDS[info.modalities[m].kind].encoder
+        field = f'config.model.encoders.{m}'
+        cls = modules.resolve(spec, encoders.ENCODERS, f'{field}.module')
+        enc = modules.instantiate(
+            cls, fields, field, builtins=encoders.ENCODERS.values(), vocab_size=info.modalities[m].vocab_size
+        )
+        built.append((m, enc))
+
+    fields = dict(config.model.fusion)
+    cls = modules.resolve(fields.pop('kind'), fusion.FUSIONS, 'config.model.fusion.kind')
+    fusion_module = modules.instantiate(cls, fields, 'config.model.fusion', builtins=fusion.FUSIONS.values())
+
+    rcfg = config.model.refiner
+    if rcfg.target not in refiner.TARGETS:
+        raise ValueError(f'config.model.refiner.target is {rcfg.target!r}; expected one of {refiner.TARGETS}')
+    refined = tuple(m for m in names if weights[m] > 0)
+    if refined and rcfg.target == 'tokens' and not fusion.is_token_level(cls):
+        token_level = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
+        raise ValueError(
+            f"config.model.refiner.target is 'tokens', which needs a token-level fusion ({token_level}); "
+            f'config.model.fusion.kind is {config.model.fusion.kind!r}'
+        )
     return ReFNet(
         modalities=tuple((m, info.modalities[m]) for m in names),
+        encoders=tuple(built),
+        fusion=fusion_module,
         num_classes=info.num_classes,
-        config=ml_collections.FrozenConfigDict(config.model),
-        refiner_modalities=tuple(m for m in names if weights[m] > 0),
+        refiner_modalities=refined,
+        refiner_target=rcfg.target,
+        refiner_hidden=tuple(rcfg.hidden),
+        stop_gradient_target=rcfg.stop_gradient_target,
     )

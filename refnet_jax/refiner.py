@@ -1,21 +1,22 @@
 """The refiner (defusion) module: one small decoder R_m per modality, from the fused embedding z.
 
 R_m(z) = ê_m is compared with a per-modality target t_m by the refiner loss, so that z keeps each
-modality's own information. The targets are built here too, because what a target is depends on the
-modality (DESIGN.md §1):
+modality's own information. Which target (`config.model.refiner.target`, DESIGN.md §1):
 
-- `embedding`: the unimodal encoder output e_m (the paper's framing);
-- `input`: the modality's input as a flat float vector (pixels in [0, 1], a bag of words over the vocabulary
-  for tokens, the raw values otherwise), which a constant network cannot reconstruct.
+- `embedding`: the unimodal encoder output e_m, pooled (the paper's framing);
+- `input`: the modality's input as a flat float vector (`contract.KINDS[kind].input_target`: pixels in
+  [0, 1], a bag of words for tokens, the raw values otherwise), which a constant network cannot reconstruct;
+- `tokens`: the masked mean of modality m's own tokens at the token fusion's read-out layer (the author's
+  scheme on MMF's single-stream transformer); needs a token-level fusion.
 """
 
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-TARGETS = ('embedding', 'input')
+TARGETS = ('embedding', 'input', 'tokens')
+COLLAPSIBLE = ('embedding', 'tokens')  # targets made by the network itself: pre-training can collapse on them
 
 
 class RefinerDecoder(nn.Module):
@@ -37,22 +38,16 @@ class RefinerDecoder(nn.Module):
         return nn.Dense(self.out_dim)(x)  # (B, out_dim)
 
 
-def input_target(x: jax.Array, info) -> jax.Array:
-    """The `input` refiner target of one modality: its input batch as a (B, F) float array.
+class Refiner(nn.Module):
+    """One `RefinerDecoder` per target modality, named by the modality (`refiner/<m>`).
 
-    Args:
-      x: the modality's batch, (B, *info.shape).
-      info: the modality's `input_pipeline.ModalityInfo`.
+    Attributes:
+      hidden: widths of each decoder's hidden layers.
     """
-    if info.kind == 'tokens':
-        bag = jax.nn.one_hot(x, info.vocab_size, dtype=jnp.float32).sum(-2)  # (B, V)
-        return bag.at[:, 0].set(0.0)  # padding is not a word
-    x = x.reshape(x.shape[0], -1)
-    if info.kind == 'image' and jnp.issubdtype(x.dtype, jnp.integer):
-        return x.astype(jnp.float32) / 255.0
-    return x.astype(jnp.float32)
 
+    hidden: Sequence[int] = (256,)
 
-def refine(z: jax.Array, targets: Mapping[str, jax.Array], hidden: Sequence[int]) -> dict[str, jax.Array]:
-    """Decodes z into a reconstruction of every target (call inside a compact Linen module)."""
-    return {m: RefinerDecoder(t.shape[-1], tuple(hidden), name=f'refiner_{m}')(z) for m, t in targets.items()}
+    @nn.compact
+    def __call__(self, z: jax.Array, targets: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """z (B, D), targets {m: (B, F_m)} -> reconstructions {m: (B, F_m)}."""
+        return {m: RefinerDecoder(t.shape[-1], tuple(self.hidden), name=m)(z) for m, t in targets.items()}

@@ -6,12 +6,13 @@ checkpoints (state and data-iterator position), logs scalars to `metrics.jsonl` 
 writes `results.json` with the validation and test metrics at the end.
 """
 
+import dataclasses
 import functools
 import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import checkpointing, input_pipeline, losses, objective, sharding
+from refnet_jax import checkpointing, contract, input_pipeline, losses, objective, refiner, sharding
 from refnet_jax import metrics as metrics_lib
 from refnet_jax import model as model_lib
 
@@ -99,89 +100,6 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
         )
 
 
-# ----------------------------------------------------------------------------------------------- batches
-
-
-def dummy_batch(info: input_pipeline.DatasetInfo, batch_size: int) -> dict[str, np.ndarray]:
-    """A batch of zeros with the dataset's shapes (shared modalities get one row per example)."""
-    batch = {}
-    for m, mi in info.modalities.items():
-        batch[m] = np.zeros((batch_size, *mi.shape), mi.dtype)
-        if mi.shared:
-            batch[f'{m}_index'] = np.arange(batch_size, dtype=np.int32)
-    batch['label'] = (
-        np.zeros((batch_size, info.num_classes), np.int32)
-        if info.multi_label
-        else np.zeros((batch_size,), np.int32)
-    )
-    return batch
-
-
-def check_batch(
-    batch: Mapping[str, np.ndarray], info: input_pipeline.DatasetInfo, labeled: bool = True
-) -> None:
-    """Raises ValueError naming the key, what it holds and what was expected, for a batch that does not fit.
-
-    Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), and, when
-    `labeled`, the labels (shape, in range of the declared classes).
-    """
-
-    def fail(key, msg):
-        raise ValueError(f'batch[{key!r}] {msg}')
-
-    missing = [m for m in info.modalities if m not in batch]
-    if missing:
-        raise ValueError(
-            f'batch lacks modality {missing}; dataset {info.name!r} has {sorted(info.modalities)}, '
-            f'the batch has {sorted(batch)}'
-        )
-    if labeled and 'label' not in batch:
-        raise ValueError(f'batch lacks "label"; it has {sorted(batch)}')
-    # Examples: one per label; without labels, one per row of an unshared modality or of an index.
-    rows = {k: np.shape(batch[k])[0] for k in ('label', 'mask') if k in batch}
-    for m, mi in info.modalities.items():
-        rows.setdefault(f'{m}_index' if mi.shared else m, np.shape(batch.get(f'{m}_index', batch[m]))[0])
-    n = next(iter(rows.values()))
-    for m, mi in info.modalities.items():
-        x = np.asarray(batch[m])
-        if x.shape[1:] != tuple(mi.shape):
-            fail(m, f'has items of shape {x.shape[1:]} (batch shape {x.shape}); expected {tuple(mi.shape)}')
-        if np.dtype(x.dtype).kind != np.dtype(mi.dtype).kind:
-            fail(m, f'has dtype {x.dtype}; expected {np.dtype(mi.dtype)}')
-        if mi.shared:
-            key = f'{m}_index'
-            if key not in batch:
-                fail(key, f'is missing: modality {m!r} is shared and needs an index into its rows')
-            idx = np.asarray(batch[key])
-            if idx.shape != (n,) or (n and (idx.min() < 0 or idx.max() >= x.shape[0])):
-                fail(
-                    key,
-                    f'must be ({n},) ints in [0, {x.shape[0]}); got shape {idx.shape}, '
-                    f'range [{idx.min() if idx.size else None}, {idx.max() if idx.size else None}]',
-                )
-        elif x.shape[0] != n:
-            fail(m, f'has {x.shape[0]} rows but the batch has {n} examples')
-    if 'mask' in batch and np.asarray(batch['mask']).shape != (n,):
-        fail('mask', f'has shape {np.asarray(batch["mask"]).shape}; expected ({n},)')
-    if not labeled:
-        return
-    labels = np.asarray(batch['label'])
-    valid = np.asarray(batch['mask'], bool) if 'mask' in batch else np.ones((n,), bool)
-    if info.multi_label:
-        if labels.shape != (n, info.num_classes) or not np.isin(labels, (0, 1)).all():
-            fail(
-                'label',
-                f'must be multi-hot of shape ({n}, {info.num_classes}) with 0/1 values; got {labels.shape}',
-            )
-    else:
-        if labels.shape != (n,) or labels.dtype.kind not in 'iu':
-            fail('label', f'must be integer class ids of shape ({n},); got {labels.dtype} {labels.shape}')
-        bad = valid & ((labels < 0) | (labels >= info.num_classes))
-        if bad.any():
-            i = int(np.argmax(bad))
-            fail('label', f'row {i} is {labels[i]}; expected a class id in [0, {info.num_classes})')
-
-
 # ----------------------------------------------------------------------------------------------- state
 
 
@@ -199,15 +117,78 @@ def create_optimizer(
     return tx, schedule
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run is made of, built from its config by `build`.
+
+    Attributes:
+      config: the experiment config.
+      info: the dataset's description.
+      mesh: the device mesh (batch sharded on `data`).
+      model: the ReFNet of the config.
+      tx: the optimizer.
+      schedule: its learning-rate schedule.
+      state: parameters and optimizer state as a training run starts, on the mesh (None without `init`).
+      train_step: the jitted, donating `(state, batch, rng) -> (state, metrics)` (None without `init`).
+      pretraining: whether the objective is the refiner loss alone.
+    """
+
+    config: ml_collections.ConfigDict
+    info: contract.DatasetInfo
+    mesh: jax.sharding.Mesh
+    model: model_lib.ReFNet
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState | None
+    train_step: Callable | None
+    pretraining: bool = False
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    *,
+    pretraining: bool = False,
+    info: contract.DatasetInfo | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    init: bool = True,
+    seed: int | None = None,
+) -> Run:
+    """The one way to set up a run: dataset info -> mesh -> model -> optimizer -> state -> step.
+
+    Training, pre-training, export, analysis, the benchmarks and the tests all call this, so what they use is
+    what trains.
+
+    Args:
+      config: the experiment config.
+      pretraining: the refiner loss alone, no labels.
+      info: the dataset's description; default: read (and, the first time, prepared) from `config.data`.
+      devices: the devices of the mesh; default: all (`config.mesh.data` of them).
+      init: also initialise the state (from `config.seed`, or `seed`) and jit the train step.
+      seed: overrides the initialisation seed (default: `config.seed`, as a training run).
+    """
+    info = input_pipeline.get_dataset_info(config.data) if info is None else info
+    mesh = sharding.make_mesh(config, devices=devices)
+    sharding.check_batch_divisibility(config, mesh)
+    model = model_lib.create_model(config, info)
+    tx, schedule = create_optimizer(config)
+    state = step = None
+    if init:
+        init_rng = init_rngs(config)[0] if seed is None else jax.random.key(seed)
+        with jax.set_mesh(mesh):
+            state = create_train_state(model, tx, info, init_rng, mesh)
+            step = make_train_step(config, info.multi_label, schedule, mesh, state, pretraining)
+    return Run(config, info, mesh, model, tx, schedule, state, step, pretraining)
+
+
 def create_train_state(
     model: model_lib.ReFNet,
     tx: optax.GradientTransformation,
-    info: input_pipeline.DatasetInfo,
+    info: contract.DatasetInfo,
     rng: jax.Array,
     mesh: jax.sharding.Mesh,
 ) -> TrainState:
     """Initialises parameters and optimizer state, replicated over the mesh."""
-    batch = dummy_batch(info, 2)
+    batch = contract.dummy_batch(info, 2)
 
     def init(rng):
         params = model.init({'params': rng, 'dropout': rng}, batch)['params']
@@ -285,7 +266,7 @@ def pretraining_eval_step(state: TrainState, batch, config) -> tuple[dict[str, j
 def evaluate_pretraining(
     state: TrainState,
     batches: Iterable[Mapping[str, np.ndarray]],
-    info: input_pipeline.DatasetInfo,
+    info: contract.DatasetInfo,
     mesh: jax.sharding.Mesh,
     config: ml_collections.ConfigDict,
 ) -> dict[str, float]:
@@ -297,7 +278,7 @@ def evaluate_pretraining(
     gathered = []
     for batch in batches:
         batch = {k: v for k, v in batch.items() if k != 'label'}
-        check_batch(batch, info, labeled=False)
+        contract.check_batch(batch, info, labeled=False)
         global_batch = sharding.shard_batch(batch, mesh)
         per_example, fused = pretraining_eval_step(
             state, global_batch, ml_collections.FrozenConfigDict(config)
@@ -318,13 +299,13 @@ def evaluate_pretraining(
 def evaluate(
     state: TrainState,
     batches: Iterable[Mapping[str, np.ndarray]],
-    info: input_pipeline.DatasetInfo,
+    info: contract.DatasetInfo,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """Metrics over a whole split: every real example once (padding rows are masked out)."""
     gathered = []
     for batch in batches:
-        check_batch(batch, info)
+        contract.check_batch(batch, info)
         global_batch = sharding.shard_batch(batch, mesh)
         logits = eval_step(state, global_batch)
         out = {'logits': logits, 'label': global_batch['label'], 'mask': global_batch['mask']}
@@ -408,12 +389,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError(
             f'pre-training needs a refiner: config.loss.refiner_weights is {dict(config.loss.refiner_weights)}'
         )
-    if config.model.refiner.target != 'input':
+    if config.model.refiner.target in refiner.COLLAPSIBLE:
         # A network whose encoders output a constant reconstructs a constant target perfectly.
         raise ValueError(
             f"config.model.refiner.target is {config.model.refiner.target!r}; pre-training needs 'input': "
-            "with 'embedding' targets the encoders can collapse to a constant that the refiner reconstructs "
-            'perfectly'
+            f'{" and ".join(map(repr, refiner.COLLAPSIBLE))} targets are made by the network itself, which can '
+            'collapse to a constant that the refiner reconstructs perfectly'
         )
     return _run(config, workdir, pretraining=True)
 
@@ -448,11 +429,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
     workdir.mkdir(parents=True, exist_ok=True)
     check_workdir_config(config, workdir)
 
-    info = input_pipeline.get_dataset_info(config.data)
-    mesh = sharding.make_mesh(config)
-    sharding.check_batch_divisibility(config, mesh)
-    model = model_lib.create_model(config, info)
-    tx, schedule = create_optimizer(config)
+    run = build(config, pretraining=pretraining)
+    info, mesh, tx, state, train_step_fn = run.info, run.mesh, run.tx, run.state, run.train_step
     num_steps = config.train.num_steps
     logging.info(
         '%s on %s: %s examples; %d devices; %d steps of %d.',
@@ -471,8 +449,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         return evaluate(state, batches, info, mesh)
 
     with jax.set_mesh(mesh):
-        init_rng, step_rng = init_rngs(config)
-        state = create_train_state(model, tx, info, init_rng, mesh)
+        _, step_rng = init_rngs(config)
         logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=not pretraining)
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
@@ -480,70 +457,77 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
             state = init_from_pretrained(state, config.init_from, tx)
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
-        train_step_fn = make_train_step(config, info.multi_label, schedule, mesh, state, pretraining)
         writer = MetricWriter(workdir)
+        try:
+            last_train: dict[str, float] = {}
+            last_saved = ckpt.latest_step()
+            pending = []
+            t_log, n_log = time.time(), 0
+            bar = tqdm.tqdm(
+                total=num_steps,
+                initial=start,
+                desc='train',
+                disable=not sys.stderr.isatty(),
+                dynamic_ncols=True,
+            )
+            try:
+                for step in range(start, num_steps):
+                    batch = next(train_iter)
+                    if pretraining:
+                        batch = {k: v for k, v in batch.items() if k != 'label'}
+                    contract.check_batch(batch, info, labeled=not pretraining)
+                    state, metrics = train_step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
+                    pending.append(metrics)
+                    n_log += config.train.batch_size
+                    bar.update(1)
+                    done = step + 1
+                    log_now = done % config.train.log_every_steps == 0 or done == num_steps
+                    save_now = done % config.train.checkpoint_every_steps == 0 or done == num_steps
+                    if log_now or save_now:
+                        rows = jax.device_get(pending)
+                        pending = []
+                        for i, row in enumerate(rows):
+                            if not math.isfinite(float(row['loss'])):
+                                raise NonFiniteLossError(
+                                    f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. '
+                                    f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
+                                )
+                        last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+                        if log_now:
+                            last_train['examples_per_second'] = n_log / (time.time() - t_log)
+                            t_log, n_log = time.time(), 0
+                            writer.write(done, last_train, 'train/')
+                            shown = {k: last_train[k] for k in ('loss', 'accuracy') if k in last_train}
+                            bar.set_postfix({k: f'{v:.4f}' for k, v in shown.items()})
+                            if bar.disable:
+                                logging.info(
+                                    'step %d/%d: %s, %.0f examples/s',
+                                    done,
+                                    num_steps,
+                                    ', '.join(f'{k} {v:.4f}' for k, v in shown.items()),
+                                    last_train['examples_per_second'],
+                                )
+                    if save_now:
+                        ckpt.save(state, train_iter)
+                        last_saved = done
+                    every = config.train.eval_every_steps
+                    if every and done % every == 0 and done != num_steps:
+                        val = evaluate_split(state, 'validation')
+                        writer.write(done, val, 'val/')
+                        logging.info('step %d: validation %s', done, val)
+            finally:
+                # Also when a step fails (a non-finite loss): the checkpoint in flight is the last good one.
+                bar.close()
+                ckpt.wait()
 
-        last_train: dict[str, float] = {}
-        last_saved = ckpt.latest_step()
-        pending = []
-        t_log, n_log = time.time(), 0
-        bar = tqdm.tqdm(
-            total=num_steps, initial=start, desc='train', disable=not sys.stderr.isatty(), dynamic_ncols=True
-        )
-        for step in range(start, num_steps):
-            batch = next(train_iter)
-            if pretraining:
-                batch = {k: v for k, v in batch.items() if k != 'label'}
-            check_batch(batch, info, labeled=not pretraining)
-            state, metrics = train_step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
-            pending.append(metrics)
-            n_log += config.train.batch_size
-            bar.update(1)
-            done = step + 1
-            log_now = done % config.train.log_every_steps == 0 or done == num_steps
-            save_now = done % config.train.checkpoint_every_steps == 0 or done == num_steps
-            if log_now or save_now:
-                rows = jax.device_get(pending)
-                pending = []
-                for i, row in enumerate(rows):
-                    if not math.isfinite(float(row['loss'])):
-                        raise NonFiniteLossError(
-                            f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. '
-                            f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
-                        )
-                last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
-                if log_now:
-                    last_train['examples_per_second'] = n_log / (time.time() - t_log)
-                    t_log, n_log = time.time(), 0
-                    writer.write(done, last_train, 'train/')
-                    shown = {k: last_train[k] for k in ('loss', 'accuracy') if k in last_train}
-                    bar.set_postfix({k: f'{v:.4f}' for k, v in shown.items()})
-                    if bar.disable:
-                        logging.info(
-                            'step %d/%d: %s, %.0f examples/s',
-                            done,
-                            num_steps,
-                            ', '.join(f'{k} {v:.4f}' for k, v in shown.items()),
-                            last_train['examples_per_second'],
-                        )
-            if save_now:
-                ckpt.save(state, train_iter)
-                last_saved = done
-            every = config.train.eval_every_steps
-            if every and done % every == 0 and done != num_steps:
-                val = evaluate_split(state, 'validation')
-                writer.write(done, val, 'val/')
-                logging.info('step %d: validation %s', done, val)
-        bar.close()
-        ckpt.wait()
-
-        results = {'step': int(state.step), 'train': last_train}
-        for key, split in (('val', 'validation'), ('test', 'test')):
-            results[key] = evaluate_split(state, split)
-            writer.write(int(state.step), results[key], f'{key}/')
-        results['wall_seconds'] = time.time() - t_start
-        writer.close()
-        ckpt.close()
+            results = {'step': int(state.step), 'train': last_train}
+            for key, split in (('val', 'validation'), ('test', 'test')):
+                results[key] = evaluate_split(state, split)
+                writer.write(int(state.step), results[key], f'{key}/')
+            results['wall_seconds'] = time.time() - t_start
+        finally:  # the writer's files and the checkpoint manager are closed however the run ends
+            writer.close()
+            ckpt.close()
     if jax.process_index() == 0:
         (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
     logging.info('Results: %s', json.dumps(results))

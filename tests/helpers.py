@@ -1,10 +1,9 @@
 """Set-up shared by the tests: tiny easy-VQA configs, freshly initialised train states, stored records."""
 
-import jax
 import numpy as np
 
 from configs import easy_vqa
-from refnet_jax import input_pipeline, sharding, train_lib
+from refnet_jax import input_pipeline, train_lib
 
 
 def tiny_config(data_dir, arg: str = 'tiny', **train):
@@ -17,14 +16,9 @@ def tiny_config(data_dir, arg: str = 'tiny', **train):
 
 
 def fresh_state(config, devices=None, seed: int = 0):
-    """(info, mesh, tx, schedule, state): what `train_lib` builds at the start of a run, without its loop."""
-    info = input_pipeline.get_dataset_info(config.data)
-    mesh = sharding.make_mesh(config, devices=devices)
-    model = train_lib.model_lib.create_model(config, info)
-    tx, schedule = train_lib.create_optimizer(config)
-    with jax.set_mesh(mesh):
-        state = train_lib.create_train_state(model, tx, info, jax.random.key(seed), mesh)
-    return info, mesh, tx, schedule, state
+    """(info, mesh, tx, schedule, state): what `train_lib.build` sets up at the start of a run."""
+    run = train_lib.build(config, devices=devices, seed=seed)
+    return run.info, run.mesh, run.tx, run.schedule, run.state
 
 
 def stored_records(data_config) -> dict[str, dict[str, np.ndarray]]:

@@ -19,7 +19,7 @@ from helpers import stored_records
 from PIL import Image
 
 from configs import custom as custom_config
-from refnet_jax import input_pipeline, train_lib
+from refnet_jax import contract, input_pipeline, train_lib
 from refnet_jax.datasets import custom
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,6 +89,7 @@ def readme_blocks() -> list[tuple[str, str]]:
     return re.findall(r'```(\w+)\n(.*?)```', section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
     blocks = readme_blocks()
     assert [lang for lang, _ in blocks] == ['python', 'bash']
@@ -126,19 +127,19 @@ def test_arrays_dataset_info(arrays_dir):
     info = input_pipeline.get_dataset_info(config.data)
     assert info.name == 'custom'
     assert info.modalities == {
-        'image': input_pipeline.ModalityInfo(kind='image', shape=(8, 8, 3), dtype=np.uint8),
-        'tokens': input_pipeline.ModalityInfo(
+        'image': contract.ModalityInfo(kind='image', shape=(8, 8, 3), dtype=np.uint8),
+        'tokens': contract.ModalityInfo(
             kind='tokens', shape=(6,), dtype=np.int32, vocab_size=int(written['train']['tokens'].max()) + 1
         ),
-        'series': input_pipeline.ModalityInfo(kind='series', shape=(10, 2), dtype=np.float32),
-        'features': input_pipeline.ModalityInfo(kind='features', shape=(5,), dtype=np.float32),
+        'series': contract.ModalityInfo(kind='series', shape=(10, 2), dtype=np.float32),
+        'features': contract.ModalityInfo(kind='features', shape=(5,), dtype=np.float32),
     }
     assert info.num_classes == NUM_CLASSES and not info.multi_label
     assert info.class_names == ('0', '1', '2')
     # 30 rows per class: 3 validation and 3 test rows each (0.1 of 30).
     assert info.num_examples == {'train': 72, 'validation': 9, 'test': 9}
     batch = next(input_pipeline.make_train_iterator(config, seed=0))
-    train_lib.check_batch(batch, info)
+    contract.check_batch(batch, info)
     assert batch['label'].shape == (16,) and batch['series'].shape == (16, 10, 2)
 
 
@@ -279,11 +280,11 @@ def test_table(tmp_path):
     config = table_config(tmp_path / 'table', tmp_path / 'tfds')
     info = input_pipeline.get_dataset_info(config.data)
     assert info.modalities == {
-        'photo': input_pipeline.ModalityInfo(kind='image', shape=(16, 16, 3), dtype=np.uint8),
-        'words': input_pipeline.ModalityInfo(
+        'photo': contract.ModalityInfo(kind='image', shape=(16, 16, 3), dtype=np.uint8),
+        'words': contract.ModalityInfo(
             kind='tokens', shape=(4,), dtype=np.int32, vocab_size=int(written['words'].max()) + 1
         ),
-        'meta': input_pipeline.ModalityInfo(kind='features', shape=(3,), dtype=np.float32),
+        'meta': contract.ModalityInfo(kind='features', shape=(3,), dtype=np.float32),
     }
     assert info.class_names == CLASS_NAMES and info.num_classes == 2
     # The split column gives train (20 rows) and validation (4); test, absent, is drawn from train.
@@ -300,7 +301,7 @@ def test_table(tmp_path):
             split['photo'], np.broadcast_to(written['colours'][rows][:, None, None], (len(rows), 16, 16, 3))
         )
     batch = next(iter(input_pipeline.eval_batches(config, 'validation')))
-    train_lib.check_batch(batch, info)
+    contract.check_batch(batch, info)
 
 
 def test_table_labels_are_class_names_or_ids(tmp_path):
@@ -555,6 +556,7 @@ def test_an_interrupted_preparation_is_never_used(tmp_path, monkeypatch):
 # --- Training ---
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_own_data(arrays_dir, tmp_path):
     # Two of the four modalities (the README's run covers series and features): image and tokens.
     manual_dir, data_dir, _ = arrays_dir

@@ -18,6 +18,7 @@ from refnet_jax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
+pytestmark = pytest.mark.slow  # every test needs the `trained` run (training and export.py)
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +105,7 @@ def test_export_files(trained):
     with np.load(out / export_lib.PARAMS_FILE, allow_pickle=False) as saved:
         saved = {k: saved[k] for k in saved.files}
     checkpoint = export_lib._flatten(checkpointing.Checkpointer(workdir / 'checkpoints').restore_params())
-    refiner = {k for k in checkpoint if k.startswith('refiner_')}
+    refiner = {k for k in checkpoint if k.startswith('refiner/')}
     assert refiner and set(saved) == set(checkpoint) - refiner
     for k, v in saved.items():
         np.testing.assert_array_equal(v, checkpoint[k])
@@ -145,7 +146,47 @@ def test_export_of_a_checkpoint_that_does_not_fit_its_config_names_the_parameter
     saved = json.loads((workdir / 'config.json').read_text())
     saved['model']['encoders']['image']['embed_dim'] = 32
     (changed / 'config.json').write_text(json.dumps(saved))
-    with pytest.raises(checkpointing.ShapeMismatchError, match=r'image/Dense_0/kernel: checkpoint \(8, 16\)'):
+    with pytest.raises(
+        checkpointing.ShapeMismatchError, match=r'encoders/image/Dense_0/kernel: checkpoint \(8, 16\)'
+    ):
         export_lib.export_workdir(changed, tmp_path / 'out')
     with pytest.raises(FileNotFoundError, match='config.json'):
         export_lib.export_workdir(tmp_path / 'nowhere', tmp_path / 'out')
+
+
+def test_exported_mmft_model_runs_in_a_fresh_process(tmp_path, easy_vqa_dir):
+    """A token-level fusion exports like the others: symbolic batch, no model code in the loading process."""
+    config = easy_vqa.get_config('tiny,fusion=mmft')
+    config.data.data_dir = str(easy_vqa_dir)
+    config.train.num_steps = 2
+    workdir = tmp_path / 'run'
+    train_lib.train_and_evaluate(config, str(workdir))
+    out = tmp_path / 'export'
+    export_lib.export_workdir(workdir, out)
+    batch = next(input_pipeline.eval_batches(config, 'test'))
+    small = {k: v[: 2 if k == 'image' else 5] for k, v in batch.items()}
+    small['image_index'] = np.array([0, 1, 1, 0, 1], np.int32)
+    for name, b in (('eval', batch), ('small', small)):
+        np.savez(tmp_path / f'{name}.npz', **b)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from refnet_jax import export
+        predict = export.load({str(out)!r})
+        for name in ('eval', 'small'):
+            with np.load({str(tmp_path)!r} + f'/{{name}}.npz') as batch:
+                np.save({str(tmp_path)!r} + f'/{{name}}_logits.npy', np.asarray(predict(dict(batch))))
+        unwanted = [m for m in ('flax', 'refnet_jax.model', 'refnet_jax.fusion', 'orbax') if m in sys.modules]
+        assert not unwanted, unwanted
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', script], cwd=ROOT, env=ONE_CPU, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name, b in (('eval', batch), ('small', small)):
+        got = np.load(tmp_path / f'{name}_logits.npy')
+        np.testing.assert_allclose(
+            got, training_logits(config, workdir, b), rtol=1e-5, atol=1e-5, err_msg=name
+        )

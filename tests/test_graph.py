@@ -254,6 +254,7 @@ def run(tmp_path_factory, easy_vqa_dir):
     return workdir, train_lib.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_collect_returns_every_test_example(run):
     workdir, results = run
     config = train_lib.load_workdir_config(workdir)
@@ -289,6 +290,7 @@ def test_collect_returns_every_test_example(run):
     assert scores['homophily'] == graph.homophily(graph.knn_graph(sub['fused'], 5), sub['labels'])
 
 
+@pytest.mark.slow
 def test_analyze_py_end_to_end(run, easy_vqa_dir, tmp_path):
     workdir, _ = run
     plot = importlib.util.find_spec('matplotlib') is not None
@@ -326,6 +328,7 @@ def test_analyze_py_end_to_end(run, easy_vqa_dir, tmp_path):
     assert (tmp_path / 'docs' / 'graph.png').exists() == plot
 
 
+@pytest.mark.slow
 def test_analyze_py_names_a_missing_or_unused_config(tmp_path):
     def analyze(*args):
         proc = subprocess.run(

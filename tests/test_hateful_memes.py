@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from configs import hateful_memes as hateful_memes_config
-from refnet_jax import checkpointing, input_pipeline, metrics, sharding, train_lib
+from refnet_jax import checkpointing, contract, input_pipeline, metrics, sharding, train_lib
 from refnet_jax import model as model_lib
 from refnet_jax.datasets import hateful_memes
 
@@ -136,10 +136,10 @@ def test_dataset_info(fixture):
     assert batch['image'].shape == (64, 64, 64, 3) and batch['image'].dtype == np.uint8
     assert batch['text'].shape == (64, hateful_memes.MAX_TOKENS) and batch['text'].dtype == np.int32
     assert batch['label'].dtype == np.int32 and set(batch['label'].tolist()) == {0, 1}
-    train_lib.check_batch(batch, info)
+    contract.check_batch(batch, info)
     assert info.modalities == {
-        'image': input_pipeline.ModalityInfo(kind='image', shape=(64, 64, 3), dtype=np.uint8),
-        'text': input_pipeline.ModalityInfo(
+        'image': contract.ModalityInfo(kind='image', shape=(64, 64, 3), dtype=np.uint8),
+        'text': contract.ModalityInfo(
             kind='tokens', shape=(hateful_memes.MAX_TOKENS,), dtype=np.int32, vocab_size=len(vocabulary)
         ),
     }
@@ -224,7 +224,7 @@ def test_features_config_stores_the_users_vectors(fixture):
     config = make_config(manual_dir, data_dir, 'tiny,features')
     info = input_pipeline.get_dataset_info(config.data)
     assert info.modalities == {
-        m: input_pipeline.ModalityInfo(kind='features', shape=(d,), dtype=np.float32)
+        m: contract.ModalityInfo(kind='features', shape=(d,), dtype=np.float32)
         for m, d in FEATURE_DIMS.items()
     }
     assert info.num_examples == {'train': 40, 'validation': 10, 'test': 10}
@@ -238,7 +238,7 @@ def test_features_config_stores_the_users_vectors(fixture):
             np.testing.assert_allclose(r[m], arrays[m][[row[i] for i in r['id'].tolist()]], rtol=1e-6)
     batch = next(input_pipeline.make_train_iterator(config, seed=0))
     assert batch['image'].shape == (64, 6) and batch['text'].shape == (64, 5)
-    train_lib.check_batch(batch, info)
+    contract.check_batch(batch, info)
 
 
 def test_optional_unseen_splits(tmp_path, fixture):
@@ -424,16 +424,21 @@ def test_config_variants():
     base = hateful_memes_config.get_config()
     assert base.model.fusion.kind == 'concat' and base.data.builder_config == 'raw'
     assert base.loss.ms_weight > 0 and set(base.loss.refiner_weights) == {'image', 'text'}
-    assert set(base.model.encoders.image) == {'features', 'embed_dim', 'pooling'}
+    assert set(base.model.encoders.image) == {'module', 'features', 'embed_dim', 'pooling'}
     features = hateful_memes_config.get_config('features,variant=baseline,fusion=transformer')
     assert features.data.builder_config == 'features' and features.model.fusion.kind == 'transformer'
-    assert features.loss.ms_weight == 0 and set(features.model.encoders.text) == {'hidden', 'embed_dim'}
+    assert features.loss.ms_weight == 0 and set(features.model.encoders.text) == {
+        'module',
+        'hidden',
+        'embed_dim',
+    }
     only = hateful_memes_config.get_config('only=text,tiny')
     assert tuple(only.data.modalities) == ('text',) and list(only.model.encoders) == ['text']
     with pytest.raises(ValueError, match="'pixels' not understood"):
         hateful_memes_config.get_config('pixels')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['tiny', 'tiny,features'])
 def test_tiny_config_trains_and_reports_the_aurocs_of_its_predictions(tmp_path, fixture, arg):
     manual_dir, data_dir, written = fixture

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract, input_pipeline
 from refnet_jax.datasets import easy_vqa
 
 NUM_TRAIN_QUESTIONS = 38_575  # train + validation
@@ -127,7 +127,7 @@ def test_dataset_info(data_dir):
     assert info.class_names == tuple(easy_vqa_package.get_answers())
     assert info.num_examples['train'] + info.num_examples['validation'] == NUM_TRAIN_QUESTIONS
     assert info.num_examples['test'] == NUM_TEST_QUESTIONS
-    assert info.modalities['image'] == input_pipeline.ModalityInfo(
+    assert info.modalities['image'] == contract.ModalityInfo(
         kind='image', shape=(64, 64, 3), dtype=np.uint8, shared=True
     )
     question = info.modalities['question']
@@ -476,9 +476,9 @@ def test_eval_errors(data_dir, batch_size, split, match):
 
 def test_modality_info_validates():
     with pytest.raises(ValueError, match='kind'):
-        input_pipeline.ModalityInfo(kind='video', shape=(1,), dtype=np.float32)
+        contract.ModalityInfo(kind='video', shape=(1,), dtype=np.float32)
     with pytest.raises(ValueError, match='vocab_size'):
-        input_pipeline.ModalityInfo(kind='tokens', shape=(12,), dtype=np.int32)
+        contract.ModalityInfo(kind='tokens', shape=(12,), dtype=np.int32)
 
 
 def test_stratified_subset_keeps_each_class_share_and_depends_on_the_seed():

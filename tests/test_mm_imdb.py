@@ -17,7 +17,7 @@ from helpers import stored_records
 from sklearn.metrics import f1_score
 
 from configs import mm_imdb as mm_imdb_config
-from refnet_jax import checkpointing, input_pipeline, train_lib
+from refnet_jax import checkpointing, contract, input_pipeline, train_lib
 from refnet_jax import model as model_lib
 from refnet_jax.datasets import mm_imdb
 
@@ -122,8 +122,8 @@ def test_dataset_info(prepared):
     assert info.class_names == mm_imdb.GENRES
     assert info.class_names[:3] == ('Drama', 'Comedy', 'Romance') and info.class_names[-1] == 'Film-Noir'
     assert info.modalities == {
-        'text': input_pipeline.ModalityInfo(kind='features', shape=(300,), dtype=np.float32),
-        'image': input_pipeline.ModalityInfo(kind='features', shape=(4096,), dtype=np.float32),
+        'text': contract.ModalityInfo(kind='features', shape=(300,), dtype=np.float32),
+        'image': contract.ModalityInfo(kind='features', shape=(4096,), dtype=np.float32),
     }
 
 
@@ -329,11 +329,12 @@ def test_config_variants(arg):
         assert (
             dict(config.loss.refiner_weights) == {'text': 0.1, 'image': 0.1} and config.loss.ms_weight == 0.1
         )
-        assert config.model.encoders.image.to_dict() == {'hidden': (512,), 'embed_dim': 128}
+        assert config.model.encoders.image.to_dict() == {'module': None, 'hidden': (512,), 'embed_dim': 128}
     if arg == 'variant=baseline':
         assert set(config.loss.refiner_weights.values()) == {0.0} and config.loss.ms_weight == 0.0
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_and_reports_sklearn_f1(prepared, tmp_path):
     config = tiny_config(*prepared)
     config.train.num_steps = 2

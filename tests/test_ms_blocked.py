@@ -50,8 +50,10 @@ def loss_and_grad(block_size: int | None, mining: bool):
 B, D = 37, 5  # A prime batch: no block size below divides it.
 
 
-@pytest.mark.parametrize('label_kind', ['int', 'multi_hot'])
-@pytest.mark.parametrize('mining', [False, True], ids=['all_pairs', 'mined'])
+@pytest.mark.parametrize('label_kind', ['int', pytest.param('multi_hot', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'mining', [False, pytest.param(True, marks=pytest.mark.slow)], ids=['all_pairs', 'mined']
+)
 def test_blocked_equals_dense(mining, label_kind):
     emb, labels, where = clustered_batch(B, D, label_kind, 0)
     padded = emb.copy()
@@ -124,6 +126,7 @@ def test_automatic_choice_is_what_the_loss_does():
     assert _scan_lengths(100, block_size=30) == [4]
 
 
+@pytest.mark.slow
 def test_automatic_blocking_above_4096_equals_dense():
     emb, labels, where = clustered_batch(4100, 4, 'int', 3)
     want_loss, want_grad = loss_and_grad(0, True)(emb, labels, where)
@@ -137,6 +140,7 @@ def _mesh():
     return jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+@pytest.mark.slow
 def test_blocked_sharded_over_8_devices_matches_dense():
     mesh = _mesh()
     emb, labels, where = clustered_batch(96, D, 'multi_hot', 4)  # 10-row blocks: 10 blocks, the last padded.
@@ -165,7 +169,7 @@ def temp_bytes(b: int, d: int, block_size=None, mesh=None) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize('b', [32768, 65536])
+@pytest.mark.parametrize('b', [32768, pytest.param(65536, marks=pytest.mark.slow)])
 def test_blocked_memory_at_large_batches(b):
     blocked = temp_bytes(b, 256)
     dense = temp_bytes(b, 256, block_size=0)
@@ -177,6 +181,7 @@ def test_blocked_memory_at_large_batches(b):
     assert dense > 4 * b * b  # The dense one holds at least one B x B float32 matrix.
 
 
+@pytest.mark.slow
 def test_blocked_loss_sharded_on_8_devices_splits_every_block():
     """Each block has rows on every device (strided blocks), so the per-device memory drops with the mesh."""
     unsharded = temp_bytes(32768, 256)

@@ -15,6 +15,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from helpers import tiny_config
 
 from refnet_jax import checkpointing, train_lib
@@ -90,6 +91,7 @@ def run_in_process(workdir, data_dir, mesh_data, **train):
     return train_lib.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_eight_devices_and_resume_on_eight(tmp_path, easy_vqa_dir):
     assert len(jax.devices()) == 8
     two = tmp_path / 'two' / 'run'

@@ -41,6 +41,7 @@ def pretrained(tmp_path_factory, easy_vqa_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_pretrain_py_trains_the_refiner_without_collapse(pretrained):
     results = json.loads((pretrained / 'results.json').read_text())
     assert results['step'] == 30
@@ -55,6 +56,7 @@ def test_pretrain_py_trains_the_refiner_without_collapse(pretrained):
         assert results[split]['fused_spread'] > 0.02
 
 
+@pytest.mark.slow
 def test_pretraining_never_reads_labels(tmp_path, easy_vqa_dir, monkeypatch):
     real = input_pipeline.make_train_iterator
 
@@ -79,6 +81,7 @@ def test_embedding_targets_are_refused_for_pretraining(tmp_path, easy_vqa_dir):
         train_lib.pretrain(config, str(tmp_path / 'run'))
 
 
+@pytest.mark.slow
 def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretrained, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'
@@ -96,6 +99,7 @@ def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretr
     assert all(float(np.abs(x).sum()) == 0 for x in jax.tree.leaves(jax.device_get(new.opt_state[1][0].mu)))
 
 
+@pytest.mark.slow
 def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)  # refiner target 'embedding': decoders of another width
     _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
@@ -109,6 +113,7 @@ def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained,
         train_lib.init_from_pretrained(state, str(pretrained), tx)
 
 
+@pytest.mark.slow
 def test_train_py_with_init_from_runs(tmp_path, pretrained, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'

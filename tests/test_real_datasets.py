@@ -20,7 +20,7 @@ from helpers import fresh_state, stored_records
 
 from configs import hapt as hapt_config
 from configs import uci_mfeat as uci_mfeat_config
-from refnet_jax import input_pipeline, train_lib
+from refnet_jax import contract, input_pipeline, train_lib
 from refnet_jax.datasets import hapt, uci_mfeat
 
 SPLITS = ('train', 'validation', 'test')
@@ -78,7 +78,7 @@ def test_mfeat_dataset_info(data_dir):
     assert info.num_classes == 10 and not info.multi_label
     assert info.class_names == tuple('0123456789')
     assert info.modalities == {
-        view: input_pipeline.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
+        view: contract.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
         for view, width in {'fou': 76, 'fac': 216, 'kar': 64, 'pix': 240, 'zer': 47, 'mor': 6}.items()
     }
 
@@ -138,7 +138,7 @@ def test_hapt_dataset_info(data_dir):
     assert info.num_examples['train'] + info.num_examples['validation'] == 7143  # DESIGN.md §4
     assert info.num_classes == 6 and not info.multi_label
     assert info.class_names[0] == 'WALKING' and info.class_names[5] == 'LAYING'
-    series = input_pipeline.ModalityInfo(kind='series', shape=(128, 3), dtype=np.float32)
+    series = contract.ModalityInfo(kind='series', shape=(128, 3), dtype=np.float32)
     assert info.modalities == {'acc': series, 'gyro': series}
 
 
@@ -260,7 +260,7 @@ def test_batches(data_dir, config_module):
     for m, mi in info.modalities.items():
         assert batch[m].shape == (config.train.batch_size, *mi.shape) and batch[m].dtype == np.float32
     assert batch['label'].shape == (config.train.batch_size,) and batch['label'].dtype == np.int32
-    train_lib.check_batch(batch, info)
+    contract.check_batch(batch, info)
 
     batches = list(input_pipeline.eval_batches(config, 'test', batch_size=256))
     n = info.num_examples['test']
@@ -268,7 +268,7 @@ def test_batches(data_dir, config_module):
     for b in batches:
         assert set(b) == {*info.modalities, 'label', 'mask'}
         assert b['label'].shape == b['mask'].shape == (256,) and b['mask'].dtype == bool
-        train_lib.check_batch(b, info)
+        contract.check_batch(b, info)
     assert sum(int(b['mask'].sum()) for b in batches) == n
     last = batches[-1]
     assert last['mask'].tolist() == [True] * (n - 256 * (len(batches) - 1)) + [False] * (
@@ -276,6 +276,7 @@ def test_batches(data_dir, config_module):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config_module', [uci_mfeat_config, hapt_config], ids=['uci_mfeat', 'hapt'])
 def test_tiny_config_trains(tmp_path, data_dir, config_module):
     config = config_module.get_config('tiny')
@@ -306,6 +307,7 @@ def test_config_variants(config_module):
         config_module.get_config('fusion=bogus')
 
 
+@pytest.mark.slow
 def test_a_unimodal_baseline_sees_its_modality_alone(tmp_path, data_dir):
     config = hapt_config.get_config('only=acc,variant=baseline,tiny')
     config.data.data_dir = str(data_dir)

@@ -70,7 +70,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract
 
 SPLITS = ('train', 'validation', 'test')
 ARRAY_FILES = {split: f'{split}.npz' for split in SPLITS}
@@ -253,10 +253,8 @@ def _check_kinds(kinds: Any) -> dict[str, str]:
             f'config.data.kinds={kinds!r}, expected {{modality: kind}} for at least one modality'
         )
     for m, kind in kinds.items():
-        if kind not in input_pipeline.MODALITY_KINDS:
-            raise ValueError(
-                f'config.data.kinds.{m}={kind!r}, expected one of {input_pipeline.MODALITY_KINDS}'
-            )
+        if kind not in tuple(contract.KINDS):
+            raise ValueError(f'config.data.kinds.{m}={kind!r}, expected one of {tuple(contract.KINDS)}')
     return kinds
 
 
@@ -873,16 +871,16 @@ def make_builder(
     return Builder(spec=spec, config=config, data_dir=data_dir, file_format=file_format)
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInfo:
+def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
     """What the model and train loop need to know, from a prepared `Builder`."""
     metadata = builder.info.metadata
     modalities = {
-        m: input_pipeline.ModalityInfo(
+        m: contract.ModalityInfo(
             kind=d['kind'], shape=tuple(d['shape']), dtype=DTYPES[d['kind']], vocab_size=d['vocab_size']
         )
         for m, d in metadata['modalities'].items()
     }
-    return input_pipeline.DatasetInfo(
+    return contract.DatasetInfo(
         name=builder.name,
         modalities=modalities,
         num_classes=int(metadata['num_classes']),

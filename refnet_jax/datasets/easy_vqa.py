@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract, input_pipeline
 
 IMAGE_SHAPE = (64, 64, 3)
 # Question rows per image: at most 21 questions in the data; 32 lets evaluation batches of
@@ -207,16 +207,14 @@ def _group_by_image(
 # --- The input pipeline's per-dataset contract. ---
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInfo:
+def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
     """What the model and train loop need to know, from a prepared `Builder`."""
     metadata = builder.info.metadata
-    return input_pipeline.DatasetInfo(
+    return contract.DatasetInfo(
         name=builder.name,
         modalities={
-            'image': input_pipeline.ModalityInfo(
-                kind='image', shape=IMAGE_SHAPE, dtype=np.uint8, shared=True
-            ),
-            'question': input_pipeline.ModalityInfo(
+            'image': contract.ModalityInfo(kind='image', shape=IMAGE_SHAPE, dtype=np.uint8, shared=True),
+            'question': contract.ModalityInfo(
                 kind='tokens',
                 shape=(MAX_TOKENS,),
                 dtype=np.int32,

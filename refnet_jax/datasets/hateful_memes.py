@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract
 
 IMAGE_SIZE = 64  # images are resized to IMAGE_SIZE x IMAGE_SIZE pixels
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -358,24 +358,24 @@ def make_builder(
     return Builder(config=name, data_dir=data_dir, file_format=file_format)
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInfo:
+def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
     """What the model and train loop need to know, from a prepared `Builder`."""
     metadata = builder.info.metadata
     if builder.builder_config.name == 'features':
         modalities = {
-            m: input_pipeline.ModalityInfo(
+            m: contract.ModalityInfo(
                 kind='features', shape=(int(metadata['feature_dims'][m]),), dtype=np.float32
             )
             for m in MODALITIES
         }
     else:
         modalities = {
-            'image': input_pipeline.ModalityInfo(kind='image', shape=IMAGE_SHAPE, dtype=np.uint8),
-            'text': input_pipeline.ModalityInfo(
+            'image': contract.ModalityInfo(kind='image', shape=IMAGE_SHAPE, dtype=np.uint8),
+            'text': contract.ModalityInfo(
                 kind='tokens', shape=(MAX_TOKENS,), dtype=np.int32, vocab_size=len(metadata['vocabulary'])
             ),
         }
-    return input_pipeline.DatasetInfo(
+    return contract.DatasetInfo(
         name=builder.name,
         modalities=modalities,
         num_classes=len(CLASS_NAMES),

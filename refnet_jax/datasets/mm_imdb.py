@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract
 
 FILE_NAME = 'multimodal_imdb.hdf5'
 URL = 'https://archive.org/download/mmimdb/multimodal_imdb.hdf5'  # the GMU authors' file, mirrored
@@ -311,12 +311,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 # --- The input pipeline's per-dataset contract. ---
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInfo:
+def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
     """What the model and train loop need to know, from a prepared `Builder`."""
-    return input_pipeline.DatasetInfo(
+    return contract.DatasetInfo(
         name=builder.name,
         modalities={
-            m: input_pipeline.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
+            m: contract.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
             for m, (_, width) in MODALITIES.items()
         },
         num_classes=NUM_CLASSES,

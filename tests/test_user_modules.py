@@ -1,0 +1,154 @@
+"""The user's own encoder and fusion module, named in the config as FILE.py:Class or package.module:Class."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from test_model import INFO, toy_batch, toy_config
+
+from refnet_jax import contract, encoders, modules, sharding, train_lib
+from refnet_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, code) of the fenced blocks between the own-modules markers of README.md."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read()
+    section = text.split('<!-- own-modules:begin -->')[1].split('<!-- own-modules:end -->')[0]
+    return re.findall(r'```(\w+)\n(.*?)```', section, flags=re.S)
+
+
+@pytest.fixture
+def my_modules(tmp_path):
+    """The README's my_modules.py, written into tmp_path."""
+    (lang, code), *_ = readme_blocks()
+    assert lang == 'python' and code.startswith('# my_modules.py')
+    path = tmp_path / 'my_modules.py'
+    path.write_text(code)
+    return path
+
+
+def with_user_modules(path, config=None):
+    config = toy_config('lowrank') if config is None else config
+    config.model.encoders.question.module = f'{path}:MyEncoder'
+    config.model.fusion.kind = f'{path}:MyFusion'
+    return config
+
+
+def test_user_encoder_and_fusion_train_a_step(my_modules):
+    config = with_user_modules(my_modules)
+    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    params = run.state.params
+    assert type(run.model.fusion).__name__ == 'MyFusion'
+    assert dict(run.model.encoders)['question'].__class__.__name__ == 'MyEncoder'
+    # The README's fields: MyFusion keeps fused_dim (16 in the tiny config), and the lowrank default
+    # `rank` it does not take is left out.
+    assert run.model.fusion.fused_dim == 16
+    before = jax.device_get(params)
+    with jax.set_mesh(run.mesh):
+        state = run.state
+        for i in range(2):
+            state, metrics = run.train_step(
+                state, sharding.shard_batch(toy_batch(), run.mesh), jax.random.key(i)
+            )
+    after = jax.device_get(state.params)
+    assert np.isfinite(float(metrics['loss']))
+    for part in (before['fusion'], before['encoders']['question']):
+        assert jax.tree.leaves(part)
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), before['fusion'], after['fusion'])
+    assert any(jax.tree.leaves(moved))
+
+
+def test_package_module_class_names_a_module():
+    config = toy_config()
+    config.model.encoders.image.module = 'refnet_jax.encoders:ImageCNN'
+    model = model_lib.create_model(config, INFO)
+    assert isinstance(dict(model.encoders)['image'], encoders.ImageCNN)
+
+
+@pytest.mark.parametrize(
+    'spec,message',
+    [
+        ('{dir}/my_modulez.py:MyEncoder', "names the file '{dir}/my_modulez.py', which does not exist"),
+        (
+            '{dir}/my_modules.py:MyEncodr',
+            "has no 'MyEncodr'; its Linen modules are ['MyEncoder', 'MyFusion']",
+        ),
+        ('refnet_jax.encoderz:ImageCNN', "no module 'refnet_jax.encoderz' can be imported"),
+        ('refnet_jax.encoders:POOLINGS', 'which is a tuple, not a flax.linen.Module class'),
+        ('MyEncoder', "expected one of ['bow', 'cnn', 'conv1d', 'mlp', 'text_transformer', 'vit']"),
+    ],
+)
+def test_a_misspelt_module_is_named_before_training(my_modules, spec, message):
+    config = toy_config()
+    config.model.encoders.question.module = spec.format(dir=my_modules.parent)
+    with pytest.raises(ValueError, match=re.escape('config.model.encoders.question.module ')) as e:
+        model_lib.create_model(config, INFO)
+    assert message.format(dir=my_modules.parent) in str(e.value)
+
+
+def test_a_field_the_user_module_lacks_is_an_error_unless_it_is_a_builtin_default(my_modules):
+    config = with_user_modules(my_modules)
+    config.model.fusion.rank = 8  # not lowrank's default: the user chose it, MyFusion does not take it
+    with pytest.raises(
+        ValueError, match=re.escape("config.model.fusion has field(s) ['rank'] that MyFusion")
+    ):
+        model_lib.create_model(config, INFO)
+
+
+def test_modules_instantiate_fills_data_fields_and_names_missing_ones():
+    enc = modules.instantiate(encoders.TokenEncoder, {'embed_dim': 4}, 'f', vocab_size=7)
+    assert enc.vocab_size == 7
+    with pytest.raises(ValueError, match=re.escape("f: TokenEncoder needs field(s) ['vocab_size']")):
+        modules.instantiate(encoders.TokenEncoder, {'embed_dim': 4}, 'f')
+    assert modules.module_fields(encoders.TokenEncoder) == {'embed_dim': 128, 'use_positions': True}
+    assert contract.KINDS['tokens'].encoder in encoders.ENCODERS
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path, easy_vqa_dir):
+    """The README's my_modules.py and its command, from a scratch directory, on the prepared easy-VQA."""
+    blocks = readme_blocks()
+    assert [lang for lang, _ in blocks] == ['python', 'bash']
+    (tmp_path / 'my_modules.py').write_text(blocks[0][1])
+    for name in ('train.py', 'configs'):
+        (tmp_path / name).symlink_to(os.path.join(ROOT, name))
+    env = dict(
+        os.environ,
+        PATH=f'{os.path.dirname(sys.executable)}{os.pathsep}{os.environ["PATH"]}',  # `python` is this one
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS='',  # one device, for speed
+        TFDS_DATA_DIR=str(easy_vqa_dir),
+    )
+    code = blocks[1][1]
+    proc = subprocess.run(
+        ['bash', '-eo', 'pipefail', '-c', code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f'{code}\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}'
+    workdir = re.search(r'--workdir (\S+)', code).group(1)
+    results = json.loads((tmp_path / workdir / 'results.json').read_text())
+    saved = json.loads((tmp_path / workdir / 'config.json').read_text())
+    assert saved['model']['fusion']['kind'] == 'my_modules.py:MyFusion'
+    assert results['test']['accuracy'] >= 0.95, results['test']
+
+
+def test_readme_example_is_what_the_fast_test_runs():
+    """The fast tests above use the README's module file; its command names exactly these two classes."""
+    blocks = readme_blocks()
+    command = blocks[1][1]
+    assert '--config.model.encoders.question.module=my_modules.py:MyEncoder' in command
+    assert '--config.model.fusion.kind=my_modules.py:MyFusion' in command
+    textwrap.dedent(blocks[0][1])  # a complete file
