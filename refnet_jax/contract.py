@@ -198,37 +198,63 @@ def check_batch(batch: Mapping[str, np.ndarray], info: DatasetInfo, labeled: boo
 
 @runtime_checkable
 class DatasetModule(Protocol):
-    """What a dataset module `refnet_jax/datasets/<name>.py` provides (`config.data.name` names it).
+    """What a dataset module provides: `refnet_jax/datasets/<name>.py` (`config.data.name`) sets `DATASET` to
+    an object with these methods, which the input pipeline calls.
 
-    Records are what a split's TFDS data source returns: a dict of NumPy arrays (and Python scalars) per
-    stored example. `input_pipeline.PerRecord` implements the four data methods for datasets with one
-    example per record and a `label` field; a dataset module subclasses it and overrides what differs.
+    `input_pipeline.PerRecordDataset` implements them for datasets with one example per record and a `label`
+    field (class id, or multi-hot); a dataset module subclasses it and overrides what differs (easy-VQA, one
+    image and its questions per record, overrides nearly everything).
 
-    `make_builder(data_config, *, data_dir, file_format)`: the dataset's TFDS `GeneratorBasedBuilder`,
-      preparable offline (from `config.data.manual_dir` for a manual download).
-    `dataset_info(builder) -> DatasetInfo`: from the prepared builder's info and metadata. The modalities'
-      shapes and dtypes are declared once, in the builder's features, and read from there.
-    `train_examples(records, config)`: `records` is the whole `train` split (a grain MapDataset), shuffled
-      anew each epoch, repeated forever and seeded; returns its training examples one per element (random
-      transforms draw from grain's per-index rngs). Every process builds the same global stream and keeps
-      every `process_count`-th element, so a global batch and every random draw do not depend on the
-      topology.
-    `train_batches(examples, config, *, batch_size)`: this process's share of the examples -> batches of
-      `batch_size` examples.
-    `eval_dataset(records, config, *, batch_size)`: this process's shard of a split, in stored order ->
-      finite, fixed-shape batches of `batch_size` example rows holding every example once, with `mask`.
-    `labeled_subset(source, fraction, seed)`: the training records restricted to a seeded `fraction` of the
-      labeled examples (`config.data.label_fraction`).
+    Each dataset is a TFDS `GeneratorBasedBuilder`, prepared offline into array_record files and read by
+    random access. Records are what a split's data source returns: a dict of NumPy arrays (and Python
+    scalars) per stored example. The modalities' shapes and dtypes are declared once, in the builder's
+    features, and `dataset_info` reads them from there (`input_pipeline.modality_info`). `info`, given to the
+    data methods, is `dataset_info(builder)` with every modality, whatever `config.data.modalities` selects:
+    the pipeline drops the others from the batches.
     """
 
-    def make_builder(self, data_config, *, data_dir: str | None, file_format: str) -> Any: ...
+    def make_builder(self, data_config, *, data_dir: str | None, file_format: str) -> Any:
+        """The dataset's builder in `data_dir`, preparable offline (from `config.data.manual_dir` for a manual
+        download); it may depend on other `config.data` fields (the user's own files)."""
+        ...
 
-    def dataset_info(self, builder) -> DatasetInfo: ...
+    def dataset_info(self, builder) -> DatasetInfo:
+        """What the model and train loop need to know, from the prepared builder's info and metadata."""
+        ...
 
-    def train_examples(self, records, config) -> Any: ...
+    def train_examples(self, records, config, *, info: DatasetInfo) -> Any:
+        """The training examples, one per element, of `records`: the whole `train` split as a grain
+        MapDataset, shuffled anew each epoch, repeated forever and seeded.
 
-    def train_batches(self, examples, config, *, batch_size: int) -> Any: ...
+        Random transforms draw from grain's per-index rngs (`random_map`). Every process builds the same
+        global stream and keeps every `process_count`-th element, so what a global batch holds, and every
+        random draw, is the same on any number of processes and devices.
+        """
+        ...
 
-    def eval_dataset(self, records, config, *, batch_size: int) -> Any: ...
+    def train_batches(self, examples, config, *, info: DatasetInfo, batch_size: int) -> Any:
+        """This process's share of the examples -> batches of `batch_size` examples (its share of
+        `config.train.batch_size`)."""
+        ...
 
-    def labeled_subset(self, source, fraction: float, seed: int) -> Any: ...
+    def eval_dataset(self, records, config, *, info: DatasetInfo, batch_size: int) -> Any:
+        """This process's shard of a split, in stored order -> finite, fixed-shape batches of `batch_size`
+        example rows, padding included, holding every example exactly once, with a bool `mask` (B,) that is
+        False on padding rows."""
+        ...
+
+    def labeled_subset(self, source, fraction: float, seed: int) -> Any:
+        """The training records (`source`, a random-access data source) restricted to a seeded `fraction`
+        of the labeled examples (`config.data.label_fraction`), as a random-access sequence of records."""
+        ...
+
+
+DATASET_METHODS: tuple[str, ...] = tuple(
+    name for name, value in vars(DatasetModule).items() if callable(value) and not name.startswith('_')
+)
+"""The methods of `DatasetModule`, in declaration order."""
+
+
+def missing_methods(obj: Any) -> tuple[str, ...]:
+    """The methods of `DatasetModule` that `obj` lacks (or has as something not callable)."""
+    return tuple(name for name in DATASET_METHODS if not callable(getattr(obj, name, None)))

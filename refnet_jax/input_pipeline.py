@@ -5,51 +5,24 @@ TensorFlow-free: each dataset is a TFDS `GeneratorBasedBuilder`, prepared with
 `as_data_source` (what `tfds.data_source` calls; the builder class is used directly, so
 no name look-up in TFDS's registries, which needs TensorFlow or the network, happens).
 
-Batches are dicts keyed by modality name plus `label` (and `mask` in evaluation). A
-modality `m` stored once for several examples (`ModalityInfo.shared`, e.g. easy-VQA's
-image, shared by the questions about it) has fewer rows than the batch, and comes with
-an int32 `f'{m}_index'` (B,) giving each example's row in `batch[m]`. These indices are
-local to the batch of this process: a train loop that assembles a global batch from
-per-process batches must add the process's offset in rows of `m`.
+Batches are as `contract` describes them. The `<m>_index` of a shared modality is local to the batch of this
+process: a train loop that assembles a global batch from per-process batches must add the process's offset
+in rows of `m`.
 
-Per-dataset contract: `config.data.name` names a module `refnet_jax.datasets.<name>`
-that provides
-  `Builder`: a `tfds.core.GeneratorBasedBuilder` subclass, preparable offline (from
-      `config.data.manual_dir` for a manual download), or `make_builder(data_config, *,
-      data_dir, file_format) -> builder` when the builder depends on other `config.data` fields.
-  `dataset_info(builder) -> DatasetInfo`: from the prepared builder's info and metadata.
-  `train_examples(records, config) -> grain.MapDataset`: `records` is the whole `train`
-      split, shuffled anew each epoch, repeated forever and seeded; returns its training
-      examples one per element (random transforms drawing from grain's per-index rngs:
-      `random_map`). Every process builds the same global stream and then keeps every
-      `process_count`-th element, so what a global batch holds, and every random draw, is
-      the same on any number of processes and devices.
-  `train_batches(examples, config, *, batch_size) -> grain.MapDataset`: this process's
-      share of the examples -> batches of `batch_size` examples (this process's share of
-      `config.train.batch_size`).
-  `eval_dataset(records, config, *, batch_size) -> grain.MapDataset`: `records` is this
-      process's shard of a split, in stored order. Returns finite, fixed-shape batches of
-      `batch_size` example rows, padding included, holding every example exactly once,
-      with a bool `mask` (B,) that is False on padding rows.
-  `labeled_subset(source, fraction, seed) -> sequence of records` (optional): the training
-      records restricted to a `fraction` of the labeled examples (`config.data.label_fraction`),
-      for datasets whose records hold several examples; the default keeps whole records
-      (`stratified_subset` of their labels).
-  A dataset with one example per record and a `label` field (class id or multi-hot) may leave
-  these out: the records' modality fields and label are then batched as they are
-  (`ToExample`, `per_record_eval_dataset`).
-Records are what a split's data source returns: a dict of NumPy arrays (and Python
-scalars) per TFDS example. A new dataset is that one module; nothing here changes.
+`config.data.name` names a module `refnet_jax.datasets.<name>` whose `DATASET` implements
+`contract.DatasetModule`; `PerRecordDataset` implements it for one example per record, and `modality_info`
+reads a modality's shape and dtype from the builder's features. A new dataset is that one module; nothing
+here changes.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import os
-import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import grain
 import jax
@@ -64,6 +37,7 @@ from refnet_jax import contract
 # gives ~38k easy-VQA questions/s on one core, and more threads add nothing.
 NUM_THREADS = 2
 PREFETCH_BATCHES = 4
+DATASET_ATTRIBUTE = 'DATASET'  # the object of a dataset module that implements contract.DatasetModule
 
 
 class ToExample(grain.transforms.Map):
@@ -91,139 +65,6 @@ class PadBatch(grain.transforms.Map):
         }
         out['mask'] = np.arange(self.batch_size) < real
         return out
-
-
-def per_record_eval_dataset(
-    records: grain.MapDataset, modalities: tuple[str, ...], batch_size: int
-) -> grain.MapDataset:
-    """`eval_dataset` for one example per record: every example once, the last batch padded and masked."""
-    return (
-        records.map(ToExample(modalities)).batch(batch_size, drop_remainder=False).map(PadBatch(batch_size))
-    )
-
-
-def _dataset_module(data_config: ml_collections.ConfigDict) -> types.ModuleType:
-    name = data_config.name
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f'config.data.name={name!r}, expected a module name under refnet_jax.datasets')
-    try:
-        return importlib.import_module(f'refnet_jax.datasets.{name}')
-    except ModuleNotFoundError as e:
-        if e.name != f'refnet_jax.datasets.{name}':
-            raise
-        raise ValueError(
-            f'config.data.name={name!r}, expected a module refnet_jax/datasets/{name}.py'
-        ) from None
-
-
-def _make_builder(module: types.ModuleType, data_config: ml_collections.ConfigDict):
-    data_dir = data_config.data_dir
-    if data_dir is not None and not isinstance(data_dir, str):
-        raise ValueError(f'config.data.data_dir={data_dir!r}, expected a str path or None (TFDS default)')
-    make_builder = getattr(module, 'make_builder', None)
-    if make_builder is not None:  # a builder that depends on the config (e.g. the user's own files)
-        return make_builder(data_config, data_dir=data_dir, file_format='array_record')
-    return module.Builder(data_dir=data_dir, file_format='array_record')
-
-
-def _prepared_builder(
-    data_config: ml_collections.ConfigDict,
-) -> tuple[types.ModuleType, Any]:
-    """The dataset's module and builder, preparing the data if no complete copy exists.
-
-    TFDS writes into a sibling `incomplete.*` directory and renames it when done, so an
-    interrupted preparation is never taken as complete; `is_prepared` also requires the
-    info files, which are written last.
-    """
-    module = _dataset_module(data_config)
-    builder = _make_builder(module, data_config)
-    if builder.is_prepared():
-        return module, builder
-    manual_dir = data_config.get('manual_dir')
-    if manual_dir is not None and not isinstance(manual_dir, str):
-        raise ValueError(f'config.data.manual_dir={manual_dir!r}, expected a str path or None')
-    try:
-        builder.download_and_prepare(
-            file_format='array_record',
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
-            ),
-        )
-    except OSError:
-        # Another process prepared the same (deterministic) data first: its rename won.
-        if not _make_builder(module, data_config).is_prepared():
-            raise
-    # Reopen from disk, so that a first call reads the same files as every later one.
-    builder = _make_builder(module, data_config)
-    if not builder.is_prepared():
-        raise RuntimeError(
-            f'{builder.data_path} exists but holds no complete TFDS dataset '
-            '(dataset_info.json, features.json); delete it to prepare the data again'
-        )
-    return module, builder
-
-
-def get_dataset_info(data_config: ml_collections.ConfigDict) -> contract.DatasetInfo:
-    """Describes the dataset of `config.data`, preparing it if needed (idempotent).
-
-    `modalities` holds those that `config.data.modalities` selects (all of them when the field is absent
-    or None).
-    """
-    module, builder = _prepared_builder(data_config)
-    info = module.dataset_info(builder)
-    selected = _selected_modalities(data_config, info)
-    return dataclasses.replace(info, modalities={m: info.modalities[m] for m in selected})
-
-
-def _selected_modalities(
-    data_config: ml_collections.ConfigDict, info: contract.DatasetInfo
-) -> tuple[str, ...]:
-    selected = data_config.get('modalities')
-    if selected is None:
-        return tuple(info.modalities)
-    if isinstance(selected, str) or not selected or any(m not in info.modalities for m in selected):
-        raise ValueError(
-            f'config.data.modalities={selected!r}; expected a non-empty tuple of modalities of dataset '
-            f'{info.name!r}: {tuple(info.modalities)}'
-        )
-    return tuple(selected)
-
-
-class DropModalities(grain.transforms.Map):
-    """Removes the modalities (and their `_index` keys) that the config does not select from a batch."""
-
-    def __init__(self, dropped: tuple[str, ...]):
-        self.dropped = {k for m in dropped for k in (m, f'{m}_index')}
-
-    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: v for k, v in batch.items() if k not in self.dropped}
-
-
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise ValueError(f'process_index={index} with process_count={count}, expected 0 <= index < count')
-    return index, count
-
-
-def _per_process(batch_size: Any, field: str, count: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f'{field}={batch_size!r}, expected a positive int')
-    if batch_size % count:
-        raise ValueError(f'{field}={batch_size}, expected a multiple of the process count {count}')
-    return batch_size // count
-
-
-def _records(builder, split: str, index: int, count: int) -> grain.MapDataset:
-    if split not in builder.info.splits:
-        raise ValueError(f'split={split!r}, expected one of {sorted(builder.info.splits)}')
-    source = builder.as_data_source(split=split)
-    return grain.MapDataset.source(source)[index::count]
-
-
-def _read_options() -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -260,6 +101,274 @@ class SubsetSource:
         return record if self.fn is None else self.fn(i, record)
 
 
+def modality_info(
+    builder: tfds.core.DatasetBuilder,
+    feature: str,
+    kind: str,
+    *,
+    vocab_size: int | None = None,
+    shared: bool = False,
+    stacked: bool = False,
+    shape: tuple[int, ...] | None = None,
+) -> contract.ModalityInfo:
+    """A modality whose item shape and dtype are those the builder declares for `feature`.
+
+    So a dataset declares its schema once, in its TFDS features, and `dataset_info` adds only what TFDS does
+    not hold (the kind, the vocabulary size, sharing).
+
+    Args:
+      builder: the dataset's builder.
+      feature: the name of the feature in `builder.info.features` that holds the modality.
+      kind: a key of `contract.KINDS`.
+      vocab_size: see `contract.ModalityInfo`.
+      shared: see `contract.ModalityInfo`.
+      stacked: the feature holds a record's items stacked along its first axis (easy-VQA's questions), so an
+        item's shape is the feature's without that axis.
+      shape: the item shape where the feature leaves sizes unknown (None), known only once the data are
+        prepared (e.g. from the builder's metadata); it must agree with the feature's known sizes.
+    """
+    declared = builder.info.features[feature]
+    item = tuple(declared.shape)[1:] if stacked else tuple(declared.shape)
+    if shape is None:
+        shape = item
+    shape = tuple(shape)
+    fits = len(shape) == len(item) and all(d is None or d == n for d, n in zip(item, shape, strict=True))
+    if not fits or not all(isinstance(n, int) for n in shape):
+        raise ValueError(
+            f'feature {feature!r} of {builder.name} has items of shape {item}; shape={shape} must fill its '
+            'unknown (None) sizes with ints and keep the others'
+        )
+    return contract.ModalityInfo(
+        kind=kind, shape=shape, dtype=declared.np_dtype, vocab_size=vocab_size, shared=shared
+    )
+
+
+def per_record_info(
+    builder: tfds.core.DatasetBuilder,
+    modalities: dict[str, contract.ModalityInfo],
+    *,
+    multi_label: bool = False,
+) -> contract.DatasetInfo:
+    """The `DatasetInfo` of a prepared builder with one example per record, whose metadata holds the
+    `class_names` (in label-id order)."""
+    class_names = tuple(builder.info.metadata['class_names'])
+    return contract.DatasetInfo(
+        name=builder.name,
+        modalities=modalities,
+        num_classes=len(class_names),
+        multi_label=multi_label,
+        class_names=class_names,
+        num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
+    )
+
+
+class PerRecordDataset(abc.ABC):
+    """`contract.DatasetModule` for datasets with one example per record and a `label` field.
+
+    The label is a class id, or a multi-hot vector for multi-label data. Records' modality fields (named by
+    `dataset_info`) and labels are batched as they are. A dataset module subclasses this class, sets `Builder`
+    (or overrides `make_builder`), writes `dataset_info`, overrides what else differs, and sets
+    `DATASET = TheSubclass()`.
+
+    Attributes:
+      Builder: the dataset's `tfds.core.GeneratorBasedBuilder` subclass, which `make_builder` instantiates.
+    """
+
+    Builder: ClassVar[type[tfds.core.GeneratorBasedBuilder] | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.Builder is None and cls.make_builder is PerRecordDataset.make_builder:
+            raise TypeError(f'{cls.__qualname__} sets neither Builder nor make_builder; expected one of them')
+
+    def make_builder(
+        self, data_config: ml_collections.ConfigDict, *, data_dir: str | None, file_format: str
+    ) -> tfds.core.DatasetBuilder:
+        """`Builder` in `data_dir`; override when the builder depends on other `config.data` fields."""
+        del data_config
+        return self.Builder(data_dir=data_dir, file_format=file_format)
+
+    @abc.abstractmethod
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        """What the model and train loop need to know, from the prepared `builder`."""
+
+    def train_examples(
+        self, records: grain.MapDataset, config: ml_collections.ConfigDict, *, info: contract.DatasetInfo
+    ) -> grain.MapDataset:
+        """Each record -> its modalities and int32 label."""
+        del config
+        return records.map(ToExample(tuple(info.modalities)))
+
+    def train_batches(
+        self,
+        examples: grain.MapDataset,
+        config: ml_collections.ConfigDict,
+        *,
+        info: contract.DatasetInfo,
+        batch_size: int,
+    ) -> grain.MapDataset:
+        """The examples stacked `batch_size` at a time."""
+        del config, info
+        return examples.batch(batch_size)
+
+    def eval_dataset(
+        self,
+        records: grain.MapDataset,
+        config: ml_collections.ConfigDict,
+        *,
+        info: contract.DatasetInfo,
+        batch_size: int,
+    ) -> grain.MapDataset:
+        """Every example once, the last batch padded and masked."""
+        del config
+        examples = records.map(ToExample(tuple(info.modalities)))
+        return examples.batch(batch_size, drop_remainder=False).map(PadBatch(batch_size))
+
+    def labeled_subset(self, source, fraction: float, seed: int) -> SubsetSource:
+        """The records of a `stratified_subset` of their labels."""
+        labels = np.stack([np.asarray(source[i]['label']) for i in range(len(source))])
+        return SubsetSource(source, stratified_subset(labels, fraction, seed))
+
+
+def _dataset(data_config: ml_collections.ConfigDict) -> contract.DatasetModule:
+    """The `DATASET` of the module `config.data.name` names, checked to implement `contract.DatasetModule`."""
+    name = data_config.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f'config.data.name={name!r}, expected a module name under refnet_jax.datasets')
+    module_name = f'refnet_jax.datasets.{name}'
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ValueError(
+            f'config.data.name={name!r}, expected a module refnet_jax/datasets/{name}.py'
+        ) from None
+    expected = (
+        f'expected {DATASET_ATTRIBUTE} = an object with the methods of refnet_jax.contract.DatasetModule '
+        f'({", ".join(contract.DATASET_METHODS)}), e.g. an instance of a subclass of '
+        'refnet_jax.input_pipeline.PerRecordDataset'
+    )
+    if DATASET_ATTRIBUTE not in vars(module):
+        raise ValueError(
+            f'config.data.name={name!r}: module {module_name} has no {DATASET_ATTRIBUTE}; {expected}'
+        )
+    dataset = vars(module)[DATASET_ATTRIBUTE]
+    if not isinstance(dataset, contract.DatasetModule):
+        raise ValueError(
+            f'config.data.name={name!r}: {module_name}.{DATASET_ATTRIBUTE} ({type(dataset).__name__}) lacks '
+            f'{", ".join(contract.missing_methods(dataset))}; {expected}'
+        )
+    return dataset
+
+
+def _make_builder(dataset: contract.DatasetModule, data_config: ml_collections.ConfigDict):
+    data_dir = data_config.data_dir
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise ValueError(f'config.data.data_dir={data_dir!r}, expected a str path or None (TFDS default)')
+    return dataset.make_builder(data_config, data_dir=data_dir, file_format='array_record')
+
+
+def _prepared_builder(
+    data_config: ml_collections.ConfigDict,
+) -> tuple[contract.DatasetModule, Any]:
+    """The dataset's `DATASET` and builder, preparing the data if no complete copy exists.
+
+    TFDS writes into a sibling `incomplete.*` directory and renames it when done, so an
+    interrupted preparation is never taken as complete; `is_prepared` also requires the
+    info files, which are written last.
+    """
+    dataset = _dataset(data_config)
+    builder = _make_builder(dataset, data_config)
+    if builder.is_prepared():
+        return dataset, builder
+    manual_dir = data_config.get('manual_dir')
+    if manual_dir is not None and not isinstance(manual_dir, str):
+        raise ValueError(f'config.data.manual_dir={manual_dir!r}, expected a str path or None')
+    try:
+        builder.download_and_prepare(
+            file_format='array_record',
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None
+            ),
+        )
+    except OSError:
+        # Another process prepared the same (deterministic) data first: its rename won.
+        if not _make_builder(dataset, data_config).is_prepared():
+            raise
+    # Reopen from disk, so that a first call reads the same files as every later one.
+    builder = _make_builder(dataset, data_config)
+    if not builder.is_prepared():
+        raise RuntimeError(
+            f'{builder.data_path} exists but holds no complete TFDS dataset '
+            '(dataset_info.json, features.json); delete it to prepare the data again'
+        )
+    return dataset, builder
+
+
+def get_dataset_info(data_config: ml_collections.ConfigDict) -> contract.DatasetInfo:
+    """Describes the dataset of `config.data`, preparing it if needed (idempotent).
+
+    `modalities` holds those that `config.data.modalities` selects (all of them when the field is absent
+    or None).
+    """
+    dataset, builder = _prepared_builder(data_config)
+    info = dataset.dataset_info(builder)
+    selected = _selected_modalities(data_config, info)
+    return dataclasses.replace(info, modalities={m: info.modalities[m] for m in selected})
+
+
+def _selected_modalities(
+    data_config: ml_collections.ConfigDict, info: contract.DatasetInfo
+) -> tuple[str, ...]:
+    selected = data_config.get('modalities')
+    if selected is None:
+        return tuple(info.modalities)
+    if isinstance(selected, str) or not selected or any(m not in info.modalities for m in selected):
+        raise ValueError(
+            f'config.data.modalities={selected!r}; expected a non-empty tuple of modalities of dataset '
+            f'{info.name!r}: {tuple(info.modalities)}'
+        )
+    return tuple(selected)
+
+
+class DropModalities(grain.transforms.Map):
+    """Removes the modalities (and their `_index` keys) that the config does not select from a batch."""
+
+    def __init__(self, dropped: tuple[str, ...]):
+        self.dropped = {k for m in dropped for k in (m, contract.index_key(m))}
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in batch.items() if k not in self.dropped}
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f'process_index={index} with process_count={count}, expected 0 <= index < count')
+    return index, count
+
+
+def _per_process(batch_size: Any, field: str, count: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f'{field}={batch_size!r}, expected a positive int')
+    if batch_size % count:
+        raise ValueError(f'{field}={batch_size}, expected a multiple of the process count {count}')
+    return batch_size // count
+
+
+def _records(builder, split: str, index: int, count: int) -> grain.MapDataset:
+    if split not in builder.info.splits:
+        raise ValueError(f'split={split!r}, expected one of {sorted(builder.info.splits)}')
+    source = builder.as_data_source(split=split)
+    return grain.MapDataset.source(source)[index::count]
+
+
+def _read_options() -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=NUM_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+
+
 def label_fraction(config: ml_collections.ConfigDict) -> float:
     """`config.data.label_fraction` (1.0 when absent), checked to be in (0, 1]."""
     fraction = config.data.get('label_fraction', 1.0)
@@ -268,52 +377,25 @@ def label_fraction(config: ml_collections.ConfigDict) -> float:
     return float(fraction)
 
 
-def _train_source(module: types.ModuleType, builder, config: ml_collections.ConfigDict, labeled: bool):
+def _train_source(dataset: contract.DatasetModule, builder, config: ml_collections.ConfigDict, labeled: bool):
     """The `train` split's records; with `labeled` and a label fraction below 1, only the labeled subset."""
     source = builder.as_data_source(split='train')
     fraction = label_fraction(config)
     if not labeled or fraction == 1.0:
         return source
-    subset = getattr(module, 'labeled_subset', None)
-    if subset is None:
-        labels = np.stack([np.asarray(source[i]['label']) for i in range(len(source))])
-        subset = SubsetSource(source, stratified_subset(labels, fraction, config.seed))
-    else:
-        subset = subset(source, fraction, config.seed)
+    subset = dataset.labeled_subset(source, fraction, config.seed)
     logging.info('Label fraction %g: %d of %d training records.', fraction, len(subset), len(source))
     return subset
 
 
-def _dataset_fns(module: types.ModuleType, builder, data_config: ml_collections.ConfigDict):
-    """The module's (`train_examples`, `train_batches`, `eval_dataset`), or the per-record defaults; the
-    batches of the last two leave out the modalities that `config.data.modalities` does not select."""
-    info = module.dataset_info(builder)
-    modalities = tuple(info.modalities)
+def _dropped(data_config: ml_collections.ConfigDict, info: contract.DatasetInfo) -> tuple[str, ...]:
+    """The modalities of the dataset that `config.data.modalities` leaves out."""
     selected = _selected_modalities(data_config, info)
-    dropped = tuple(m for m in modalities if m not in selected)
+    return tuple(m for m in info.modalities if m not in selected)
 
-    def train_examples(records, config):
-        del config
-        return records.map(ToExample(modalities))
 
-    def train_batches(examples, config, *, batch_size):
-        del config
-        return examples.batch(batch_size)
-
-    def eval_dataset(records, config, *, batch_size):
-        del config
-        return per_record_eval_dataset(records, modalities, batch_size)
-
-    def selecting(make_batches):
-        if not dropped:
-            return make_batches
-        return lambda *args, **kwargs: make_batches(*args, **kwargs).map(DropModalities(dropped))
-
-    return (
-        getattr(module, 'train_examples', train_examples),
-        selecting(getattr(module, 'train_batches', train_batches)),
-        selecting(getattr(module, 'eval_dataset', eval_dataset)),
-    )
+def _without(batches: grain.MapDataset, dropped: tuple[str, ...]) -> grain.MapDataset:
+    return batches.map(DropModalities(dropped)) if dropped else batches
 
 
 def make_train_iterator(
@@ -341,13 +423,14 @@ def make_train_iterator(
     """
     index, count = _process(process_index, process_count)
     batch_size = _per_process(config.train.batch_size, 'config.train.batch_size', count)
-    module, builder = _prepared_builder(config.data)
-    train_examples, train_batches, _ = _dataset_fns(module, builder, config.data)
-    source = _train_source(module, builder, config, labeled)
+    dataset, builder = _prepared_builder(config.data)
+    info = dataset.dataset_info(builder)
+    dropped = _dropped(config.data, info)
+    source = _train_source(dataset, builder, config, labeled)
     records = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    examples = train_examples(records, config)[index::count]
-    dataset = train_batches(examples, config, batch_size=batch_size)
-    return iter(dataset.to_iter_dataset(_read_options()))
+    examples = dataset.train_examples(records, config, info=info)[index::count]
+    batches = dataset.train_batches(examples, config, info=info, batch_size=batch_size)
+    return iter(_without(batches, dropped).to_iter_dataset(_read_options()))
 
 
 def eval_batches(
@@ -371,10 +454,16 @@ def eval_batches(
     if batch_size is None:
         batch_size = config.eval.batch_size
     local_batch_size = _per_process(batch_size, field, count)
-    module, builder = _prepared_builder(config.data)
-    _, _, eval_dataset = _dataset_fns(module, builder, config.data)
+    dataset, builder = _prepared_builder(config.data)
+    info = dataset.dataset_info(builder)
+    dropped = _dropped(config.data, info)
     shards = [
-        eval_dataset(_records(builder, split, i, count), config, batch_size=local_batch_size)
+        _without(
+            dataset.eval_dataset(
+                _records(builder, split, i, count), config, info=info, batch_size=local_batch_size
+            ),
+            dropped,
+        )
         for i in range(count)
     ]
     num_batches = max(len(shard) for shard in shards)

@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from configs import hateful_memes as hateful_memes_config
-from refnet_jax import checkpointing, contract, input_pipeline, metrics, sharding, train_lib
+from refnet_jax import checkpointing, contract, input_pipeline, metrics, objective, sharding, train_lib
 from refnet_jax import model as model_lib
 from refnet_jax.datasets import hateful_memes
 
@@ -459,7 +459,10 @@ def test_tiny_config_trains_and_reports_the_aurocs_of_its_predictions(tmp_path, 
         logits, labels = [], []
         with jax.set_mesh(mesh):
             for batch in input_pipeline.eval_batches(config, split):
-                out = np.asarray(train_lib.eval_step(state, sharding.shard_batch(batch, mesh)))
+                out = train_lib.eval_step(
+                    state, sharding.shard_batch(batch, mesh), objective.Supervised(config)
+                )
+                out = np.asarray(out['logits'])
                 logits.append(out[batch['mask']])
                 labels.append(batch['label'][batch['mask']])
         logits, labels = np.concatenate(logits).astype(np.float64), np.concatenate(labels)

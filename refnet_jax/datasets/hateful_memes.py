@@ -34,9 +34,9 @@ Builder configs:
 The vocabulary, class names, split files and feature widths are stored in the prepared dataset's
 `metadata.json`.
 
-This module also implements the per-dataset contract of `refnet_jax.input_pipeline` (`Builder`,
-`make_builder`, `dataset_info`): one example per record, batches `{'image', 'text', 'label'}` (plus `mask` in
-evaluation), picked by `config.data.builder_config` ('raw' or 'features').
+`DATASET` implements `refnet_jax.contract.DatasetModule` with the per-record defaults: one example per
+record, batches `{'image', 'text', 'label'}` (plus `mask` in evaluation), from the builder config that
+`config.data.builder_config` picks ('raw' or 'features').
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from refnet_jax import contract
+from refnet_jax import contract, input_pipeline
 
 IMAGE_SIZE = 64  # images are resized to IMAGE_SIZE x IMAGE_SIZE pixels
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -345,41 +345,36 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             yield meme.line, {**{m: x[row] for m, x in vectors.items()}, 'label': meme.label, 'id': meme.id}
 
 
-# --- The input pipeline's per-dataset contract. ---
+class HatefulMemes(input_pipeline.PerRecordDataset):
+    """Hateful Memes for the input pipeline: one example per meme."""
+
+    def make_builder(
+        self, data_config: ml_collections.ConfigDict, *, data_dir: str | None, file_format: str
+    ) -> tfds.core.DatasetBuilder:
+        """The `Builder` of `config.data.builder_config` ('raw' when the field is absent)."""
+        name = data_config.get('builder_config', 'raw')
+        if name not in BUILDER_CONFIG_NAMES:
+            raise ValueError(f'config.data.builder_config={name!r}, expected one of {BUILDER_CONFIG_NAMES}')
+        return Builder(config=name, data_dir=data_dir, file_format=file_format)
+
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        metadata = builder.info.metadata
+        if builder.builder_config.name == 'features':
+            # The features leave the widths unknown; the prepared metadata holds them.
+            modalities = {
+                m: input_pipeline.modality_info(
+                    builder, m, 'features', shape=(int(metadata['feature_dims'][m]),)
+                )
+                for m in MODALITIES
+            }
+        else:
+            modalities = {
+                'image': input_pipeline.modality_info(builder, 'image', 'image'),
+                'text': input_pipeline.modality_info(
+                    builder, 'text', 'tokens', vocab_size=len(metadata['vocabulary'])
+                ),
+            }
+        return input_pipeline.per_record_info(builder, modalities)
 
 
-def make_builder(
-    data_config: ml_collections.ConfigDict, *, data_dir: str | None, file_format: str
-) -> tfds.core.DatasetBuilder:
-    """The `Builder` of `config.data.builder_config` ('raw' when the field is absent)."""
-    name = data_config.get('builder_config', 'raw')
-    if name not in BUILDER_CONFIG_NAMES:
-        raise ValueError(f'config.data.builder_config={name!r}, expected one of {BUILDER_CONFIG_NAMES}')
-    return Builder(config=name, data_dir=data_dir, file_format=file_format)
-
-
-def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
-    """What the model and train loop need to know, from a prepared `Builder`."""
-    metadata = builder.info.metadata
-    if builder.builder_config.name == 'features':
-        modalities = {
-            m: contract.ModalityInfo(
-                kind='features', shape=(int(metadata['feature_dims'][m]),), dtype=np.float32
-            )
-            for m in MODALITIES
-        }
-    else:
-        modalities = {
-            'image': contract.ModalityInfo(kind='image', shape=IMAGE_SHAPE, dtype=np.uint8),
-            'text': contract.ModalityInfo(
-                kind='tokens', shape=(MAX_TOKENS,), dtype=np.int32, vocab_size=len(metadata['vocabulary'])
-            ),
-        }
-    return contract.DatasetInfo(
-        name=builder.name,
-        modalities=modalities,
-        num_classes=len(CLASS_NAMES),
-        multi_label=False,
-        class_names=tuple(metadata['class_names']),
-        num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
-    )
+DATASET = HatefulMemes()

