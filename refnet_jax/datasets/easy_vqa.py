@@ -31,19 +31,15 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from refnet_jax import contract, input_pipeline
+from refnet_jax.datasets import common
 
 IMAGE_SHAPE = (64, 64, 3)
 # Question rows per image: at most 21 questions in the data; 32 lets evaluation batches of
 # a power-of-two number of rows hold whole images.
 MAX_QUESTIONS = 32
 MAX_TOKENS = 12  # Questions have at most 9 words.
-PAD_ID = 0
-OOV_ID = 1
-PAD_TOKEN = '<pad>'
-OOV_TOKEN = '<oov>'
 ANSWER_PAD = -1  # `answers` entries past `num_questions`.
 VALIDATION_SEED = 0
 NUM_VALIDATION_IMAGES = 400
@@ -56,26 +52,22 @@ def split_words(question: str) -> list[str]:
 
 def build_vocabulary(questions: Iterable[str]) -> list[str]:
     """Token list (index = id): pad, oov, then the sorted distinct words of `questions`."""
-    words = sorted({w for q in questions for w in split_words(q)})
-    return [PAD_TOKEN, OOV_TOKEN, *words]
+    return common.build_vocabulary(w for q in questions for w in split_words(q))
 
 
 def tokenize(question: str, vocabulary: Sequence[str]) -> np.ndarray:
     """Token ids (MAX_TOKENS,) int32 of `question`, padded with PAD_ID; unknown: OOV_ID."""
-    ids = {w: i for i, w in enumerate(vocabulary)}
     words = split_words(question)
     if len(words) > MAX_TOKENS:
         raise ValueError(
             f'question {question!r} has {len(words)} words, expected at most MAX_TOKENS={MAX_TOKENS}'
         )
-    out = np.full((MAX_TOKENS,), PAD_ID, np.int32)
-    out[: len(words)] = [ids.get(w, OOV_ID) for w in words]
-    return out
+    return common.token_ids(words, common.word_ids(vocabulary), MAX_TOKENS)
 
 
 def detokenize(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
     """Words of token `ids`, padding dropped: `tokenize`'s inverse up to case and '?'."""
-    return ' '.join(vocabulary[i] for i in ids if i != PAD_ID)
+    return common.detokenize(ids, vocabulary)
 
 
 def validation_image_ids(train_image_ids: Iterable[int]) -> set[int]:
@@ -86,8 +78,7 @@ def validation_image_ids(train_image_ids: Iterable[int]) -> set[int]:
 
 
 def _load_image(path: str) -> np.ndarray:
-    with Image.open(path) as image:
-        array = np.asarray(image.convert('RGB'), dtype=np.uint8)
+    array = common.load_image(path)
     if array.shape != IMAGE_SHAPE:
         raise ValueError(f'image {path} has shape {array.shape}, expected {IMAGE_SHAPE}')
     return array
@@ -178,7 +169,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 raise ValueError(
                     f'image {image_id} has {len(qas)} questions, expected 1..MAX_QUESTIONS={MAX_QUESTIONS}'
                 )
-            questions = np.full((MAX_QUESTIONS, MAX_TOKENS), PAD_ID, np.int32)
+            questions = np.full((MAX_QUESTIONS, MAX_TOKENS), common.PAD_ID, np.int32)
             labels = np.full((MAX_QUESTIONS,), ANSWER_PAD, np.int32)
             for row, (question, answer) in enumerate(qas):
                 questions[row] = tokenize(question, vocabulary)

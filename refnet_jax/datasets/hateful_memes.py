@@ -30,7 +30,7 @@ Builder configs:
       of pixels and words: the manual directory also holds `features.npz` with arrays `id` (N,) int, `image`
       (N, Di) and `text` (N, Dt), one row per meme id of the split files (extra rows are ignored; no image
       is read). `image` and `text` are then 'features' modalities of float32 (Di,) and (Dt,), stored as
-      given (no standardisation).
+      given (no standardization).
 The vocabulary, class names, split files and feature widths are stored in the prepared dataset's
 `metadata.json`.
 
@@ -41,7 +41,6 @@ record, batches `{'image', 'text', 'label'}` (plus `mask` in evaluation), from t
 
 from __future__ import annotations
 
-import collections
 import json
 import pathlib
 import re
@@ -51,18 +50,14 @@ from typing import Any, ClassVar, NamedTuple
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from refnet_jax import contract, input_pipeline
+from refnet_jax.datasets import common
 
 IMAGE_SIZE = 64  # images are resized to IMAGE_SIZE x IMAGE_SIZE pixels
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 VOCAB_SIZE = 10_000  # token ids at most, PAD_ID and OOV_ID included
 MAX_TOKENS = 48  # words kept per text
-PAD_ID = 0
-OOV_ID = 1
-PAD_TOKEN = '<pad>'
-OOV_TOKEN = '<oov>'
 CLASS_NAMES = ('not_hateful', 'hateful')  # label 0, label 1
 MODALITIES = ('image', 'text')
 SPLIT_FILES = {'train': 'train.jsonl', 'validation': 'dev_seen.jsonl', 'test': 'test_seen.jsonl'}
@@ -99,11 +94,7 @@ def split_words(text: str) -> list[str]:
 
 def build_vocabulary(texts: Iterable[str], max_size: int = VOCAB_SIZE) -> list[str]:
     """Token list (index = id): pad, oov, then the `max_size - 2` most frequent words (ties alphabetical)."""
-    if max_size < 2:
-        raise ValueError(f'max_size={max_size}, expected at least 2 (the padding and unknown-word tokens)')
-    counts = collections.Counter(w for text in texts for w in split_words(text))
-    words = sorted(counts, key=lambda w: (-counts[w], w))[: max_size - 2]
-    return [PAD_TOKEN, OOV_TOKEN, *words]
+    return common.build_vocabulary((w for text in texts for w in split_words(text)), max_size)
 
 
 def tokenize(text: str, word_ids: Mapping[str, int]) -> np.ndarray:
@@ -111,32 +102,21 @@ def tokenize(text: str, word_ids: Mapping[str, int]) -> np.ndarray:
 
     `word_ids` maps a word to its id (the vocabulary inverted); other words get OOV_ID.
     """
-    words = split_words(text)[:MAX_TOKENS]
-    out = np.full((MAX_TOKENS,), PAD_ID, np.int32)
-    out[: len(words)] = [word_ids.get(w, OOV_ID) for w in words]
-    return out
+    return common.token_ids(split_words(text)[:MAX_TOKENS], word_ids, MAX_TOKENS)
 
 
 def detokenize(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
     """Words of token `ids`, padding dropped: `tokenize`'s inverse up to case, punctuation and unknown words."""
-    return ' '.join(vocabulary[i] for i in ids if i != PAD_ID)
+    return common.detokenize(ids, vocabulary)
 
 
 # --- Reading and checking the manual files ---
 
 
-def check_manual_files(root: pathlib.Path, builder_config: str) -> None:
-    """Raises FileNotFoundError listing every file that `builder_config` needs and `root` lacks."""
-    missing = [name for name in SPLIT_FILES.values() if not (root / name).is_file()]
-    if builder_config == 'features':
-        missing += [] if (root / FEATURES_FILE).is_file() else [FEATURES_FILE]
-    elif not (root / IMAGE_DIR).is_dir():
-        missing.append(f'{IMAGE_DIR}/')
-    if missing:
-        raise FileNotFoundError(
-            f'Hateful Memes ({builder_config}): missing in the manual directory {root}: {", ".join(missing)}; '
-            f'{MANUAL_DIR_HELP}'
-        )
+def manual_files(builder_config: str) -> list[str]:
+    """The files of the manual directory that `builder_config` needs ('/' ends a directory)."""
+    needs = list(SPLIT_FILES.values())
+    return [*needs, FEATURES_FILE] if builder_config == 'features' else [*needs, f'{IMAGE_DIR}/']
 
 
 def read_split_file(path: pathlib.Path) -> list[Meme]:
@@ -176,24 +156,12 @@ def _parse_line(line: str, path: pathlib.Path, number: int) -> Meme:
     return Meme(record['id'], record['img'], record['label'], record['text'], number)
 
 
-def load_image(path: pathlib.Path) -> np.ndarray:
-    """The image at `path` as IMAGE_SHAPE uint8 RGB: alpha dropped, resized (bilinear, aspect ratio not kept)."""
-    with Image.open(path) as image:
-        if image.mode in ('P', 'PA'):  # a palette's transparency needs RGBA to be read without a warning
-            image = image.convert('RGBA')
-        resized = image.convert('RGB').resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
-
-
 def _meme_image(root: pathlib.Path, split_path: pathlib.Path, meme: Meme) -> np.ndarray:
     where = f'{split_path} line {meme.line} (id {meme.id})'
     path = root / meme.img
     if not path.is_file():
         raise FileNotFoundError(f'{where}: image {path} (field img={meme.img!r}) not found')
-    try:
-        return load_image(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f'{where}: image {path} cannot be decoded: {e}') from e
+    return common.load_image(path, IMAGE_SIZE, where=where)
 
 
 def load_features(path: pathlib.Path) -> tuple[dict[int, int], dict[str, np.ndarray]]:
@@ -281,12 +249,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-        try:
-            root = pathlib.Path(dl_manager.manual_dir)
-        except AssertionError as e:  # TFDS: the manual directory does not exist or is empty
-            raise FileNotFoundError(f'Hateful Memes: {e}') from None
         config = self.builder_config.name
-        check_manual_files(root, config)
+        root = common.manual_dir(
+            dl_manager, f'Hateful Memes ({config})', manual_files(config), MANUAL_DIR_HELP
+        )
         files = {split: root / name for split, name in SPLIT_FILES.items()}
         files.update(
             {split: root / name for split, name in OPTIONAL_SPLIT_FILES.items() if (root / name).is_file()}
@@ -320,7 +286,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 },
             }
         )
-        word_ids = {w: i for i, w in enumerate(vocabulary)}
+        word_ids = common.word_ids(vocabulary)
         return {split: self._generate_examples(root, files[split], memes[split], word_ids) for split in memes}
 
     def _generate_examples(

