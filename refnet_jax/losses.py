@@ -75,11 +75,11 @@ def _ms_anchor_losses(
     row of the similarity matrix, so any set of rows can be computed alone.
 
     Args:
-      anchors: (R, D) L2-normalised anchor embeddings.
+      anchors: (R, D) L2-normalized anchor embeddings.
       anchor_labels: (R,) class ids or (R, C) float 0/1 multi-hot labels of the anchors.
       anchor_valid: (R,) bool, False for masked or padding anchors (their row is all zeros).
       anchor_ids: (R,) int, each anchor's row in the batch (an example is never its own pair).
-      normed: (B, D) L2-normalised batch.
+      normed: (B, D) L2-normalized batch.
       labels: (B,) or (B, C), as ``anchor_labels``.
       valid: (B,) bool.
     """
@@ -163,7 +163,7 @@ def multi_similarity_loss(
     the backward pass: memory O(rows * B) instead of O(B^2), same value and gradient up to float rounding.
 
     Args:
-      embeddings: (B, D) embeddings, computed in at least float32; L2-normalised here (a zero row stays zero and
+      embeddings: (B, D) embeddings, computed in at least float32; L2-normalized here (a zero row stays zero and
         has similarity 0 to every row).
       labels: (B,) integer class ids, or (B, C) multi-hot labels. Two examples are positives if they share a
         class (multi-hot: at least one label) and negatives if they share none; an example is never its own pair.
@@ -284,7 +284,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, where: jax.Array
     """Per-example softmax cross-entropy for single-label classification.
 
     Args:
-      logits: (B, C) unnormalised scores.
+      logits: (B, C) unnormalized scores.
       labels: (B,) integer class ids in [0, C).
       where: optional (B,) bool mask; masked examples give 0 (their labels may be out of range).
 
@@ -308,7 +308,7 @@ def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, where: jax.Array
     """Per-example sigmoid (binary) cross-entropy for multi-label classification, averaged over classes.
 
     Args:
-      logits: (B, C) unnormalised scores.
+      logits: (B, C) unnormalized scores.
       labels: (B, C) multi-hot targets in {0, 1} (soft targets in [0, 1] also work).
       where: optional (B,) bool mask; masked examples give 0.
 

@@ -1,7 +1,8 @@
 """Evaluation metrics on whole evaluation sets, in NumPy on the host (after jitted prediction).
 
-Each takes an optional ``where`` (N,) bool mask that drops examples (padding), and agrees with scikit-learn:
-``accuracy_score``, ``f1_score(..., zero_division=0)`` and ``roc_auc_score``.
+Each takes an optional ``where`` (N,) bool mask that drops examples (padding). The classification metrics
+agree with scikit-learn: ``accuracy_score``, ``f1_score(..., zero_division=0)`` and ``roc_auc_score``;
+``embedding_spread`` measures how far a set of embeddings is from collapsing to one direction.
 """
 
 from __future__ import annotations
@@ -111,3 +112,24 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike, where: ArrayLike | None = None
     average_rank = np.cumsum(counts) - (counts - 1) / 2
     rank_sum = average_rank[inverse][positive].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def embedding_spread(embeddings: ArrayLike, where: ArrayLike | None = None) -> float:
+    """Mean over dimensions of the standard deviation across examples of the L2-normalized embeddings.
+
+    0 when every example has the same embedding direction (a collapsed network); independent random unit
+    vectors in d dimensions score about 1 / sqrt(d).
+
+    Args:
+      embeddings: (N, D) embeddings.
+      where: optional (N,) bool mask of the examples to count.
+
+    >>> embedding_spread(np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]), where=np.array([True, True, False]))
+    0.5
+    """
+    x = np.asarray(embeddings, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f'`embeddings` must be (N, D), got {x.shape}.')
+    (x,) = _apply_where(where, x)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return float(x.std(axis=0).mean())

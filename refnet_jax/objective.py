@@ -1,86 +1,203 @@
-"""The training objectives: the model's outputs and a batch -> (loss, metrics).
+"""The objective of a run: what a training step minimises and how an evaluation split is scored.
 
-Supervised: L = L_task(H(z), y) + sum_m w_m L_ref(R_m(z), t_m) + gamma L_MS(z, y).
-Pre-training: sum_m w_m L_ref(R_m(z), t_m), labels never read.
-Every term is averaged over the real examples of the batch (`batch['mask']`, where padding exists).
+One frozen, hashable dataclass per kind of run (a static argument of the jitted steps), all with the
+interface of `Objective`: whether it reads labels, the training loss of a batch, per-example evaluation
+outputs (computed in the jitted eval step) and the metrics of a whole split from them. The losses come from
+`losses`, the metrics of a split from `metrics`.
+
+Supervised: L = L_task(H(z), y) + sum_m w_m L_ref(R_m(z), t_m) + gamma L_MS(z, y); evaluated by the task
+loss, accuracy (and AUROC with two classes) or the multi-label F1 scores.
+Pretraining: sum_m w_m L_ref(R_m(z), t_m), labels never read; evaluated by the refiner losses and the spread
+of the fused embeddings. Every term is averaged over the real examples of the batch (`batch['mask']`).
 """
 
+import abc
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from refnet_jax import losses
-
-
-def refiner_terms(
-    aux: Mapping[str, Any], config: ml_collections.ConfigDict, mask: jax.Array | None
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted refiner loss and its per-modality values (0 when the refiner is off)."""
-    total = jnp.zeros((), jnp.float32)
-    metrics = {}
-    for m, recon in aux.get('reconstructions', {}).items():
-        per_example = losses.refiner_loss(recon, aux['targets'][m], kind=config.loss.refiner_kind, where=mask)
-        value = losses.masked_mean(per_example, mask)
-        metrics[f'refiner_loss/{m}'] = value
-        total = total + config.loss.refiner_weights[m] * value
-    return total, metrics
+from refnet_jax import losses, metrics, refiner
 
 
-def supervised_loss(
-    logits: jax.Array,
-    aux: Mapping[str, Any],
-    batch: Mapping[str, jax.Array],
-    config: ml_collections.ConfigDict,
-    multi_label: bool,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The ReFNet supervised loss and its terms.
+@dataclasses.dataclass(frozen=True)
+class Objective(abc.ABC):
+    """The interface of an objective, and the refiner terms that every kind of run shares.
 
-    Args:
-      logits: (B, C) task-head outputs.
-      aux: the model's aux dict.
-      batch: holds `label` ((B,) int, or (B, C) multi-hot when `multi_label`) and optionally `mask` (B,).
-      config: the experiment config (`config.loss`).
-      multi_label: sigmoid task loss and multi-label MS positives.
-
-    Returns:
-      The scalar loss and a dict of scalar metrics (loss, task_loss, refiner_loss/<m>, ms_loss, accuracy).
+    Attributes:
+      config: the experiment config (frozen, so that the objective hashes).
+      labeled: whether it reads labels; the batches of an objective that reads none never hold `label`.
+      eval_with_refiner: whether the eval step runs the refiner.
     """
-    labels = batch['label']
-    mask = batch.get('mask')
-    if multi_label:
-        task = losses.masked_mean(losses.sigmoid_cross_entropy(logits, labels, where=mask), mask)
-        correct = ((logits > 0) == (labels > 0)).all(-1)
-    else:
-        task = losses.masked_mean(losses.softmax_cross_entropy(logits, labels, where=mask), mask)
-        correct = logits.argmax(-1) == labels
-    ref, metrics = refiner_terms(aux, config, mask)
-    loss = task + ref
-    if config.loss.ms_weight > 0:
-        ms_cfg = config.loss.ms
-        ms = losses.multi_similarity_loss(
-            aux['fused'],
-            labels,
-            alpha=ms_cfg.alpha,
-            beta=ms_cfg.beta,
-            base=ms_cfg.base,
-            epsilon=ms_cfg.epsilon,
-            mining=ms_cfg.mining,
-            where=mask,
-            block_size=ms_cfg.get('block_size'),
+
+    config: ml_collections.FrozenConfigDict
+    labeled: ClassVar[bool]
+    eval_with_refiner: ClassVar[bool]
+
+    def __post_init__(self):
+        object.__setattr__(self, 'config', ml_collections.FrozenConfigDict(self.config))
+
+    def inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of a host batch the objective may read: all of it, less `label` when it reads none."""
+        return {k: v for k, v in batch.items() if self.labeled or k != 'label'}
+
+    def refiner_losses(self, aux: Mapping[str, Any], mask: jax.Array | None) -> dict[str, jax.Array]:
+        """{m: (B,)} per-example refiner losses ({} when the refiner is off)."""
+        kind = self.config.loss.refiner_kind
+        return {
+            m: losses.refiner_loss(recon, aux['targets'][m], kind=kind, where=mask)
+            for m, recon in aux.get('reconstructions', {}).items()
+        }
+
+    def refiner_terms(
+        self, aux: Mapping[str, Any], mask: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The weighted refiner loss and its per-modality values (0 when the refiner is off)."""
+        total = jnp.zeros((), jnp.float32)
+        terms = {}
+        for m, per_example in self.refiner_losses(aux, mask).items():
+            terms[f'refiner_loss/{m}'] = value = losses.masked_mean(per_example, mask)
+            total = total + self.config.loss.refiner_weights[m] * value
+        return total, terms
+
+    @abc.abstractmethod
+    def loss(
+        self, logits: jax.Array, aux: Mapping[str, Any], batch: Mapping[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The scalar training loss of a batch and a dict of scalar metrics (at least `loss`).
+
+        Args:
+          logits: (B, C) task-head outputs.
+          aux: the model's aux dict.
+          batch: the batch (as `inputs` leaves it), with an optional (B,) `mask` of its real examples.
+        """
+
+    @abc.abstractmethod
+    def eval_outputs(
+        self, logits: jax.Array, aux: Mapping[str, Any], batch: Mapping[str, jax.Array]
+    ) -> dict[str, Any]:
+        """What `split_metrics` needs, computed in the eval step: a pytree whose every leaf is (B, ...)."""
+
+    @abc.abstractmethod
+    def split_metrics(self, outputs: Mapping[str, Any]) -> dict[str, float]:
+        """The metrics of a split from its `eval_outputs` (NumPy), of the real examples only (no padding)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Supervised(Objective):
+    """The ReFNet supervised loss: task, refiner and Multi-Similarity terms.
+
+    Attributes:
+      multi_label: sigmoid task loss, multi-label MS positives and F1 scores; else softmax and accuracy.
+    """
+
+    multi_label: bool = False
+    labeled: ClassVar[bool] = True
+    eval_with_refiner: ClassVar[bool] = False  # evaluation scores the task head alone
+
+    def task_loss(self, logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """(B,) per-example task losses of (B, C) logits."""
+        if self.multi_label:
+            return losses.sigmoid_cross_entropy(logits, labels, where=mask)
+        return losses.softmax_cross_entropy(logits, labels, where=mask)
+
+    def loss(self, logits, aux, batch):
+        """loss, task_loss, refiner_loss/<m>, ms_loss (when weighted) and accuracy; `batch['label']` is (B,)
+        class ids, or (B, C) multi-hot when `multi_label`."""
+        labels, mask = batch['label'], batch.get('mask')
+        task = losses.masked_mean(self.task_loss(logits, labels, mask), mask)
+        if self.multi_label:
+            correct = ((logits > 0) == (labels > 0)).all(-1)
+        else:
+            correct = logits.argmax(-1) == labels
+        ref, terms = self.refiner_terms(aux, mask)
+        loss = task + ref
+        ms_weight = self.config.loss.ms_weight
+        if ms_weight > 0:
+            ms_cfg = self.config.loss.ms
+            ms = losses.multi_similarity_loss(
+                aux['fused'],
+                labels,
+                alpha=ms_cfg.alpha,
+                beta=ms_cfg.beta,
+                base=ms_cfg.base,
+                epsilon=ms_cfg.epsilon,
+                mining=ms_cfg.mining,
+                where=mask,
+                block_size=ms_cfg.get('block_size'),
+            )
+            loss = loss + ms_weight * ms
+            terms['ms_loss'] = ms
+        terms.update(
+            loss=loss, task_loss=task, accuracy=losses.masked_mean(correct.astype(jnp.float32), mask)
         )
-        loss = loss + config.loss.ms_weight * ms
-        metrics['ms_loss'] = ms
-    metrics.update(loss=loss, task_loss=task, accuracy=losses.masked_mean(correct.astype(jnp.float32), mask))
-    return loss, metrics
+        return loss, terms
+
+    def eval_outputs(self, logits, aux, batch):
+        """{'logits': (B, C), 'label': (B,) or (B, C), 'loss': (B,) task losses}."""
+        labels = batch['label']
+        return {'logits': logits, 'label': labels, 'loss': self.task_loss(logits, labels, batch.get('mask'))}
+
+    def split_metrics(self, outputs):
+        """num_examples and the mean task loss; accuracy (and auroc with two classes), or the *_f1 scores."""
+        logits, labels = np.asarray(outputs['logits'], np.float64), np.asarray(outputs['label'])
+        out = {'num_examples': len(labels), 'loss': np.mean(outputs['loss'], dtype=np.float64)}
+        if self.multi_label:
+            f1 = metrics.multilabel_f1(logits, labels, threshold=0.0)  # sigmoid(logit) > 0.5
+            out.update({f'{k}_f1': v for k, v in f1.items()})
+        else:
+            out['accuracy'] = metrics.accuracy(logits, labels)
+            if logits.shape[1] == 2:
+                out['auroc'] = metrics.roc_auc(logits[:, 1] - logits[:, 0], labels)
+        return {k: float(v) for k, v in out.items()}
 
 
-def pretraining_loss(
-    aux: Mapping[str, Any], batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The self-supervised refiner loss; reads no label."""
-    loss, metrics = refiner_terms(aux, config, batch.get('mask'))
-    metrics['loss'] = loss
-    return loss, metrics
+@dataclasses.dataclass(frozen=True)
+class Pretraining(Objective):
+    """Self-supervised pre-training: the refiner loss alone, labels never read.
+
+    Refuses a config without a refiner, or whose refiner targets the network could collapse onto.
+    """
+
+    labeled: ClassVar[bool] = False
+    eval_with_refiner: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        weights = self.config.loss.refiner_weights
+        if not any(w > 0 for w in weights.values()):
+            raise ValueError(f'pre-training needs a refiner: config.loss.refiner_weights is {dict(weights)}')
+        target = self.config.model.refiner.target
+        if target in refiner.COLLAPSIBLE:
+            # A network whose encoders output a constant reconstructs a constant target perfectly.
+            raise ValueError(
+                f"config.model.refiner.target is {target!r}; pre-training needs 'input': "
+                f'{" and ".join(map(repr, refiner.COLLAPSIBLE))} targets are made by the network itself, '
+                'which can collapse to a constant that the refiner reconstructs perfectly'
+            )
+
+    def loss(self, logits, aux, batch):
+        """The weighted refiner loss and its terms (loss, refiner_loss/<m>); reads no label."""
+        loss, terms = self.refiner_terms(aux, batch.get('mask'))
+        terms['loss'] = loss
+        return loss, terms
+
+    def eval_outputs(self, logits, aux, batch):
+        """{'refiner_loss': {m: (B,)}, 'fused': (B, D)}."""
+        return {'refiner_loss': self.refiner_losses(aux, batch.get('mask')), 'fused': aux['fused']}
+
+    def split_metrics(self, outputs):
+        """num_examples, refiner_loss/<m> and their weighted sum `loss`, fused_spread (0 means collapse)."""
+        out = {
+            'num_examples': float(len(outputs['fused'])),
+            'fused_spread': metrics.embedding_spread(outputs['fused']),
+            'loss': 0.0,
+        }
+        for m, per_example in sorted(outputs['refiner_loss'].items()):
+            out[f'refiner_loss/{m}'] = value = float(np.mean(per_example, dtype=np.float64))
+            out['loss'] += self.config.loss.refiner_weights[m] * value
+        return out

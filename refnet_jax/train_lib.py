@@ -1,9 +1,10 @@
 """Training and evaluation: TrainState, the jitted train and eval steps, and `train_and_evaluate`.
 
-`train_and_evaluate(config, workdir)` is the whole supervised run: it prepares the data, restores the
-latest checkpoint of `workdir` or initialises, trains with one jitted step sharded over the data mesh,
-checkpoints (state and data-iterator position), logs scalars to `metrics.jsonl` and TensorBoard, and
-writes `results.json` with the validation and test metrics at the end.
+`train_and_evaluate(config, workdir)` is the whole supervised run (`pretrain` the self-supervised one; the
+two differ only in their `objective`): it prepares the data, restores the latest checkpoint of `workdir` or
+initialises, trains with one jitted step sharded over the data mesh, checkpoints (state and data-iterator
+position), logs scalars to `metrics.jsonl` and TensorBoard, and writes `results.json` with the validation
+and test metrics at the end.
 """
 
 import dataclasses
@@ -25,9 +26,10 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import checkpointing, contract, input_pipeline, losses, objective, refiner, sharding
-from refnet_jax import metrics as metrics_lib
+from refnet_jax import checkpointing, contract, input_pipeline, sharding
 from refnet_jax import model as model_lib
+from refnet_jax import objective as objective_lib
+from refnet_jax.metric_writer import MetricWriter
 
 TrainState = train_state.TrainState
 
@@ -128,9 +130,9 @@ class Run:
       model: the ReFNet of the config.
       tx: the optimizer.
       schedule: its learning-rate schedule.
+      objective: what the train step minimises and how `evaluate` scores a split.
       state: parameters and optimizer state as a training run starts, on the mesh (None without `init`).
       train_step: the jitted, donating `(state, batch, rng) -> (state, metrics)` (None without `init`).
-      pretraining: whether the objective is the refiner loss alone.
     """
 
     config: ml_collections.ConfigDict
@@ -139,9 +141,9 @@ class Run:
     model: model_lib.ReFNet
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+    objective: objective_lib.Objective
     state: TrainState | None
     train_step: Callable | None
-    pretraining: bool = False
 
 
 def build(
@@ -153,14 +155,15 @@ def build(
     init: bool = True,
     seed: int | None = None,
 ) -> Run:
-    """The one way to set up a run: dataset info -> mesh -> model -> optimizer -> state -> step.
+    """The one way to set up a run: dataset info -> mesh -> model -> optimizer, objective -> state -> step.
 
     Training, pre-training, export, analysis, the benchmarks and the tests all call this, so what they use is
     what trains.
 
     Args:
       config: the experiment config.
-      pretraining: the refiner loss alone, no labels.
+      pretraining: the `objective.Pretraining` objective (the refiner loss alone, no labels) instead of
+        `objective.Supervised`.
       info: the dataset's description; default: read (and, the first time, prepared) from `config.data`.
       devices: the devices of the mesh; default: all (`config.mesh.data` of them).
       init: also initialise the state (from `config.seed`, or `seed`) and jit the train step.
@@ -171,13 +174,17 @@ def build(
     sharding.check_batch_divisibility(config, mesh)
     model = model_lib.create_model(config, info)
     tx, schedule = create_optimizer(config)
+    if pretraining:
+        objective = objective_lib.Pretraining(config)
+    else:
+        objective = objective_lib.Supervised(config, multi_label=info.multi_label)
     state = step = None
     if init:
         init_rng = init_rngs(config)[0] if seed is None else jax.random.key(seed)
         with jax.set_mesh(mesh):
             state = create_train_state(model, tx, info, init_rng, mesh)
-            step = make_train_step(config, info.multi_label, schedule, mesh, state, pretraining)
-    return Run(config, info, mesh, model, tx, schedule, state, step, pretraining)
+            step = make_train_step(objective, schedule, mesh, state)
+    return Run(config, info, mesh, model, tx, schedule, objective, state, step)
 
 
 def create_train_state(
@@ -207,22 +214,16 @@ def train_step(
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
     *,
-    config: ml_collections.ConfigDict,
-    multi_label: bool,
+    objective: objective_lib.Objective,
     schedule: optax.Schedule,
-    pretraining: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the global batch; pure, jitted once by `make_train_step`.
-
-    With `pretraining`, the loss is the refiner loss alone and the batch holds no labels.
-    """
+    """One optimizer step on the global batch, minimising `objective.loss`; pure, jitted once by
+    `make_train_step`."""
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
         logits, aux = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
-        if pretraining:
-            return objective.pretraining_loss(aux, batch, config)
-        return objective.supervised_loss(logits, aux, batch, config, multi_label)
+        return objective.loss(logits, aux, batch)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -231,134 +232,58 @@ def train_step(
     return state.apply_gradients(grads=grads), metrics
 
 
-def make_train_step(config, multi_label, schedule, mesh, state, pretraining=False):
+def make_train_step(
+    objective: objective_lib.Objective, schedule: optax.Schedule, mesh: jax.sharding.Mesh, state: TrainState
+) -> Callable:
     """The jitted train step: state replicated and donated, batch sharded on `data`."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step = functools.partial(
-        train_step, config=config, multi_label=multi_label, schedule=schedule, pretraining=pretraining
-    )
     return jax.jit(
-        step,
+        functools.partial(train_step, objective=objective, schedule=schedule),
         donate_argnums=(0,),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
     )
 
 
-@jax.jit
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Logits for a sharded batch, without the refiner (it only matters in training)."""
-    logits, _ = state.apply_fn({'params': state.params}, batch, train=False, with_refiner=False)
-    return logits
-
-
-@functools.partial(jax.jit, static_argnames='config')
-def pretraining_eval_step(state: TrainState, batch, config) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Per-example refiner losses {m: (B,)} and the fused embeddings (B, D) of a sharded batch."""
-    _, aux = state.apply_fn({'params': state.params}, batch, train=False)
-    per_example = {
-        m: losses.refiner_loss(r, aux['targets'][m], kind=config.loss.refiner_kind)
-        for m, r in aux['reconstructions'].items()
-    }
-    return per_example, aux['fused']
-
-
-def evaluate_pretraining(
-    state: TrainState,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    info: contract.DatasetInfo,
-    mesh: jax.sharding.Mesh,
-    config: ml_collections.ConfigDict,
-) -> dict[str, float]:
-    """Refiner losses over a split, and the spread of the fused embeddings (0 means collapse).
-
-    `fused_spread` is the mean over dimensions of the standard deviation across examples of the
-    L2-normalised fused embeddings: a network whose fused embedding is constant scores 0.
-    """
-    gathered = []
-    for batch in batches:
-        batch = {k: v for k, v in batch.items() if k != 'label'}
-        contract.check_batch(batch, info, labeled=False)
-        global_batch = sharding.shard_batch(batch, mesh)
-        per_example, fused = pretraining_eval_step(
-            state, global_batch, ml_collections.FrozenConfigDict(config)
-        )
-        out = {'losses': per_example, 'fused': fused, 'mask': global_batch['mask']}
-        gathered.append(multihost_utils.process_allgather(out, tiled=True))
-    mask = np.concatenate([g['mask'] for g in gathered]).astype(bool)
-    fused = np.concatenate([g['fused'] for g in gathered])[mask].astype(np.float64)
-    fused /= np.maximum(np.linalg.norm(fused, axis=-1, keepdims=True), 1e-12)
-    out = {'num_examples': float(mask.sum()), 'fused_spread': float(fused.std(axis=0).mean()), 'loss': 0.0}
-    for m in gathered[0]['losses']:
-        value = float(np.concatenate([g['losses'][m] for g in gathered])[mask].mean())
-        out[f'refiner_loss/{m}'] = value
-        out['loss'] += config.loss.refiner_weights[m] * value
-    return out
+@functools.partial(jax.jit, static_argnames='objective')
+def eval_step(
+    state: TrainState, batch: Mapping[str, jax.Array], objective: objective_lib.Objective
+) -> dict[str, Any]:
+    """`objective.eval_outputs` of a sharded batch: per-example outputs, every leaf (B, ...)."""
+    logits, aux = state.apply_fn(
+        {'params': state.params}, batch, train=False, with_refiner=objective.eval_with_refiner
+    )
+    return objective.eval_outputs(logits, aux, batch)
 
 
 def evaluate(
     state: TrainState,
     batches: Iterable[Mapping[str, np.ndarray]],
+    objective: objective_lib.Objective,
     info: contract.DatasetInfo,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-    """Metrics over a whole split: every real example once (padding rows are masked out)."""
+    """`objective.split_metrics` over a whole split: every real example once.
+
+    Args:
+      batches: the host batches of the split, each with its `mask` of real rows (padding rows are dropped), as
+        `input_pipeline.eval_batches` yields them.
+    """
     gathered = []
     for batch in batches:
-        contract.check_batch(batch, info)
-        global_batch = sharding.shard_batch(batch, mesh)
-        logits = eval_step(state, global_batch)
-        out = {'logits': logits, 'label': global_batch['label'], 'mask': global_batch['mask']}
+        batch = _checked_and_sharded(batch, objective, info, mesh)
+        out = {'outputs': eval_step(state, batch, objective), 'mask': batch['mask']}
         gathered.append(multihost_utils.process_allgather(out, tiled=True))
-    logits = np.concatenate([g['logits'] for g in gathered]).astype(np.float64)
-    labels = np.concatenate([g['label'] for g in gathered])
     mask = np.concatenate([g['mask'] for g in gathered]).astype(bool)
-    out = {'num_examples': int(mask.sum())}
-    if info.multi_label:
-        probs = 1.0 / (1.0 + np.exp(-logits))
-        out.update({f'{k}_f1': v for k, v in metrics_lib.multilabel_f1(probs, labels, where=mask).items()})
-        out['loss'] = float(
-            np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))), axis=-1)[
-                mask
-            ].mean()
-        )
-    else:
-        out['accuracy'] = metrics_lib.accuracy(logits, labels, where=mask)
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        out['loss'] = float(-np.take_along_axis(logp, labels[:, None].clip(0, None), -1)[:, 0][mask].mean())
-        if info.num_classes == 2:
-            out['auroc'] = metrics_lib.roc_auc(logits[:, 1] - logits[:, 0], labels, where=mask)
-    return {k: float(v) for k, v in out.items()}
+    outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[mask], *[g['outputs'] for g in gathered])
+    return objective.split_metrics(outputs)
 
 
-# ----------------------------------------------------------------------------------------------- logging
-
-
-class MetricWriter:
-    """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files, from process 0."""
-
-    def __init__(self, workdir: epath.Path):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            import tensorboardX  # imported here: only process 0 writes
-
-            self._jsonl = (workdir / 'metrics.jsonl').open('a')
-            self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
-
-    def write(self, step: int, scalars: Mapping[str, float], prefix: str = '') -> None:
-        if not self.enabled:
-            return
-        row = {f'{prefix}{k}': float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
-        self._jsonl.flush()
-        for k, v in row.items():
-            self._tb.add_scalar(k, v, step)
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
+def _checked_and_sharded(batch, objective, info, mesh):
+    """The part of a host batch `objective` reads, checked against the dataset and sharded over the mesh."""
+    batch = objective.inputs(batch)
+    contract.check_batch(batch, info, labeled=objective.labeled)
+    return sharding.shard_batch(batch, mesh)
 
 
 # ----------------------------------------------------------------------------------------------- main loop
@@ -385,17 +310,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       The contents of `workdir/results.json`: the final step, the last training metrics, and the refiner
       losses and fused-embedding spread on the validation and test inputs.
     """
-    if not any(w > 0 for w in config.loss.refiner_weights.values()):
-        raise ValueError(
-            f'pre-training needs a refiner: config.loss.refiner_weights is {dict(config.loss.refiner_weights)}'
-        )
-    if config.model.refiner.target in refiner.COLLAPSIBLE:
-        # A network whose encoders output a constant reconstructs a constant target perfectly.
-        raise ValueError(
-            f"config.model.refiner.target is {config.model.refiner.target!r}; pre-training needs 'input': "
-            f'{" and ".join(map(repr, refiner.COLLAPSIBLE))} targets are made by the network itself, which can '
-            'collapse to a constant that the refiner reconstructs perfectly'
-        )
+    objective_lib.Pretraining(config)  # refuses a config it cannot pre-train, before the workdir is made
     return _run(config, workdir, pretraining=True)
 
 
@@ -430,11 +345,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
     check_workdir_config(config, workdir)
 
     run = build(config, pretraining=pretraining)
-    info, mesh, tx, state, train_step_fn = run.info, run.mesh, run.tx, run.state, run.train_step
+    info, mesh, objective, state = run.info, run.mesh, run.objective, run.state
     num_steps = config.train.num_steps
     logging.info(
-        '%s on %s: %s examples; %d devices; %d steps of %d.',
-        'Pre-training' if pretraining else 'Training',
+        '%s run on %s: %s examples; %d devices; %d steps of %d.',
+        type(objective).__name__,
         info.name,
         info.num_examples,
         mesh.devices.size,
@@ -443,18 +358,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
     )
 
     def evaluate_split(state, split):
-        batches = input_pipeline.eval_batches(config, split)
-        if pretraining:
-            return evaluate_pretraining(state, batches, info, mesh, config)
-        return evaluate(state, batches, info, mesh)
+        return evaluate(state, input_pipeline.eval_batches(config, split), objective, info, mesh)
 
     with jax.set_mesh(mesh):
         _, step_rng = init_rngs(config)
         logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
-        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=not pretraining)
+        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=objective.labeled)
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
         if ckpt.latest_step() is None and config.get('init_from'):
-            state = init_from_pretrained(state, config.init_from, tx)
+            state = init_from_pretrained(state, config.init_from, run.tx)
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         writer = MetricWriter(workdir)
@@ -472,11 +384,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
             )
             try:
                 for step in range(start, num_steps):
-                    batch = next(train_iter)
-                    if pretraining:
-                        batch = {k: v for k, v in batch.items() if k != 'label'}
-                    contract.check_batch(batch, info, labeled=not pretraining)
-                    state, metrics = train_step_fn(state, sharding.shard_batch(batch, mesh), step_rng)
+                    batch = _checked_and_sharded(next(train_iter), objective, info, mesh)
+                    state, metrics = run.train_step(state, batch, step_rng)
                     pending.append(metrics)
                     n_log += config.train.batch_size
                     bar.update(1)

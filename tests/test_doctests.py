@@ -1,13 +1,13 @@
-"""The examples in the docstrings of the losses and metrics run and print what they say."""
+"""The examples in the docstrings of the losses, metrics and report modules run and print what they say."""
 
 import doctest
 
 import pytest
 
-from refnet_jax import losses, metrics
+from refnet_jax import losses, metrics, report
 
 
-@pytest.mark.parametrize('module', [losses, metrics], ids=lambda m: m.__name__)
+@pytest.mark.parametrize('module', [losses, metrics, report], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     # testmod prints each failing example (expected and got) to stdout, which pytest shows on failure.
     failed, attempted = doctest.testmod(module, verbose=False)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs import easy_vqa
-from refnet_jax import checkpointing, input_pipeline, sharding, train_lib
+from refnet_jax import checkpointing, input_pipeline, objective, sharding, train_lib
 from refnet_jax import export as export_lib
 from refnet_jax import model as model_lib
 
@@ -50,8 +50,8 @@ def training_logits(config, workdir, batch):
     state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
     mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        logits = train_lib.eval_step(state, sharding.shard_batch(batch, mesh))
-    return np.asarray(logits)
+        outputs = train_lib.eval_step(state, sharding.shard_batch(batch, mesh), objective.Supervised(config))
+    return np.asarray(outputs['logits'])
 
 
 def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path):

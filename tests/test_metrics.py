@@ -98,3 +98,17 @@ def test_shape_mismatches_name_both_shapes():
         metrics.accuracy(np.zeros(5, int), np.zeros(5, int), where=np.ones(4, bool))
     with pytest.raises(ValueError, match='no examples'):
         metrics.accuracy(np.zeros(5, int), np.zeros(5, int), where=np.zeros(5, bool))
+
+
+def test_embedding_spread_is_zero_for_collapse_and_matches_a_loop():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=8)
+    collapsed = direction * rng.uniform(0.5, 3.0, size=(30, 1))  # one direction, various norms
+    assert metrics.embedding_spread(collapsed) == pytest.approx(0.0, abs=1e-12)
+    x = rng.normal(size=(30, 8))
+    where = rng.random(30) < 0.7
+    unit = [row / np.sqrt(sum(v * v for v in row)) for row, keep in zip(x, where, strict=True) if keep]
+    stds = [np.sqrt(np.mean([(u[d] - np.mean([w[d] for w in unit])) ** 2 for u in unit])) for d in range(8)]
+    assert metrics.embedding_spread(x, where=where) == pytest.approx(np.mean(stds), rel=1e-12)
+    x[~where] = np.nan  # masked rows may hold anything
+    assert metrics.embedding_spread(x, where=where) == pytest.approx(np.mean(stds), rel=1e-12)

@@ -54,7 +54,7 @@ def one_step(config, batch, with_grads=False):
             logits, aux = model.apply(
                 {'params': params}, batch, train=True, rngs={'dropout': jax.random.key(1)}
             )
-            return train_lib.objective.supervised_loss(logits, aux, batch, config, False)[0]
+            return run.objective.loss(logits, aux, batch)[0]
 
         grads = jax.grad(loss)(state.params) if with_grads else None
         for _ in range(2):  # the warm-up's first learning rate is 0

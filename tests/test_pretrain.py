@@ -89,7 +89,9 @@ def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretr
     with jax.set_mesh(mesh):
         new = train_lib.init_from_pretrained(state, str(pretrained), tx)
     source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
-    for name in ('image', 'question', 'fusion', 'refiner_image', 'refiner_question'):
+    assert set(source) == {'encoders', 'fusion', 'refiner', 'head'}
+    assert set(source['encoders']) == set(source['refiner']) == {'image', 'question'}
+    for name in ('encoders', 'fusion', 'refiner'):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params[name]), source[name])
     jax.tree.map(
         np.testing.assert_array_equal,
@@ -107,7 +109,7 @@ def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained,
         jax.set_mesh(mesh),
         pytest.raises(
             checkpointing.ShapeMismatchError,
-            match=r'refiner_image/Dense_1/kernel: checkpoint \(16, 12288\), config \(16, 16\)',
+            match=r'refiner/image/Dense_1/kernel: checkpoint \(16, 12288\), config \(16, 16\)',
         ),
     ):
         train_lib.init_from_pretrained(state, str(pretrained), tx)

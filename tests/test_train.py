@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import fresh_state, tiny_config
 
-from refnet_jax import checkpointing, contract, input_pipeline, sharding, train_lib
+from refnet_jax import checkpointing, contract, input_pipeline, objective, sharding, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +130,7 @@ def test_train_step_compiles_once(easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     _, mesh, _, schedule, state = fresh_state(config)
     with jax.set_mesh(mesh):
-        step = train_lib.make_train_step(config, False, schedule, mesh, state)
+        step = train_lib.make_train_step(objective.Supervised(config), schedule, mesh, state)
         it = input_pipeline.make_train_iterator(config, seed=0)
         for _ in range(3):
             state, _ = step(state, sharding.shard_batch(next(it), mesh), jax.random.key(0))
@@ -178,7 +178,7 @@ def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path, easy_vqa_dir
         ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
         with pytest.raises(
             checkpointing.ShapeMismatchError,
-            match=r'params/image/Dense_0/kernel: checkpoint \(8, 16\), config \(8, 32\)',
+            match=r'params/encoders/image/Dense_0/kernel: checkpoint \(8, 16\), config \(8, 32\)',
         ):
             ckpt.restore(state)
 

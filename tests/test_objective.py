@@ -1,0 +1,153 @@
+"""The objectives: evaluation scores a split with losses.py's task loss over its real examples only."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import easy_vqa
+from refnet_jax import contract, losses, metrics, objective, train_lib
+
+MODALITIES = {
+    'image': contract.ModalityInfo(kind='image', shape=(16, 16, 3), dtype=np.uint8, shared=True),
+    'question': contract.ModalityInfo(kind='tokens', shape=(6,), dtype=np.int32, vocab_size=11),
+}
+
+
+def toy_info(num_classes, multi_label):
+    return contract.DatasetInfo(
+        name='toy',
+        modalities=MODALITIES,
+        num_classes=num_classes,
+        multi_label=multi_label,
+        class_names=tuple('abcde'[:num_classes]),
+        num_examples={'train': 8},
+    )
+
+
+def padded_batch(info, rows, per_row, real, seed):
+    """`rows * per_row` questions on `rows` images, the first `real` of them real; the padding rows hold
+    class ids out of range, or all-ones multi-hot labels."""
+    rs = np.random.RandomState(seed)
+    n = rows * per_row
+    if info.multi_label:
+        label = rs.randint(0, 2, (n, info.num_classes)).astype(np.int32)
+    else:
+        label = rs.randint(0, info.num_classes, (n,)).astype(np.int32)
+    label[real:] = 1 if info.multi_label else -7
+    return {
+        'image': rs.randint(0, 256, (rows, 16, 16, 3)).astype(np.uint8),
+        'image_index': np.repeat(np.arange(rows), per_row).astype(np.int32),
+        'question': rs.randint(0, 11, (n, 6)).astype(np.int32),
+        'label': label,
+        'mask': np.arange(n) < real,
+    }
+
+
+def real_rows(batch):
+    """The batch without its padding rows (and without `mask`)."""
+    keep = batch['mask']
+    return {k: v if k == 'image' else v[keep] for k, v in batch.items() if k != 'mask'}
+
+
+@pytest.fixture(scope='module')
+def two_class_run():
+    """A freshly initialized tiny run with a two-class head (whose parameters also fit two-label data)."""
+    return train_lib.build(easy_vqa.get_config('tiny'), info=toy_info(2, False), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize('multi_label', [False, True])
+def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(two_class_run, multi_label):
+    run, info = two_class_run, toy_info(2, multi_label)
+    evaluate = functools.partial(train_lib.evaluate, run.state, info=info, mesh=run.mesh)
+    batches = [padded_batch(info, 4, 2, real=5, seed=0), padded_batch(info, 4, 2, real=8, seed=1)]
+    compiled = train_lib.eval_step._cache_size()
+    with jax.set_mesh(run.mesh):
+        results = evaluate(batches, objective.Supervised(run.config, multi_label=multi_label))
+        # An equal objective is the same static argument: nothing compiles again.
+        config = run.config.copy_and_resolve_references()
+        assert evaluate(batches, objective.Supervised(config, multi_label=multi_label)) == results
+    assert train_lib.eval_step._cache_size() == compiled + 1
+
+    # Independently: the model on the real rows alone, losses.py's per-example loss, the plain mean.
+    params = jax.device_get(run.state.params)
+    logits = np.concatenate(
+        [
+            np.asarray(run.model.apply({'params': params}, real_rows(b), with_refiner=False)[0])
+            for b in batches
+        ]
+    )
+    labels = np.concatenate([real_rows(b)['label'] for b in batches])
+    task_loss = losses.sigmoid_cross_entropy if multi_label else losses.softmax_cross_entropy
+    per_example = np.asarray(task_loss(logits, labels), np.float64)
+    assert per_example.shape == (13,)
+    assert results['num_examples'] == 13
+    assert results['loss'] == pytest.approx(per_example.mean(), rel=1e-5)
+    logits = logits.astype(np.float64)
+    if multi_label:
+        f1 = metrics.multilabel_f1(1 / (1 + np.exp(-logits)), labels)
+        assert set(results) == {'num_examples', 'loss'} | {f'{k}_f1' for k in f1}
+        assert {k: results[f'{k}_f1'] for k in f1} == pytest.approx(f1, abs=1e-12)
+    else:
+        assert set(results) == {'num_examples', 'loss', 'accuracy', 'auroc'}
+        assert results['accuracy'] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-12)
+        auroc = metrics.roc_auc(logits[:, 1] - logits[:, 0], labels)
+        assert results['auroc'] == pytest.approx(auroc, abs=1e-6)
+
+
+def test_pretraining_evaluation_reads_no_label_and_weights_the_refiner_losses():
+    info = toy_info(5, False)
+    config = easy_vqa.get_config('tiny,variant=pretrain')
+    run = train_lib.build(config, info=info, pretraining=True, devices=jax.devices()[:1])
+    batch = padded_batch(info, 4, 2, real=5, seed=0)
+    del batch['label']
+    with jax.set_mesh(run.mesh):
+        results = train_lib.evaluate(run.state, [batch], run.objective, info, run.mesh)
+    assert set(results) == {
+        'num_examples',
+        'loss',
+        'fused_spread',
+        'refiner_loss/image',
+        'refiner_loss/question',
+    }
+
+    params = jax.device_get(run.state.params)
+    _, aux = run.model.apply({'params': params}, real_rows(batch))
+    kind = config.loss.refiner_kind
+    expected = {
+        m: float(np.mean(losses.refiner_loss(aux['reconstructions'][m], aux['targets'][m], kind=kind)))
+        for m in ('image', 'question')
+    }
+    for m, value in expected.items():
+        assert results[f'refiner_loss/{m}'] == pytest.approx(value, rel=1e-5)
+    weights = config.loss.refiner_weights
+    assert results['loss'] == pytest.approx(sum(weights[m] * v for m, v in expected.items()), rel=1e-5)
+    assert results['fused_spread'] == pytest.approx(
+        metrics.embedding_spread(np.asarray(aux['fused'])), rel=1e-5
+    )
+    assert results['num_examples'] == 5
+
+
+@pytest.mark.parametrize('num_classes,multi_label', [(5, False), (2, False), (5, True)])
+def test_build_makes_the_objective_of_the_run(num_classes, multi_label):
+    config, info = easy_vqa.get_config('tiny'), toy_info(num_classes, multi_label)
+    run = train_lib.build(config, info=info, devices=jax.devices()[:1], init=False)
+    assert run.objective == objective.Supervised(config, multi_label=multi_label)
+    assert run.objective.labeled and not run.objective.eval_with_refiner
+    config = easy_vqa.get_config('tiny,variant=pretrain')
+    run = train_lib.build(config, info=info, pretraining=True, devices=jax.devices()[:1], init=False)
+    assert run.objective == objective.Pretraining(config)
+
+
+def test_objectives_are_equal_by_value_and_pretraining_drops_labels():
+    config = easy_vqa.get_config('tiny')
+    a, b = objective.Supervised(config), objective.Supervised(config.copy_and_resolve_references())
+    assert a == b and hash(a) == hash(b) and a != objective.Supervised(config, multi_label=True)
+    assert a.inputs({'label': 1, 'question': 2}) == {'label': 1, 'question': 2}
+    pretraining = objective.Pretraining(easy_vqa.get_config('tiny,variant=pretrain'))
+    assert pretraining.inputs({'label': 1, 'question': 2}) == {'question': 2}
+    config = easy_vqa.get_config('tiny,variant=pretrain')
+    config.model.refiner.target = 'embedding'
+    with pytest.raises(ValueError, match='collapse'):
+        objective.Pretraining(config)
