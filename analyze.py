@@ -6,8 +6,8 @@ r"""Latent-graph analysis of the fused embeddings of trained models, side by sid
 prints a markdown table with, per model, the accuracy of its own head, the k-NN accuracy, label homophily (and
 its chance level) and silhouette of the fused embeddings, and each modality's responsibility (R²), and writes
 `<output>.json` (the same numbers, and what produced them) and `<output>.png` (per model, a 2-D projection of
-the fused embeddings coloured by label above their similarity matrix sorted by label; needs matplotlib, the
-`analysis` extra).
+the fused embeddings coloured by label above their similarity matrix sorted by label, drawn by graph_plots.py;
+needs matplotlib, the `analysis` extra).
 
   python analyze.py --probe --workdirs pretrained=runs/vqa_pretrain,random=RANDOM \
       --config configs/easy_vqa.py:variant=pretrain --probe_examples 5000 --output docs/graph/probe
@@ -40,7 +40,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refnet_jax import cli, graph, train_lib
+from refnet_jax import cli, graph, inference, report, train_lib
 
 RANDOM = 'RANDOM'
 
@@ -104,14 +104,25 @@ def markdown_table(scores: dict[str, dict[str, float]]) -> str:
     )
     columns = [(key, title) for key, title in COLUMNS if any(key in s for s in scores.values())]
     columns += [(f'responsibility/{m}', f'R² {m}') for m in modalities]
-    lines = [
-        '| model | N | ' + ' | '.join(title for _, title in columns) + ' |',
-        '|---|---:|' + '---:|' * len(columns),
+    rows = [
+        [name, int(s['num_examples']), *(f'{s[key]:.3f}' if key in s else '–' for key, _ in columns)]
+        for name, s in scores.items()
     ]
-    for name, s in scores.items():
-        cells = [f'{s[key]:.3f}' if key in s else '–' for key, _ in columns]
-        lines.append(f'| {name} | {int(s["num_examples"])} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+    headers = ['model', 'N', *(title for _, title in columns)]
+    return report.markdown_table(headers, rows, align='l' + 'r' * (len(headers) - 1))
+
+
+def import_plots():
+    """graph_plots, which needs matplotlib: checked before any model is loaded."""
+    try:
+        import graph_plots
+    except ModuleNotFoundError as e:
+        if e.name != 'matplotlib':
+            raise
+        raise app.UsageError(
+            'the picture needs matplotlib: pip install -c constraints.txt -e ".[analysis]", or pass --noplot'
+        ) from e
+    return graph_plots
 
 
 def main(argv):
@@ -119,19 +130,20 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.INFO)
     sources = parse_sources(FLAGS.workdirs, FLAGS.config)
+    plots = import_plots() if FLAGS.plot else None
     output = pathlib.Path(FLAGS.output)
     output.parent.mkdir(parents=True, exist_ok=True)
 
-    collected, scores, report = {}, {}, {}
+    collected, scores, models = {}, {}, {}
     for name, (source, config) in sources.items():
         workdir = None if source == RANDOM else source
         logging.info('%s: collecting %s of %s.', name, FLAGS.split, source)
-        network = graph.load_network(config, workdir)
+        network = inference.load_network(config, workdir)
         if FLAGS.plot and network.info.multi_label:
             raise app.UsageError(
                 f'{network.info.name} is multi-label and the picture needs one label per example; pass --noplot'
             )
-        data = graph.collect(
+        data = inference.collect(
             config, workdir, FLAGS.split, max_examples=FLAGS.max_examples, seed=FLAGS.seed, network=network
         )
         first = next(iter(collected.values()), None)
@@ -145,7 +157,7 @@ def main(argv):
         probe_train = None
         if FLAGS.probe:
             logging.info('%s: collecting %s for the linear probe.', name, FLAGS.probe_split)
-            probe_train = graph.collect(
+            probe_train = inference.collect(
                 config,
                 workdir,
                 FLAGS.probe_split,
@@ -162,7 +174,7 @@ def main(argv):
             probe_l2=FLAGS.probe_l2,
         )
         collected[name] = data
-        report[name] = {'source': source, 'step': data['step'], 'metrics': scores[name]}
+        models[name] = {'source': source, 'step': data['step'], 'metrics': scores[name]}
         logging.info('%s: %s', name, scores[name])
 
     table = markdown_table(scores)
@@ -180,12 +192,12 @@ def main(argv):
     if any(source == RANDOM for source, _ in sources.values()):
         settings['config'] = json.loads(FLAGS.config.to_json_best_effort())
     json_path = output.with_name(output.name + '.json')
-    json_path.write_text(json.dumps({**settings, 'models': report, 'table': table}, indent=2))
+    json_path.write_text(json.dumps({**settings, 'models': models, 'table': table}, indent=2))
     logging.info('Wrote %s.', json_path)
 
     if FLAGS.plot:
         png_path = output.with_name(output.name + '.png')
-        graph.plot_models(
+        plots.plot_models(
             collected, png_path, scores=scores, k=FLAGS.k, num_similarity=FLAGS.plot_examples, seed=FLAGS.seed
         )
         logging.info('Wrote %s.', png_path)

@@ -1,18 +1,18 @@
-"""What the benchmark scripts share: the machine header, worker subprocesses, memory readings and tables.
+"""What the benchmark scripts share: worker subprocesses, memory readings, timing and the run's record.
 
 Every benchmark runs each measured side in its own child process (`python benchmarks/<name>.py --worker ...`),
 so that sides neither share a heap nor warm each other's caches, and so that a child's peak memory is its own.
-A worker prints one line `RESULT {json}` last; the parent collects these and prints markdown tables.
+A worker prints one line `RESULT {json}` last; the parent collects these and prints markdown tables
+(`refnet_jax.report`, which also describes the machine).
 """
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
+import argparse
+import dataclasses
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -21,68 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from refnet_jax import report
+
 RESULT_PREFIX = 'RESULT '
 MB = 1e6  # Memory is reported in MB (10^6 bytes), times in ms or s.
-
-
-# ----------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo ('unknown' where there is none)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.partition(':')[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask; os.cpu_count() where that is not available)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_average() -> float:
-    """The 1-minute load average (the number of runnable processes, averaged)."""
-    return os.getloadavg()[0]
-
-
-def package_version(name: str) -> str:
-    """The installed version of `name`, read without importing it ('not installed' when absent)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return 'not installed'
-
-
-def machine_info(packages: Sequence[str]) -> dict[str, Any]:
-    """Date, command, machine and package versions, for the header line and the JSON output."""
-    return {
-        'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
-        'command': ' '.join(['python', *sys.argv]),
-        'platform': platform.platform(),
-        'cpu_count': os.cpu_count(),
-        'usable_cpus': usable_cpus(),
-        'cpu_model': cpu_model(),
-        'python': platform.python_version(),
-        'versions': {p: package_version(p) for p in packages},
-    }
-
-
-def header_line(info: dict[str, Any], load_before: float, load_after: float) -> str:
-    """One markdown line that says when, where and with what the figures were measured."""
-    versions = ', '.join(f'{k} {v}' for k, v in info['versions'].items())
-    return (
-        f'**{info["date"]}** · `{info["command"]}` · {info["platform"]}, {info["cpu_count"]} CPUs '
-        f'({info["usable_cpus"]} usable), {info["cpu_model"]} · Python {info["python"]}, {versions} · '
-        f'1-min load average {load_before:.2f} before, {load_after:.2f} after'
-    )
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -178,17 +120,55 @@ def load_config(spec: str):
     return module.get_config(arg or None)
 
 
-# ----------------------------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------------------------- runs
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown table; numbers are right-aligned by the renderer, so cells are plain strings here."""
-    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---' for _ in headers) + '|']
-    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
-    return '\n'.join(lines)
+def add_run_flags(parser: argparse.ArgumentParser, *, timeout: float) -> None:
+    """The flags every benchmark takes: --timeout (seconds per worker), --json, and the workers' --worker."""
+    parser.add_argument('--timeout', type=float, default=timeout, help='seconds per worker')
+    parser.add_argument('--json', help='also write the figures to this JSON file')
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
 
 
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    with open(path, 'w') as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write('\n')
+@dataclasses.dataclass
+class Run:
+    """Where one benchmark ran: the machine (`report.machine`) and the load average before and after it.
+
+    Attributes:
+      name: the benchmark, as its JSON output names it.
+      info: `report.machine(packages)`.
+      load_before: the 1-minute load average when it started.
+      load_after: the same when its workers were done (`finish`).
+    """
+
+    name: str
+    info: dict[str, Any]
+    load_before: float
+    load_after: float | None = None
+
+    @classmethod
+    def start(cls, name: str, packages: Sequence[str]) -> Run:
+        return cls(name, report.machine(packages), report.load_average())
+
+    def finish(self) -> None:
+        self.load_after = report.load_average()
+
+    def header(self) -> str:
+        """The markdown line printed above the figures: date, command, machine, versions, load."""
+        return report.header_line(self.info, self.load_before, self.load_after)
+
+    def write_json(
+        self, path: str, args: argparse.Namespace, results: Any, hidden: Sequence[str] = ()
+    ) -> None:
+        """Writes the figures with their settings (`args` but the flags in `hidden`), machine and load."""
+        settings = {k: v for k, v in vars(args).items() if k not in ('worker', 'json', *hidden)}
+        report.write_json(
+            path,
+            {
+                'benchmark': self.name,
+                'machine': self.info,
+                'load_average_1min': {'before': self.load_before, 'after': self.load_after},
+                'settings': settings,
+                'results': results,
+            },
+        )

@@ -28,6 +28,8 @@ import time
 import benchlib
 import train_step
 
+from refnet_jax import report
+
 MIN_HEADROOM = 3.0  # the issue's target for pipeline / step
 
 
@@ -77,17 +79,16 @@ def main(argv=None) -> None:
         '--warmup-batches', type=int, default=20, help='untimed pipeline batches after the first'
     )
     train_step.add_step_flags(parser)  # --windows is shared by the pipeline and the step
-    parser.add_argument('--timeout', type=float, default=1800.0, help='seconds per worker')
-    parser.add_argument('--json', help='also write the figures to this JSON file')
-    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    benchlib.add_run_flags(parser, timeout=1800.0)
     args = parser.parse_args(argv)
 
     if args.worker:
         benchlib.emit_result(worker(args))
         return
 
-    info = benchlib.machine_info(['jax', 'jaxlib', 'grain', 'tensorflow-datasets', 'array_record'])
-    load_before = benchlib.load_average()
+    run = benchlib.Run.start(
+        'input_pipeline', ['jax', 'jaxlib', 'grain', 'tensorflow-datasets', 'array_record']
+    )
     here = os.path.dirname(os.path.abspath(__file__))
     step_flags = [f'--config={args.config}', *train_step.step_worker_flags(args)]
     print('pipeline ...', file=sys.stderr, flush=True)
@@ -107,18 +108,18 @@ def main(argv=None) -> None:
         steps[feed] = benchlib.run_worker(
             os.path.join(here, 'train_step.py'), [*step_flags, f'--feed={feed}'], timeout=args.timeout
         )
-    load_after = benchlib.load_average()
+    run.finish()
 
     ok = all('error' not in r for r in (pipeline, *steps.values()))
     headroom = pipeline['examples_per_s'] / steps['prefetched']['examples_per_s'] if ok else None
     live = steps['live']['examples_per_s'] / steps['prefetched']['examples_per_s'] if ok else None
-    print(benchlib.header_line(info, load_before, load_after))
+    print(run.header())
     print(
         f'\nExamples/s, median of {args.windows} windows (min–max): pipeline alone over {args.batches} batches, '
         f'train step over {args.steps} steps; each in its own process.\n'
     )
     print(
-        benchlib.markdown_table(
+        report.markdown_table(
             [
                 'config',
                 'batch',
@@ -146,16 +147,8 @@ def main(argv=None) -> None:
         print(f"\nTarget: pipeline ≥ {MIN_HEADROOM:g}× the step's consumption: {headroom:.1f}× ({met}).")
         print(f'First batch after creating the iterator: {pipeline["first_batch_s"]:.2f} s.')
     if args.json:
-        benchlib.write_json(
-            args.json,
-            {
-                'benchmark': 'input_pipeline',
-                'machine': info,
-                'load_average_1min': {'before': load_before, 'after': load_after},
-                'settings': {k: v for k, v in vars(args).items() if k not in ('worker', 'json')},
-                'results': {'pipeline': pipeline, 'step': steps, 'pipeline_over_step': headroom},
-            },
-        )
+        results = {'pipeline': pipeline, 'step': steps, 'pipeline_over_step': headroom}
+        run.write_json(args.json, args, results)
 
 
 if __name__ == '__main__':

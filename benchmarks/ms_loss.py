@@ -37,6 +37,8 @@ import time
 import benchlib
 import numpy as np
 
+from refnet_jax import report
+
 SIDES = ('jax-dense', 'jax-blocked', 'floor-dense', 'floor-blocked', 'pml')
 JAX_SIDES = ('jax-dense', 'jax-blocked')
 FLOOR_SIDES = ('floor-dense', 'floor-blocked')
@@ -130,7 +132,7 @@ def pml_worker(args) -> dict:
     import torch
     from pytorch_metric_learning import losses, miners
 
-    threads = args.torch_threads or benchlib.usable_cpus()
+    threads = args.torch_threads or report.usable_cpus()
     torch.set_num_threads(threads)
     loss_fn = losses.MultiSimilarityLoss(alpha=ALPHA, beta=BETA, base=BASE)
     miner = miners.MultiSimilarityMiner(epsilon=EPSILON)
@@ -248,7 +250,7 @@ def tables(results: dict[int, dict[str, dict]]) -> str:
                 fmt(blocked_result.get('peak_mb'), '.0f'),
             ]
         )
-    detail = benchlib.markdown_table(
+    detail = report.markdown_table(
         [
             'B',
             'side',
@@ -265,7 +267,7 @@ def tables(results: dict[int, dict[str, dict]]) -> str:
         ],
         detail_rows,
     )
-    short = benchlib.markdown_table(
+    short = report.markdown_table(
         [
             'B',
             'jax-dense ms',
@@ -328,9 +330,7 @@ def main(argv=None) -> None:
     parser.add_argument('--warmup', type=int, default=1, help='untimed calls per worker')
     parser.add_argument('--repeats', type=int, default=5, help='timed calls per worker (the median is shown)')
     parser.add_argument('--mem-cap-gb', type=float, default=8.0, help='skip dense sides estimated above this')
-    parser.add_argument('--timeout', type=float, default=3600.0, help='seconds per worker')
-    parser.add_argument('--json', help='also write the figures to this JSON file')
-    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    benchlib.add_run_flags(parser, timeout=3600.0)
     parser.add_argument('--side', choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument('--batch', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -344,8 +344,7 @@ def main(argv=None) -> None:
     unknown = [s for s in sides if s not in SIDES]
     if unknown or not batches or min(batches) < 2:
         parser.error(f'--sides {unknown} not among {SIDES}' if unknown else f'--batches {args.batches!r}')
-    info = benchlib.machine_info(['jax', 'jaxlib', 'torch', 'pytorch-metric-learning', 'numpy'])
-    load_before = benchlib.load_average()
+    run = benchlib.Run.start('ms_loss', ['jax', 'jaxlib', 'torch', 'pytorch-metric-learning', 'numpy'])
     worker_flags = [
         f'--{k}={getattr(args, k.replace("-", "_"))}'
         for k in ('dim', 'classes', 'seed', 'block-rows', 'torch-threads', 'warmup', 'repeats')
@@ -364,9 +363,9 @@ def main(argv=None) -> None:
                 [f'--side={side}', f'--batch={batch}', *worker_flags],
                 timeout=args.timeout,
             )
-    load_after = benchlib.load_average()
+    run.finish()
 
-    print(benchlib.header_line(info, load_before, load_after))
+    print(run.header())
     print(
         f'\nMS loss forward+backward, D={args.dim}, {args.classes} classes, float32; median of {args.repeats} '
         f'calls after {args.warmup} warm-up, each side in its own process. "floor" is the faster of the dense '
@@ -377,18 +376,7 @@ def main(argv=None) -> None:
     if lines:
         print('\nTargets:\n' + '\n'.join(lines))
     if args.json:
-        benchlib.write_json(
-            args.json,
-            {
-                'benchmark': 'ms_loss',
-                'machine': info,
-                'load_average_1min': {'before': load_before, 'after': load_after},
-                'settings': {
-                    k: v for k, v in vars(args).items() if k not in ('worker', 'side', 'batch', 'json')
-                },
-                'results': {str(b): r for b, r in results.items()},
-            },
-        )
+        run.write_json(args.json, args, {str(b): r for b, r in results.items()}, hidden=('side', 'batch'))
 
 
 if __name__ == '__main__':

@@ -31,6 +31,8 @@ import time
 
 import benchlib
 
+from refnet_jax import report
+
 DEFAULT_CONFIGS = (
     *(
         f'configs/easy_vqa.py:fusion={fusion},variant={variant}'
@@ -155,7 +157,7 @@ def table(results: list[dict]) -> str:
                 r['feed'],
             ]
         )
-    return benchlib.markdown_table(
+    return report.markdown_table(
         [
             'config',
             'batch',
@@ -181,9 +183,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument('--feed', choices=FEEDS, default='prefetched', help='where the steps get batches')
     add_step_flags(parser)
-    parser.add_argument('--timeout', type=float, default=1800.0, help='seconds per worker')
-    parser.add_argument('--json', help='also write the figures to this JSON file')
-    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    benchlib.add_run_flags(parser, timeout=1800.0)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -191,8 +191,7 @@ def main(argv=None) -> None:
         return
 
     configs = args.config or list(DEFAULT_CONFIGS)
-    info = benchlib.machine_info(['jax', 'jaxlib', 'flax', 'optax', 'grain'])
-    load_before = benchlib.load_average()
+    run = benchlib.Run.start('train_step', ['jax', 'jaxlib', 'flax', 'optax', 'grain'])
     results = []
     for spec in configs:
         print(f'{spec} ...', file=sys.stderr, flush=True)
@@ -202,25 +201,16 @@ def main(argv=None) -> None:
             timeout=args.timeout,
         )
         results.append({'config': spec, **result})
-    load_after = benchlib.load_average()
+    run.finish()
 
-    print(benchlib.header_line(info, load_before, load_after))
+    print(run.header())
     print(
         f'\nTrain step on one device, each configuration in its own process: median of {args.windows} windows '
         f'of {args.steps} steps after {args.warmup} warm-up steps; batches {args.feed}.\n'
     )
     print(table(results))
     if args.json:
-        benchlib.write_json(
-            args.json,
-            {
-                'benchmark': 'train_step',
-                'machine': info,
-                'load_average_1min': {'before': load_before, 'after': load_after},
-                'settings': {k: v for k, v in vars(args).items() if k not in ('worker', 'json')},
-                'results': results,
-            },
-        )
+        run.write_json(args.json, args, results)
 
 
 if __name__ == '__main__':

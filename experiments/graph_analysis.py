@@ -24,10 +24,11 @@ import os
 import subprocess
 import sys
 
-import label_efficiency
-import numpy as np
-from common import ROOT, load_record
+import label_efficiency  # its sibling: this script runs by path (`python experiments/graph_analysis.py`)
 
+from refnet_jax import report
+
+ROOT = label_efficiency.ROOT
 VARIANTS = ('baseline', 'refiner', 'refnet')
 GRAPH_DATASETS = ('easy_vqa', 'hapt')
 SEEDS = (0, 1, 2)
@@ -53,7 +54,7 @@ def ensure_pretrained(dataset: str, seed: int) -> str:
     print('pre-training:', ' '.join(cmd), flush=True)
     subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True)
     # Run again after the study recorded it: say whether it came out the same.
-    recorded = load_record(label_efficiency.record_path(dataset, f'pretrain-seed{seed}'))
+    recorded = report.load_record(label_efficiency.record_path(dataset, f'pretrain-seed{seed}'))
     if recorded is not None:
         with open(results) as f:
             now = json.load(f)['test']['fused_spread']
@@ -91,16 +92,17 @@ def graph_summary() -> str:
             continue
         keys = ['accuracy', 'knn_accuracy', 'homophily', 'silhouette']
         keys += sorted(k for k in runs[0][1][VARIANTS[0]] if k.startswith('responsibility/'))
-        seeds = ', '.join(str(seed) for seed, _ in runs)
-        lines += [f'## {dataset} (seeds {seeds})', '', '| model | ' + ' | '.join(keys) + ' |']
-        lines.append('|---|' + '---|' * len(keys))
+        rows = []
         for variant in VARIANTS:
-            cells = []
-            for key in keys:
-                x = np.array([scores[variant][key] for _, scores in runs])
-                cells.append(f'{x.mean():.4f} ± {x.std():.4f} [' + ', '.join(f'{v:.3f}' for v in x) + ']')
-            lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
-        lines.append('')
+            values = [[scores[variant][key] for _, scores in runs] for key in keys]
+            rows.append(
+                [
+                    variant,
+                    *(report.mean_std(x) + ' [' + ', '.join(f'{v:.3f}' for v in x) + ']' for x in values),
+                ]
+            )
+        seeds = ', '.join(str(seed) for seed, _ in runs)
+        lines += [f'## {dataset} (seeds {seeds})', '', report.markdown_table(['model', *keys], rows), '']
     text = '\n'.join(lines)
     with open(os.path.join(ROOT, 'docs', 'graph', 'graphs.md'), 'w') as f:
         f.write(text)
@@ -121,22 +123,20 @@ def probe_summary() -> str:
         'probe fitted on the fused embeddings of 5,000 training examples, scored on the whole test split. '
         'Mean ± std over seeds (population std); per-seed figures in probe-<dataset>[-seed<k>].json.',
         '',
-        '| dataset | network | seeds | probe accuracy | k-NN accuracy | per seed (probe) |',
-        '|---|---|---|---|---|---|',
     ]
+    rows = []
     for dataset in label_efficiency.DATASETS:
         runs = [(seed, scores) for seed in SEEDS if (scores := load_scores(probe_output(dataset, seed)))]
         if not runs:
             continue
+        seeds = ', '.join(str(seed) for seed, _ in runs)
         for name in PROBED:
-            probe = np.array([scores[name]['probe_accuracy'] for _, scores in runs])
-            knn = np.array([scores[name]['knn_accuracy'] for _, scores in runs])
-            seeds = ', '.join(str(seed) for seed, _ in runs)
+            probe = [scores[name]['probe_accuracy'] for _, scores in runs]
+            knn = [scores[name]['knn_accuracy'] for _, scores in runs]
             each = ', '.join(f'{p:.3f}' for p in probe)
-            lines.append(
-                f'| {dataset} | {name} | {seeds} | {probe.mean():.3f} ± {probe.std():.3f} | '
-                f'{knn.mean():.3f} ± {knn.std():.3f} | {each} |'
-            )
+            rows.append([dataset, name, seeds, report.mean_std(probe, 3), report.mean_std(knn, 3), each])
+    headers = ['dataset', 'network', 'seeds', 'probe accuracy', 'k-NN accuracy', 'per seed (probe)']
+    lines.append(report.markdown_table(headers, rows))
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(ROOT, 'docs', 'graph', 'probes.md'), 'w') as f:
         f.write(text)

@@ -36,8 +36,10 @@ import re
 import sys
 
 import numpy as np
-from common import ROOT, load_record, run_cell
 
+from refnet_jax import report as report_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('easy_vqa', 'hapt')
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 METHODS = ('baseline', 'refnet', 'pretrain')
@@ -97,9 +99,8 @@ def run_pretraining(dataset: str, seed: int, runs_dir: str, out: str | None = No
     path = record_path(dataset, f'pretrain-seed{seed}', out)
     if os.path.exists(path):
         return
-    record = run_cell(
-        pretrain_command(dataset, seed, runs_dir), pretrain_workdir(runs_dir, dataset, seed), path
-    )
+    cmd = pretrain_command(dataset, seed, runs_dir)
+    record = report_lib.run_and_record(cmd, pretrain_workdir(runs_dir, dataset, seed), path, root=ROOT)
     spread = record['results']['test']['fused_spread']
     print(f'  pre-trained: fused spread {spread:.3f}, {record["wall_seconds"]:.0f} s', flush=True)
 
@@ -112,7 +113,7 @@ def run_one(
     if os.path.exists(path):
         return None
     cmd = cell_command(dataset, method, fraction, seed, runs_dir)
-    record = run_cell(cmd, cmd[cmd.index('--workdir') + 1], path)
+    record = report_lib.run_and_record(cmd, cmd[cmd.index('--workdir') + 1], path, root=ROOT)
     accuracy = record['results']['test']['accuracy']
     print(f'  test accuracy {accuracy:.4f}, {record["wall_seconds"]:.0f} s', flush=True)
     return record
@@ -158,11 +159,7 @@ def rerun(cells: list[str]) -> None:
 
 def rerun_table() -> str:
     """The reruns beside their first runs (same seed) and the spread over seeds the report gives their cells."""
-    lines = [
-        '| cell | first run | rerun | difference | reported mean ± std over seeds (n) | difference ≤ std |',
-        '|---|---|---|---|---|---|',
-    ]
-    found = False
+    rows = []
     for dataset in DATASETS:
         folder = os.path.join(RERUN_OUT, dataset)
         names = sorted(n[: -len('.json')] for n in os.listdir(folder)) if os.path.isdir(folder) else []
@@ -171,53 +168,73 @@ def rerun_table() -> str:
             if name.startswith('pretrain-seed'):
                 continue
             _, method, fraction, _ = parse_cell(f'{dataset}/{name}')
-            first = load_record(record_path(dataset, name))
-            again = load_record(os.path.join(folder, f'{name}.json'))
+            first = report_lib.load_record(record_path(dataset, name))
+            again = report_lib.load_record(os.path.join(folder, f'{name}.json'))
             if first is None:
                 continue
-            found = True
-            acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
+            acc = accuracies(cells[method, fraction])
             a, b = first['results']['test']['accuracy'], again['results']['test']['accuracy']
             # The rerun repeats the first run's seed: what it measures is the noise of the procedure itself,
             # which must stay below the spread over seeds the table reports.
             within = abs(b - a) <= acc.std()
-            lines.append(
-                f'| {dataset}/{name} | {a:.4f} | {b:.4f} | {b - a:+.4f} | {acc.mean():.4f} ± {acc.std():.4f} '
-                f'(n={len(acc)}) | {"yes" if within else "no"} |'
+            spread = f'{report_lib.mean_std(acc)} (n={len(acc)})'
+            rows.append(
+                [
+                    f'{dataset}/{name}',
+                    f'{a:.4f}',
+                    f'{b:.4f}',
+                    f'{b - a:+.4f}',
+                    spread,
+                    'yes' if within else 'no',
+                ]
             )
-    return '\n'.join(lines) if found else ''
+    headers = [
+        'cell',
+        'first run',
+        'rerun',
+        'difference',
+        'reported mean ± std over seeds (n)',
+        'difference ≤ std',
+    ]
+    return report_lib.markdown_table(headers, rows) if rows else ''
 
 
 def collect(dataset: str) -> dict[tuple[str, float], list[dict]]:
+    """{(method, fraction): the records of the seeds finished} of `dataset`."""
     out = {}
     for method in METHODS + CONTROLS:
         for fraction in FRACTIONS:
-            records = [load_record(record_path(dataset, f'{method}-f{fraction}-seed{s}')) for s in SEEDS]
+            names = [f'{method}-f{fraction}-seed{s}' for s in SEEDS]
+            records = [report_lib.load_record(record_path(dataset, name)) for name in names]
             out[method, fraction] = [r for r in records if r is not None]
     return out
 
 
+def accuracies(records: list[dict]) -> np.ndarray:
+    """The test accuracy of each record."""
+    return np.array([r['results']['test']['accuracy'] for r in records])
+
+
 def table(dataset: str) -> str:
     cells = collect(dataset)
-    head = '| method | ' + ' | '.join(f'{f:.0%} labels' for f in FRACTIONS) + ' |'
-    lines = [head, '|---|' + '---|' * len(FRACTIONS)]
+    rows = []
     for method in METHODS + CONTROLS:
         if method in CONTROLS and not any(cells[method, f] for f in FRACTIONS):
             continue
-        row = []
+        row = [method]
         for fraction in FRACTIONS:
-            acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
+            acc = accuracies(cells[method, fraction])
             if len(acc) > 1:
-                row.append(f'{acc.mean():.4f} ± {acc.std():.4f} (n={len(acc)})')
+                row.append(f'{report_lib.mean_std(acc)} (n={len(acc)})')
             else:
                 row.append(f'{acc[0]:.4f} (n=1)' if len(acc) else '–')
-        lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
+        rows.append(row)
     walls = [r['wall_seconds'] for rs in cells.values() for r in rs]
-    pre = [load_record(record_path(dataset, f'pretrain-seed{s}')) for s in SEEDS]
+    pre = [report_lib.load_record(record_path(dataset, f'pretrain-seed{s}')) for s in SEEDS]
     pre = [r for r in pre if r is not None]
     notes = [
         f'Test accuracy, mean ± std over seeds (n = seeds finished), {STEPS[dataset]} steps per run. '
-        f'Wall time per fine-tuning or training run: {np.mean(walls):.0f} ± {np.std(walls):.0f} s '
+        f'Wall time per fine-tuning or training run: {report_lib.mean_std(walls, digits=0)} s '
         f'over {len(walls)} runs.'
         if walls
         else 'No cells finished yet.'
@@ -229,7 +246,8 @@ def table(dataset: str) -> str:
             f'Pre-training: fused-embedding spread on test {spreads} ({len(pre)} seed(s); 0 would be collapse), '
             f'{pre_walls.mean():.0f} s per run.'
         )
-    return '\n'.join(lines) + '\n\n' + ' '.join(notes)
+    headers = ['method', *(f'{f:.0%} labels' for f in FRACTIONS)]
+    return report_lib.markdown_table(headers, rows) + '\n\n' + ' '.join(notes)
 
 
 def plot(path: str) -> None:
@@ -244,7 +262,7 @@ def plot(path: str) -> None:
         for method in METHODS + CONTROLS:
             xs, means, stds = [], [], []
             for fraction in FRACTIONS:
-                acc = np.array([r['results']['test']['accuracy'] for r in cells[method, fraction]])
+                acc = accuracies(cells[method, fraction])
                 if len(acc):
                     xs.append(fraction * 100)
                     means.append(acc.mean())

@@ -20,9 +20,9 @@ import argparse
 import os
 import sys
 
-import numpy as np
-from common import ROOT, load_record, run_cell
+from refnet_jax import report as report_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 
 
@@ -84,7 +84,9 @@ def run_missing(dataset: str, rows: list[str], seeds: list[int], runs_dir: str) 
     for i, (row, seed) in enumerate(cells):
         workdir = os.path.join(runs_dir, dataset, f'{row}-seed{seed}')
         print(f'cell {i + 1}/{len(cells)}: {row}, seed {seed}', flush=True)
-        record = run_cell(cell_command(dataset, row, seed, workdir), workdir, cell_path(dataset, row, seed))
+        record = report_lib.run_and_record(
+            cell_command(dataset, row, seed, workdir), workdir, cell_path(dataset, row, seed), root=ROOT
+        )
         print(
             f'  test accuracy {record["results"]["test"]["accuracy"]:.4f}, {record["wall_seconds"]:.0f} s',
             flush=True,
@@ -92,28 +94,29 @@ def run_missing(dataset: str, rows: list[str], seeds: list[int], runs_dir: str) 
 
 
 def report(dataset: str) -> str:
-    lines = [
-        '| row | config argument | test accuracy | validation accuracy | wall time (s) | seeds |',
-        '|---|---|---|---|---|---|',
-    ]
+    """The table of `dataset`: per row, mean ± std over the seeds recorded so far."""
+    rows = []
     for row, arg in TABLES[dataset].items():
         seeds = [s for s in SEEDS if os.path.exists(cell_path(dataset, row, s))]
         if not seeds:
             continue
-        recs = [load_record(cell_path(dataset, row, seed)) for seed in seeds]
-        test = np.array([r['results']['test']['accuracy'] for r in recs])
-        val = np.array([r['results']['val']['accuracy'] for r in recs])
-        wall = np.array([r['wall_seconds'] for r in recs])
-        lines.append(
-            f'| {row} | `{arg}` | {test.mean():.4f} ± {test.std():.4f} | {val.mean():.4f} ± {val.std():.4f} | '
-            f'{wall.mean():.0f} ± {wall.std():.0f} | {",".join(map(str, seeds))} |'
+        recs = [report_lib.load_record(cell_path(dataset, row, seed)) for seed in seeds]
+        rows.append(
+            [
+                row,
+                f'`{arg}`',
+                report_lib.mean_std([r['results']['test']['accuracy'] for r in recs]),
+                report_lib.mean_std([r['results']['val']['accuracy'] for r in recs]),
+                report_lib.mean_std([r['wall_seconds'] for r in recs], digits=0),
+                ','.join(map(str, seeds)),
+            ]
         )
-    lines.append('')
-    lines.append(
+    headers = ['row', 'config argument', 'test accuracy', 'validation accuracy', 'wall time (s)', 'seeds']
+    note = (
         f'Each cell: `python train.py --config configs/{dataset}.py:<config argument> '
-        f'--workdir runs/<row>-S --config.seed=S`.'
+        '--workdir runs/<row>-S --config.seed=S`.'
     )
-    return '\n'.join(lines)
+    return report_lib.markdown_table(headers, rows) + '\n\n' + note
 
 
 def main() -> None:

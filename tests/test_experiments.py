@@ -2,14 +2,10 @@
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
-
-import common  # noqa: E402
-import label_efficiency  # noqa: E402
+from experiments import label_efficiency
 
 
 def flag(cmd: list[str], name: str) -> str | None:
@@ -64,7 +60,7 @@ def test_grid_runs_only_the_missing_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(label_efficiency, 'OUT', str(tmp_path))
     ran = []
 
-    def fake_run_cell(cmd, workdir, record_path):
+    def fake_run_cell(cmd, workdir, record_path, *, root):
         ran.append(os.path.relpath(record_path, tmp_path))
         record = {'results': {'test': {'accuracy': 0.5, 'fused_spread': 0.1}}, 'wall_seconds': 1.0}
         os.makedirs(os.path.dirname(record_path), exist_ok=True)
@@ -72,10 +68,10 @@ def test_grid_runs_only_the_missing_cells(tmp_path, monkeypatch):
             json.dump(record, f)
         return record
 
-    monkeypatch.setattr(label_efficiency, 'run_cell', fake_run_cell)
+    monkeypatch.setattr(label_efficiency.report_lib, 'run_and_record', fake_run_cell)
     # Finished before the interruption: the pre-training and one cell of seed 0.
     for name in ('pretrain-seed0', 'refnet-f0.01-seed0'):
-        fake_run_cell(None, None, label_efficiency.record_path('hapt', name))
+        fake_run_cell(None, None, label_efficiency.record_path('hapt', name), root=None)
     ran.clear()
 
     label_efficiency.run_missing(
@@ -99,29 +95,3 @@ def test_grid_runs_only_the_missing_cells(tmp_path, monkeypatch):
     # A grid without the pre-trained method does not pre-train.
     label_efficiency.run_missing(['hapt'], [1], 'runs', methods=('refnet_input',), fractions=(0.01,))
     assert ran == [os.path.join('hapt', 'refnet_input-f0.01-seed1.json')]
-
-
-def test_run_cell_records_the_run_atomically(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, 'ROOT', str(tmp_path))
-    script = tmp_path / 'job.py'
-    script.write_text(
-        'import json, os, sys\n'
-        'os.makedirs(sys.argv[1], exist_ok=True)\n'
-        "json.dump({'test': {'accuracy': 0.75}}, open(os.path.join(sys.argv[1], 'results.json'), 'w'))\n"
-        "print('ran')\n"
-    )
-    record_path = str(tmp_path / 'results' / 'cell.json')
-    record = common.run_cell(['python', str(script), 'work'], 'work', record_path)
-    assert record['results'] == {'test': {'accuracy': 0.75}}
-    assert record['command'] == f'python {script} work'
-    assert record['wall_seconds'] > 0 and len(record['load_average']) == 2
-    assert common.load_record(record_path) == record
-    assert not os.path.exists(record_path + '.tmp')
-    assert (tmp_path / 'work' / 'train.log').read_text() == 'ran\n'
-    assert common.load_record(str(tmp_path / 'missing.json')) is None
-
-    # A run that fails leaves no record, so the grid runs it again next time.
-    script.write_text('raise SystemExit(3)\n')
-    with pytest.raises(Exception, match='exit status 3'):
-        common.run_cell(['python', str(script), 'work'], 'work', str(tmp_path / 'results' / 'failed.json'))
-    assert not os.path.exists(tmp_path / 'results' / 'failed.json')

@@ -1,5 +1,5 @@
-"""Latent-graph analysis: each metric against an independent reference, then `collect` and analyze.py on a tiny
-trained easy-VQA run."""
+"""Latent-graph analysis: each metric against an independent reference, the pictures, then `inference.collect`
+and analyze.py on a tiny trained easy-VQA run."""
 
 import collections
 import importlib.util
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from helpers import tiny_config
@@ -16,7 +17,7 @@ from sklearn.metrics import r2_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from refnet_jax import graph, train_lib
+from refnet_jax import graph, inference, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
@@ -177,17 +178,24 @@ def test_modality_responsibility_matches_sklearn_ridge_and_r2():
 
 def test_fit_logistic_matches_sklearn():
     z, y = blobs(n=300, dim=6, num_classes=3, separation=1.5, seed=5)
-    train_x, test_x = graph.standardise(z[:200], z[200:])
+    train_x, test_x = graph.standardize(z[:200], z[200:])
     l2 = 1e-2
     w, b = graph.fit_logistic(train_x, y[:200], 3, l2=l2)
+    assert w.dtype == b.dtype == np.float64 and not jax.config.jax_enable_x64  # x64 only inside the fit
+    # The same objective (L2 on W, b free): C = 1 / (l2 N). sklearn's lbfgs to a tighter tolerance.
     reference = LogisticRegression(C=1 / (l2 * 200), tol=1e-12, max_iter=10_000).fit(train_x, y[:200])
-    np.testing.assert_allclose(w, reference.coef_.T, atol=1e-5)
+    np.testing.assert_allclose(w, reference.coef_.T, atol=1e-6)
+    np.testing.assert_allclose(b, reference.intercept_, atol=1e-6)
     logits = test_x @ w + b
     probs = np.exp(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))
-    np.testing.assert_allclose(probs, reference.predict_proba(test_x), atol=1e-5)
+    np.testing.assert_allclose(probs, reference.predict_proba(test_x), atol=1e-6)
     w2, b2 = graph.fit_logistic(train_x, y[:200], 3, l2=l2)  # deterministic
     np.testing.assert_array_equal(w, w2)
     np.testing.assert_array_equal(b, b2)
+    with pytest.raises(RuntimeError, match=r'did not converge in max_iter=2 iterations'):
+        graph.fit_logistic(train_x, y[:200], 3, l2=l2, max_iter=2)
+    with pytest.raises(ValueError, match=r'y must be \(200,\) class ids in \[0, 2\)'):
+        graph.fit_logistic(train_x, y[:200], 2)
 
 
 @pytest.mark.parametrize('separation', [8.0, 1.2])
@@ -210,36 +218,43 @@ def test_linear_probe_matches_sklearn(separation):
 
 
 def test_stratified_subsample_and_pca():
+    pytest.importorskip('matplotlib')
+    import graph_plots
+
     y = np.array([2] * 50 + [0] * 30 + [1] * 20)
-    sub = graph.stratified_subsample(y, 10, seed=1)
+    sub = graph_plots.stratified_subsample(y, 10, seed=1)
     assert list(y[sub]) == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
     assert len(set(sub.tolist())) == 10
-    assert list(graph.stratified_subsample(y, 500)) == sorted(range(100), key=lambda i: (y[i], i))
+    assert list(graph_plots.stratified_subsample(y, 500)) == sorted(range(100), key=lambda i: (y[i], i))
     z, _ = blobs(n=100)
-    xy = graph.pca_2d(z)
+    xy = graph_plots.pca_2d(z)
     x = z / np.linalg.norm(z, axis=1, keepdims=True)
     x -= x.mean(0)
     # The first two principal components carry the two largest variances; the signs are fixed.
     assert np.var(xy, axis=0).sum() == pytest.approx(
         np.sort(np.linalg.eigvalsh(np.cov(x.T, bias=True)))[-2:].sum()
     )
-    np.testing.assert_allclose(graph.pca_2d(-z), -xy, atol=1e-10)
+    np.testing.assert_allclose(graph_plots.pca_2d(-z), -xy, atol=1e-10)
 
 
 def test_plot_models_writes_a_png(tmp_path):
     pytest.importorskip('matplotlib')
+    import graph_plots
+
     results = {}
     for name, separation in (('baseline', 0.5), ('refnet', 4.0)):
         z, y = blobs(n=300, dim=8, num_classes=4, separation=separation)
         results[name] = {'fused': z, 'labels': y, 'class_names': ('a', 'b', 'c', 'd')}
     path = tmp_path / 'graph.png'
-    graph.plot_models(results, path, num_similarity=100)
+    graph_plots.plot_models(results, path, num_similarity=100)
     data = path.read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n'
     width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
     assert width > height > 500
     with pytest.raises(ValueError, match='single-label'):
-        graph.plot_models({'m': {'fused': z, 'labels': np.zeros((300, 2), np.int32)}}, tmp_path / 'x.png')
+        graph_plots.plot_models(
+            {'m': {'fused': z, 'labels': np.zeros((300, 2), np.int32)}}, tmp_path / 'x.png'
+        )
 
 
 # ----------------------------------------------------------------------------------------------- on a run
@@ -258,7 +273,7 @@ def run(tmp_path_factory, easy_vqa_dir):
 def test_collect_returns_every_test_example(run):
     workdir, results = run
     config = train_lib.load_workdir_config(workdir)
-    data = graph.collect(config, workdir, 'test')
+    data = inference.collect(config, workdir, 'test')
     n = 9673
     assert data['fused'].shape == (n, 16) and data['logits'].shape == (n, 13)
     assert {m: e.shape for m, e in data['embeddings'].items()} == {'image': (n, 16), 'question': (n, 16)}
@@ -268,7 +283,17 @@ def test_collect_returns_every_test_example(run):
     accuracy = np.mean(data['logits'].argmax(-1) == data['labels'])
     assert accuracy == pytest.approx(results['test']['accuracy'], abs=1e-9)
 
-    sub = graph.collect(config, workdir, 'test', max_examples=300, seed=1)
+    sub = inference.collect(config, workdir, 'test', max_examples=300, seed=1)
+    # A network loaded once serves several collects of its own run (analyze.py), and no other run's.
+    network = inference.load_network(config, workdir)
+    again = inference.collect(config, workdir, 'test', max_examples=300, seed=1, network=network)
+    np.testing.assert_array_equal(again['fused'], sub['fused'])
+    with pytest.raises(ValueError, match='network was loaded from workdir'):
+        inference.collect(config, None, 'test', network=network)
+    other = config.copy_and_resolve_references()
+    other.seed += 1
+    with pytest.raises(ValueError, match='and another config'):
+        inference.collect(other, workdir, 'test', network=network)
     assert sub['fused'].shape == (300, 16) and (np.diff(sub['index']) > 0).all()
     np.testing.assert_allclose(sub['fused'], data['fused'][sub['index']], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(sub['labels'], data['labels'][sub['index']])
