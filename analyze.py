@@ -40,7 +40,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refnet_jax import cli, graph, inference, report, train_lib
+from refnet_jax import cli, config_lib, graph, inference, report
 
 RANDOM = 'RANDOM'
 
@@ -92,7 +92,7 @@ def parse_sources(entries: list[str], config) -> dict[str, tuple[str, object]]:
             'config.json)'
         )
     return {
-        name: (source, config if source == RANDOM else train_lib.load_workdir_config(source))
+        name: (source, config if source == RANDOM else config_lib.load_workdir_config(source))
         for name, source in sources.items()
     }
 

@@ -5,9 +5,12 @@ fields, one encoder per modality, training length); `tiny` shrinks any config fo
 commented here once.
 """
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
+from etils import epath
 
 from refnet_jax import fusion, modules
 
@@ -168,3 +171,61 @@ def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> m
     config.train.log_every_steps = 2
     config.train.checkpoint_every_steps = 2
     return config
+
+
+# ----------------------------------------------------------------------------------------------- workdirs
+
+# Config fields that may change between a run and its resumption: training longer, logging differently, or
+# resuming on another topology (the global batch, and so the computation, stays the same).
+RESUMABLE_FIELDS = (
+    'train.num_steps',
+    'train.log_every_steps',
+    'train.checkpoint_every_steps',
+    'train.eval_every_steps',
+    'mesh.data',
+    'mesh.distributed',
+    'mesh.coordinator_address',
+    'mesh.num_processes',
+    'mesh.process_id',
+)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def load_workdir_config(workdir) -> ml_collections.ConfigDict:
+    """The config a run saved in `workdir/config.json` (for export and analysis of a finished run)."""
+    path = epath.Path(workdir) / 'config.json'
+    if not path.exists():
+        raise FileNotFoundError(f'{path} not found: expected the workdir of a training run')
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """Writes `config.json` into a new workdir; refuses to resume a workdir made with another config.
+
+    Only the fields in RESUMABLE_FIELDS may differ (e.g. training longer); anything else would mix two
+    experiments in one workdir.
+    """
+    path = workdir / 'config.json'
+    current = json.loads(config.to_json_best_effort())
+    if not path.exists():
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        return
+    before, now = _flatten(json.loads(path.read_text())), _flatten(current)
+    changed = sorted(
+        k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_FIELDS
+    )
+    if changed:
+        details = '\n'.join(f'  {k}: workdir {before.get(k)!r}, now {now.get(k)!r}' for k in changed)
+        raise ValueError(
+            f'{workdir} holds a run with another config; use a new --workdir, or the same config. '
+            f'Differences:\n{details}'
+        )

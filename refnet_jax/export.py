@@ -170,10 +170,10 @@ def export_workdir(
     platforms: Sequence[str] | None = None,
 ) -> jax.export.Exported:
     """Exports the run in `workdir`: its `config.json`, and the parameters of its latest checkpoint (or `step`)."""
-    from refnet_jax import checkpointing, train_lib
+    from refnet_jax import checkpointing, config_lib, train_lib
 
     workdir = pathlib.Path(workdir)
-    config = train_lib.load_workdir_config(workdir)
+    config = config_lib.load_workdir_config(workdir)
     with config.unlocked():
         config.mesh.data = 1  # export traces on one device; the run's mesh may be larger than this machine
     run = train_lib.build(config, devices=jax.devices()[:1], init=False)

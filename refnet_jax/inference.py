@@ -109,7 +109,7 @@ def collect(
     model in inference mode (no dropout, no refiner).
 
     Args:
-      config: the run's config (`train_lib.load_workdir_config(workdir)`).
+      config: the run's config (`config_lib.load_workdir_config(workdir)`).
       workdir: a training or pre-training run; its latest checkpoint is used. None: the randomly initialised
         network of `config` (`load_network`).
       split: 'train', 'validation', 'test', ... of `config.data`.

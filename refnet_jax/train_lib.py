@@ -26,26 +26,12 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import checkpointing, contract, input_pipeline, sharding
+from refnet_jax import checkpointing, config_lib, contract, input_pipeline, sharding
 from refnet_jax import model as model_lib
 from refnet_jax import objective as objective_lib
 from refnet_jax.metric_writer import MetricWriter
 
 TrainState = train_state.TrainState
-
-# Config fields that may change between a run and its resumption: training longer, logging differently, or
-# resuming on another topology (the global batch, and so the computation, stays the same).
-RESUMABLE_FIELDS = (
-    'train.num_steps',
-    'train.log_every_steps',
-    'train.checkpoint_every_steps',
-    'train.eval_every_steps',
-    'mesh.data',
-    'mesh.distributed',
-    'mesh.coordinator_address',
-    'mesh.num_processes',
-    'mesh.process_id',
-)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,51 +41,10 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------------------------- config
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def load_workdir_config(workdir) -> ml_collections.ConfigDict:
-    """The config a run saved in `workdir/config.json` (for export and analysis of a finished run)."""
-    path = epath.Path(workdir) / 'config.json'
-    if not path.exists():
-        raise FileNotFoundError(f'{path} not found: expected the workdir of a training run')
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def init_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
     """(parameter init key, train-step key), both from `config.seed`."""
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     return init_rng, step_rng
-
-
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Writes `config.json` into a new workdir; refuses to resume a workdir made with another config.
-
-    Only the fields in RESUMABLE_FIELDS may differ (e.g. training longer); anything else would mix two
-    experiments in one workdir.
-    """
-    path = workdir / 'config.json'
-    current = json.loads(config.to_json_best_effort())
-    if not path.exists():
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))
-        return
-    before, now = _flatten(json.loads(path.read_text())), _flatten(current)
-    changed = sorted(
-        k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_FIELDS
-    )
-    if changed:
-        details = '\n'.join(f'  {k}: workdir {before.get(k)!r}, now {now.get(k)!r}' for k in changed)
-        raise ValueError(
-            f'{workdir} holds a run with another config; use a new --workdir, or the same config. '
-            f'Differences:\n{details}'
-        )
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -293,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains ReFNet as `config` says, resuming from `workdir` if it holds a checkpoint.
 
     With `config.init_from` set to a pre-training workdir, a fresh run starts from that run's encoders,
-    fusion and refiner (see `init_from_pretrained`).
+    fusion and refiner (see `checkpointing.init_from_pretrained`).
 
     Returns:
       The contents of `workdir/results.json`: the final step, the last training metrics, validation and
@@ -314,35 +259,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return _run(config, workdir, pretraining=True)
 
 
-def init_from_pretrained(state: TrainState, workdir: str, tx: optax.GradientTransformation) -> TrainState:
-    """`state` with every parameter of the pre-training run in `workdir` except the task head.
-
-    The head and the optimizer state start fresh. A parameter whose shape differs is an error naming its
-    path and both shapes; parameters the pre-training run lacks (the head) keep their initialisation.
-    """
-    pretrained = checkpointing.Checkpointer(epath.Path(workdir) / 'checkpoints')
-    step = pretrained.latest_step()
-    if step is None:
-        raise ValueError(f'config.init_from is {workdir!r}, which holds no checkpoint')
-    source = {k: v for k, v in pretrained.restore_params(step).items() if k != 'head'}
-    target = {k: v for k, v in state.params.items() if k in source}
-    checkpointing.check_shapes(source, target, f'the pre-training checkpoint at step {step} in {workdir}')
-    params = dict(state.params)
-    for k, v in source.items():
-        params[k] = jax.tree.map(
-            lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), v, target[k]
-        )
-    logging.info('Initialised %s from step %d of %s; the head is new.', sorted(source), step, workdir)
-    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state))(params)
-    return state.replace(params=params, opt_state=opt_state)
-
-
 def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) -> dict[str, Any]:
     t_start = time.time()
     sharding.maybe_initialize_distributed(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir_config(config, workdir)
+    config_lib.check_workdir_config(config, workdir)
 
     run = build(config, pretraining=pretraining)
     info, mesh, objective, state = run.info, run.mesh, run.objective, run.state
@@ -366,7 +288,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=objective.labeled)
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
         if ckpt.latest_step() is None and config.get('init_from'):
-            state = init_from_pretrained(state, config.init_from, run.tx)
+            state = checkpointing.init_from_pretrained(state, config.init_from, run.tx)
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         writer = MetricWriter(workdir)

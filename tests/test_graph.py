@@ -17,7 +17,7 @@ from sklearn.metrics import r2_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from refnet_jax import graph, inference, train_lib
+from refnet_jax import config_lib, graph, inference, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
@@ -272,7 +272,7 @@ def run(tmp_path_factory, easy_vqa_dir):
 @pytest.mark.slow
 def test_collect_returns_every_test_example(run):
     workdir, results = run
-    config = train_lib.load_workdir_config(workdir)
+    config = config_lib.load_workdir_config(workdir)
     data = inference.collect(config, workdir, 'test')
     n = 9673
     assert data['fused'].shape == (n, 16) and data['logits'].shape == (n, 13)

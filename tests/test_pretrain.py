@@ -87,7 +87,7 @@ def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretr
     config.model.refiner.target = 'input'
     _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
     with jax.set_mesh(mesh):
-        new = train_lib.init_from_pretrained(state, str(pretrained), tx)
+        new = checkpointing.init_from_pretrained(state, str(pretrained), tx)
     source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
     assert set(source) == {'encoders', 'fusion', 'refiner', 'head'}
     assert set(source['encoders']) == set(source['refiner']) == {'image', 'question'}
@@ -112,7 +112,7 @@ def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained,
             match=r'refiner/image/Dense_1/kernel: checkpoint \(16, 12288\), config \(16, 16\)',
         ),
     ):
-        train_lib.init_from_pretrained(state, str(pretrained), tx)
+        checkpointing.init_from_pretrained(state, str(pretrained), tx)
 
 
 @pytest.mark.slow
