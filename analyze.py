@@ -18,7 +18,7 @@ adds `probe_accuracy`: a linear probe (logistic regression) fitted on the fused 
 Flags:
   --workdirs       NAME=SOURCE,... in the order of the table and the picture. SOURCE is a workdir of
                    train.py or pretrain.py (its `config.json` and latest checkpoint), or RANDOM: the network a
-                   run of `--config` starts from (initialised from its `seed`, no training).
+                   run of `--config` starts from (initialized from its `seed`, no training).
   --config         the config file of the RANDOM sources (configs/*.py[:arg], with --config.x.y=... overrides);
                    required with RANDOM, refused without.
   --split          the split analysed (default test).

@@ -2,16 +2,16 @@ r"""Multi-Similarity loss forward+backward: time and peak memory against batch s
 
   python benchmarks/ms_loss.py [--batches 256,1024,4096,8192,16384,32768,65536] [--repeats 5] [--json PATH]
 
-For each batch size B (D = 256 by default) the same random L2-normalised float32 embeddings and integer labels
+For each batch size B (D = 256 by default) the same random L2-normalized float32 embeddings and integer labels
 (NumPy, from `--seed`) go to every side, each run in its own process:
 
   jax-dense      refnet_jax.losses.multi_similarity_loss(block_size=0): one B x B similarity matrix.
-  jax-blocked    the same with blocks of anchor rows, rematerialised in the backward pass: the library's
+  jax-blocked    the same with blocks of anchor rows, rematerialized in the backward pass: the library's
                  automatic blocks where it blocks (B > 4096), else B / 4 rows (4 blocks), or `--block-rows`.
   floor-dense    the bare similarity matmuls: value and gradient of 0.5 * sum((x @ x.T) ** 2), i.e. the
                  forward matmul and the two backward ones (dS @ x and dS.T @ x) that any MS loss also needs,
                  with a reduction that costs one multiply per pair. No MS loss can beat it.
-  floor-blocked  the same in blocks of the jax-blocked rows, rematerialised (lax.map + checkpoint), so large B
+  floor-blocked  the same in blocks of the jax-blocked rows, rematerialized (lax.map + checkpoint), so large B
                  has a floor too and the blocked loss is compared with a blocked floor.
   pml            pytorch-metric-learning: MultiSimilarityLoss(alpha, beta, base) on the pairs of
                  MultiSimilarityMiner(epsilon), then backward (torch.set_num_threads = usable CPUs).
@@ -56,7 +56,7 @@ PEAK_MB_TARGETS = {32768: 2000.0, 65536: 4000.0}
 
 
 def make_inputs(batch: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings (B, D) float32 L2-normalised, labels (B,) int32, probe direction (B, D) float32)."""
+    """(embeddings (B, D) float32 L2-normalized, labels (B,) int32, probe direction (B, D) float32)."""
     rng = np.random.default_rng([seed, batch, dim])
     x = rng.standard_normal((batch, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -191,7 +191,7 @@ def init_from_pretrained(state: Any, workdir: str, tx: optax.GradientTransformat
     """`state` with every parameter of the pre-training run in `workdir` except the task head.
 
     The head and the optimizer state start fresh. A parameter whose shape differs is an error naming its
-    path and both shapes; parameters the pre-training run lacks (the head) keep their initialisation.
+    path and both shapes; parameters the pre-training run lacks (the head) keep their initialization.
     """
     pretrained = Checkpointer(epath.Path(workdir) / 'checkpoints')
     step = pretrained.latest_step()
@@ -205,6 +205,6 @@ def init_from_pretrained(state: Any, workdir: str, tx: optax.GradientTransformat
         params[k] = jax.tree.map(
             lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), v, target[k]
         )
-    logging.info('Initialised %s from step %d of %s; the head is new.', sorted(source), step, workdir)
+    logging.info('Initialized %s from step %d of %s; the head is new.', sorted(source), step, workdir)
     opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state))(params)
     return state.replace(params=params, opt_state=opt_state)

@@ -94,7 +94,7 @@ class LowRankTensorFusion(nn.Module):
     """Low-rank multimodal tensor fusion (LMF, Liu et al., ACL 2018).
 
     The full tensor fusion is the outer product of the embeddings, each extended by a constant 1, mapped
-    linearly to z; LMF factorises that map into `rank` modality-specific factors, so
+    linearly to z; LMF factorizes that map into `rank` modality-specific factors, so
     z = sum_r prod_m (W_m^r [e_m; 1]). The product makes modalities interact multiplicatively, which plain
     concatenation has to learn through its MLP.
 
@@ -122,7 +122,7 @@ class LowRankTensorFusion(nn.Module):
 
 
 class GatedFusion(nn.Module):
-    """Gated multimodal unit (GMU, Arevalo et al., 2017), generalised to M modalities.
+    """Gated multimodal unit (GMU, Arevalo et al., 2017), generalized to M modalities.
 
     z = sum_m g_m * tanh(W_m e_m), with gates g = softmax over modalities of a linear map of all embeddings.
 

@@ -340,7 +340,7 @@ def fit_logistic(
     tol: float = 1e-7,
     history: int = 20,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression by L-BFGS (`optax.lbfgs`) in float64: the minimiser (W, b) of
+    """Multinomial logistic regression by L-BFGS (`optax.lbfgs`) in float64: the minimizer (W, b) of
 
       (1/N) Σ_i -log softmax(x_i W + b)_{y_i} + (l2 / 2) |W|²    (b is not penalised),
 

@@ -1,7 +1,7 @@
 """A ReFNet loaded for inference on one device, and its embeddings of a split, for the analysis of a run.
 
 `load_network` builds the network of a config with `train_lib.build` (the one set-up, so what is analysed is
-what trained) and takes the parameters of a workdir's checkpoint, or keeps the initialisation a run of the
+what trained) and takes the parameters of a workdir's checkpoint, or keeps the initialization a run of the
 config starts from (the untrained baseline of a linear probe). `collect` runs it over every real example of a
 split and returns the fused and unimodal embeddings, the logits and the labels that `graph.analyze` scores.
 """
@@ -51,7 +51,7 @@ def _one_device(config):
 def load_network(config, workdir: str | pathlib.Path | None, *, step: int | None = None) -> Network:
     """The ReFNet of `config` with the parameters of `workdir`'s checkpoint at `step` (default: the latest).
 
-    `workdir=None` gives the network a training run of `config` starts from: initialised from `config.seed`
+    `workdir=None` gives the network a training run of `config` starts from: initialized from `config.seed`
     exactly as `train_lib.train_and_evaluate` does, before any step (the random-network baseline of the linear
     probe). Only the parameters that inference uses are kept (no refiner), each shape-checked against the
     config's model.
@@ -62,7 +62,7 @@ def load_network(config, workdir: str | pathlib.Path | None, *, step: int | None
     info, model = run.info, run.model
     if workdir is None:
         params = jax.device_get(run.state.params)
-        where = f'the initialisation of seed {config.seed}'
+        where = f'the initialization of seed {config.seed}'
         step = None
     else:
         ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / 'checkpoints')
@@ -110,7 +110,7 @@ def collect(
 
     Args:
       config: the run's config (`config_lib.load_workdir_config(workdir)`).
-      workdir: a training or pre-training run; its latest checkpoint is used. None: the randomly initialised
+      workdir: a training or pre-training run; its latest checkpoint is used. None: the randomly initialized
         network of `config` (`load_network`).
       split: 'train', 'validation', 'test', ... of `config.data`.
       max_examples: keep this many examples, drawn without replacement by `np.random.default_rng(seed)` and

@@ -147,7 +147,8 @@ def multi_similarity_loss(
     Equals pytorch-metric-learning's ``MultiSimilarityLoss(alpha, beta, base)`` with indices from
     ``MultiSimilarityMiner(epsilon)`` (``mining=True``) or all pairs (``mining=False``), extended to multi-label
     data and to a ``where`` mask (one corner differs: pytorch-metric-learning returns 0 outright when at most one
-    positive and one negative pair survive in the whole batch; here those pairs still count). For anchor i with positives P_i and negatives N_i (after mining):
+    positive and one negative pair survive in the whole batch; here those pairs still count). For anchor i with
+    positives P_i and negatives N_i (after mining):
 
       loss_i = 1/alpha log(1 + sum_{k in P_i} exp(-alpha (S_ik - base)))
              + 1/beta  log(1 + sum_{k in N_i} exp( beta (S_ik - base)))
@@ -159,7 +160,7 @@ def multi_similarity_loss(
 
     Works on a fixed-shape (B, B) matrix with masks: it jits once per shape, and under ``jax.jit`` with the batch
     sharded on an Auto mesh axis XLA partitions the pairwise computation itself. Large batches are computed in
-    blocks of anchor rows (see ``block_size``), each a (rows, B) tile against the whole batch, rematerialised in
+    blocks of anchor rows (see ``block_size``), each a (rows, B) tile against the whole batch, rematerialized in
     the backward pass: memory O(rows * B) instead of O(B^2), same value and gradient up to float rounding.
 
     Args:

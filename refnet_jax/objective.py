@@ -1,4 +1,4 @@
-"""The objective of a run: what a training step minimises and how an evaluation split is scored.
+"""The objective of a run: what a training step minimizes and how an evaluation split is scored.
 
 One frozen, hashable dataclass per kind of run (a static argument of the jitted steps), all with the
 interface of `Objective`: whether it reads labels, the training loss of a batch, per-example evaluation

@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` is the whole supervised run (`pretrain` the self-supervised one; the
 two differ only in their `objective`): it prepares the data, restores the latest checkpoint of `workdir` or
-initialises, trains with one jitted step sharded over the data mesh, checkpoints (state and data-iterator
+initializes, trains with one jitted step sharded over the data mesh, checkpoints (state and data-iterator
 position), logs scalars to `metrics.jsonl` and TensorBoard, and writes `results.json` with the validation
 and test metrics at the end.
 """
@@ -75,7 +75,7 @@ class Run:
       model: the ReFNet of the config.
       tx: the optimizer.
       schedule: its learning-rate schedule.
-      objective: what the train step minimises and how `evaluate` scores a split.
+      objective: what the train step minimizes and how `evaluate` scores a split.
       state: parameters and optimizer state as a training run starts, on the mesh (None without `init`).
       train_step: the jitted, donating `(state, batch, rng) -> (state, metrics)` (None without `init`).
     """
@@ -111,8 +111,8 @@ def build(
         `objective.Supervised`.
       info: the dataset's description; default: read (and, the first time, prepared) from `config.data`.
       devices: the devices of the mesh; default: all (`config.mesh.data` of them).
-      init: also initialise the state (from `config.seed`, or `seed`) and jit the train step.
-      seed: overrides the initialisation seed (default: `config.seed`, as a training run).
+      init: also initialize the state (from `config.seed`, or `seed`) and jit the train step.
+      seed: overrides the initialization seed (default: `config.seed`, as a training run).
     """
     info = input_pipeline.get_dataset_info(config.data) if info is None else info
     mesh = sharding.make_mesh(config, devices=devices)
@@ -139,7 +139,7 @@ def create_train_state(
     rng: jax.Array,
     mesh: jax.sharding.Mesh,
 ) -> TrainState:
-    """Initialises parameters and optimizer state, replicated over the mesh."""
+    """Initializes parameters and optimizer state, replicated over the mesh."""
     batch = contract.dummy_batch(info, 2)
 
     def init(rng):

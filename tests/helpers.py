@@ -1,4 +1,4 @@
-"""Set-up shared by the tests: tiny easy-VQA configs, freshly initialised train states, stored records."""
+"""Set-up shared by the tests: tiny easy-VQA configs, freshly initialized train states, stored records."""
 
 import numpy as np
 

@@ -143,7 +143,7 @@ def test_tiny_config_trains_two_steps(name, request):
 
 
 def check_builds(name, request, arg):
-    """`configs/<name>.py:<arg>` parses, and its model builds and initialises (abstractly: shapes only) on
+    """`configs/<name>.py:<arg>` parses, and its model builds and initializes (abstractly: shapes only) on
     the data of the tiny config."""
     _, info = with_data(name, request)
     config = load(name).get_config(arg)

@@ -115,7 +115,7 @@ def test_pooling_values_are_complete(name):
 def test_encoder_runs_alone(name, pooling):
     module, x = make(name, pooling)
     # Op by op, with rbg keys (threefry's compile far slower on CPU): the cases of one encoder share the
-    # compiled ops. The parameters are moved off their initialisation (a zero-initialised class token would
+    # compiled ops. The parameters are moved off their initialization (a zero-initialized class token would
     # give its query no gradient).
     params = module.init(jax.random.key(0, impl='rbg'), x)['params']
     rng = np.random.default_rng(1)

@@ -201,7 +201,7 @@ def test_fit_logistic_matches_sklearn():
 @pytest.mark.parametrize('separation', [8.0, 1.2])
 def test_linear_probe_matches_sklearn(separation):
     z, y = blobs(n=400, dim=10, num_classes=4, separation=separation, seed=6)
-    z = z * np.arange(1, 11) + 5.0  # features of other scales and offsets: the probe standardises
+    z = z * np.arange(1, 11) + 5.0  # features of other scales and offsets: the probe standardizes
     y = np.array([3, 8, 10, 20])[y]
     l2 = 1e-3
     scaler = StandardScaler().fit(z[:300])

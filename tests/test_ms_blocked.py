@@ -1,4 +1,4 @@
-"""The blocked (row-tiled, rematerialised) Multi-Similarity loss: equal to the dense one, and its memory.
+"""The blocked (row-tiled, rematerialized) Multi-Similarity loss: equal to the dense one, and its memory.
 
 Memory figures come from compiling only (`.lower(...).compile().memory_analysis()`), so the large batches cost
 seconds and no memory. Run with `-s` to see them.

@@ -51,7 +51,7 @@ def test_pretrain_py_trains_the_refiner_without_collapse(pretrained):
     assert 'train/task_loss' not in train[0] and 'train/ms_loss' not in train[0]
     for split in ('val', 'test'):
         assert set(results[split]) >= {'refiner_loss/image', 'refiner_loss/question', 'fused_spread'}
-        # A collapsed network maps every input to one point: spread 0. (This tiny network at initialisation
+        # A collapsed network maps every input to one point: spread 0. (This tiny network at initialization
         # scores about 0.07 on validation; independent random unit vectors in 16-d would score 0.25.)
         assert results[split]['fused_spread'] > 0.02
 

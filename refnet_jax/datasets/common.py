@@ -1,7 +1,7 @@
 """What several dataset modules do alike: tokens, images, data files of installed packages, manual downloads,
 standardization and stratified splits.
 
-Each helper keeps the exact behaviour of the modules it serves (their prepared data are unchanged by sharing
+Each helper keeps the exact behavior of the modules it serves (their prepared data are unchanged by sharing
 it); where the modules differ in a detail (an rng draw, a rounding), a parameter names it.
 """
 
