@@ -74,11 +74,15 @@ def check_one_step(fusion, variant):
     assert logits.shape == (8, 5) and aux['fused'].shape[0] == 8
 
 
+# Every fusion and variant builds for every config file in the default run (tests/test_configs.py); the train
+# steps themselves are slow tests.
+@pytest.mark.slow
 @pytest.mark.parametrize('fusion', sorted(fusion_lib.FUSIONS))
 def test_every_fusion_trains_a_step(fusion):
     check_one_step(fusion, 'refnet')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', config_lib.VARIANTS)
 def test_every_variant_trains_a_step(variant):
     check_one_step('concat', variant)

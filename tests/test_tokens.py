@@ -12,12 +12,14 @@ TOKEN_FUSIONS = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_l
 # Every fusion variant whose read-out differs: (kind, fields).
 FUSION_CASES = [
     ('mmft', dict(readout='mean', readout_layer=1)),
-    ('mmft', dict(readout='cls', readout_layer=1)),
-    ('mmft', dict(readout='mean', readout_layer=2)),
+    pytest.param('mmft', dict(readout='cls', readout_layer=1), marks=pytest.mark.slow),
+    pytest.param('mmft', dict(readout='mean', readout_layer=2), marks=pytest.mark.slow),
     ('mbt', dict(fusion_layer=1)),
-    ('mbt', dict(fusion_layer=0)),
+    pytest.param('mbt', dict(fusion_layer=0), marks=pytest.mark.slow),
 ]
-assert {k for k, _ in FUSION_CASES} == set(TOKEN_FUSIONS), 'a token fusion without a test case'
+assert {getattr(c, 'values', c)[0] for c in FUSION_CASES} == set(TOKEN_FUSIONS), (
+    'a token fusion without a test case'
+)
 
 
 def token_inputs(seed=0, pad_value=0.0):
