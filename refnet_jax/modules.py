@@ -88,7 +88,6 @@ def instantiate(
     field: str,
     *,
     builtins: Iterable[type[nn.Module]] = (),
-    name: str | None = None,
     **data,
 ) -> nn.Module:
     """`cls(**fields, **data)`, refusing fields that `cls` does not take, with the config path.
@@ -102,7 +101,6 @@ def instantiate(
       fields: the config section's fields for it (lists are passed as tuples).
       field: the config path of the section, for messages.
       builtins: the built-in classes whose defaults may be left out for a class that lacks them.
-      name: the Linen name of the instance.
       **data: fields that come from the data, passed when `cls` has them (`vocab_size`).
     """
     known = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
@@ -135,4 +133,4 @@ def instantiate(
     )
     if missing:
         raise ValueError(f'{field}: {cls.__name__} needs field(s) {missing}, which the config does not set')
-    return cls(**kwargs, name=name)
+    return cls(**kwargs)
