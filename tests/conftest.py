@@ -1,12 +1,27 @@
-"""Test set-up: 8 CPU devices for sharding tests, absl flags parsed for grain."""
+"""Test set-up: 8 CPU devices for sharding tests, a compilation cache per test process, absl flags
+parsed for grain."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# A persistent compilation cache per test process (the pytest-xdist workers each have one), shared with the
+# `train.py` subprocesses it starts (they inherit the environment): the many tests that compile the same tiny
+# configs compile them once. It starts empty, so every computation is still compiled for real in each session;
+# JAX keys its entries by the program, the devices and the flags. A cache the user set is left alone.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ or os.environ.get('REFNET_TEST_CACHE'):
+    _cache_dir = tempfile.mkdtemp(prefix='refnet-jax-test-compilation-cache-')
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ['REFNET_TEST_CACHE'] = '1'  # an xdist worker (it inherits this) makes its own
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'  # not the many small op-by-op programs
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 from absl import flags  # noqa: E402
 
@@ -27,3 +42,15 @@ def easy_vqa_dir(tmp_path_factory):
         ml_collections.ConfigDict({'name': 'easy_vqa', 'data_dir': str(data_dir)})
     )
     return data_dir
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the longest (`@pytest.mark.slow(seconds=...)`, alone on 2 cores) at the head:
+    the pytest-xdist workers start the long runs at once and end together on short tests, rather than one
+    worker finishing a 3-minute run alone. Otherwise the order stays."""
+
+    def key(item):
+        slow = item.get_closest_marker('slow')
+        return (slow is None, -(slow.kwargs.get('seconds', 0) if slow else 0))
+
+    items.sort(key=key)

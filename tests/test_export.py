@@ -154,6 +154,7 @@ def test_export_of_a_checkpoint_that_does_not_fit_its_config_names_the_parameter
         export_lib.export_workdir(tmp_path / 'nowhere', tmp_path / 'out')
 
 
+@pytest.mark.slow(seconds=30)
 def test_exported_mmft_model_runs_in_a_fresh_process(tmp_path, easy_vqa_dir):
     """A token-level fusion exports like the others: symbolic batch, no model code in the loading process."""
     config = easy_vqa.get_config('tiny,fusion=mmft')

@@ -56,7 +56,7 @@ def one_step(config, batch, with_grads=False):
             )
             return run.objective.loss(logits, aux, batch)[0]
 
-        grads = jax.grad(loss)(state.params) if with_grads else None
+        grads = jax.jit(jax.grad(loss))(state.params) if with_grads else None
         for _ in range(2):  # the warm-up's first learning rate is 0
             state, metrics = run.train_step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
     return model, params0, grads, jax.device_get(state.params), jax.device_get(metrics)
@@ -70,28 +70,20 @@ def check_one_step(fusion, variant):
     assert ('ms_loss' in metrics) == (variant == 'refnet')
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), params0['fusion'], params1['fusion'])
     assert any(jax.tree.leaves(changed))
-    logits, aux = model.apply({'params': params1}, toy_batch())
+    logits, aux = jax.eval_shape(model.apply, {'params': params1}, toy_batch())
     assert logits.shape == (8, 5) and aux['fused'].shape[0] == 8
 
 
-# Every fusion and variant builds for every config file in the default run (tests/test_configs.py); the train
-# steps themselves are slow tests.
-@pytest.mark.slow
-@pytest.mark.parametrize('fusion', sorted(fusion_lib.FUSIONS))
-def test_every_fusion_trains_a_step(fusion):
-    check_one_step(fusion, 'refnet')
+# Every fusion with every loss term on (refnet: the refiner and the MS loss) and with the `input` targets of
+# pre-training; the variants that switch terms off with one fusion. Every fusion and variant also builds for
+# every config file in the default run (tests/test_configs.py).
+CASES = [(f, v) for f in sorted(fusion_lib.FUSIONS) for v in ('refnet', 'pretrain')]
+CASES += [('concat', v) for v in config_lib.VARIANTS if v not in ('refnet', 'pretrain')]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('variant', config_lib.VARIANTS)
-def test_every_variant_trains_a_step(variant):
-    check_one_step('concat', variant)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('fusion', sorted(fusion_lib.FUSIONS))
-@pytest.mark.parametrize('variant', config_lib.VARIANTS)
-def test_every_fusion_and_variant_trains_a_step(fusion, variant):
+@pytest.mark.parametrize('fusion,variant', CASES, ids=[f'{f}-{v}' for f, v in CASES])
+def test_fusion_and_variant_trains_a_step(fusion, variant):
     check_one_step(fusion, variant)
 
 
@@ -120,8 +112,8 @@ def test_refiner_targets_and_reconstructions_have_matching_shapes():
     ):
         config = toy_config(fusion='mmft' if target == 'tokens' else 'concat', target=target)
         model = model_lib.create_model(config, INFO)
-        params = model.init(jax.random.key(0), toy_batch())['params']
-        _, aux = model.apply({'params': params}, toy_batch())
+        params = jax.eval_shape(model.init, jax.random.key(0), toy_batch())['params']  # shapes only
+        _, aux = jax.eval_shape(model.apply, {'params': params}, toy_batch())
         for m, d in dims.items():
             assert aux['targets'][m].shape == aux['reconstructions'][m].shape == (8, d)
 
@@ -130,7 +122,7 @@ def test_shared_modality_is_encoded_once_per_row_and_gathered():
     config = toy_config(variant='baseline')
     model = model_lib.create_model(config, INFO)
     batch = toy_batch()
-    params = model.init(jax.random.key(0), batch)['params']
+    params = jax.jit(model.init)(jax.random.key(0), batch)['params']
     _, aux = model.apply({'params': params}, batch)
     flat = dict(batch, image=batch['image'][batch['image_index']], image_index=np.arange(8, dtype=np.int32))
     _, aux_flat = model.apply({'params': params}, flat)
@@ -140,7 +132,7 @@ def test_shared_modality_is_encoded_once_per_row_and_gathered():
 def test_inference_without_refiner_gives_the_same_logits():
     config = toy_config()
     model = model_lib.create_model(config, INFO)
-    params = model.init(jax.random.key(0), toy_batch())['params']
+    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
     a, aux = model.apply({'params': params}, toy_batch())
     b, aux_b = model.apply({'params': params}, toy_batch(), with_refiner=False)
     np.testing.assert_array_equal(a, b)

@@ -91,7 +91,7 @@ def run_in_process(workdir, data_dir, mesh_data, **train):
     return train_lib.train_and_evaluate(config, str(workdir))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_two_processes_train_like_one_and_eight_devices_and_resume_on_eight(tmp_path, easy_vqa_dir):
     assert len(jax.devices()) == 8
     two = tmp_path / 'two' / 'run'

@@ -46,22 +46,22 @@ def make_fusion(kind, fields):
 def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
     module = make_fusion(kind, fields)
     clean, dirty = token_inputs(pad_value=0.0), token_inputs(pad_value=np.nan)
-    params = module.init(jax.random.key(0), clean)
+    params = jax.jit(module.init)(jax.random.key(0), clean)
 
-    def loss(params, inputs):
+    def loss(params, tokens, inputs):  # `tokens` replace the token arrays of `inputs`
+        inputs = dict(inputs, **{m: layers.Tokens(t, inputs[m].mask) for m, t in tokens.items()})
         z, readouts = module.apply(params, inputs)
         return (z**2).sum() + sum((r**3).sum() for r in readouts.values()), (z, readouts)
 
-    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (l0, out0), g0 = value_and_grad(params, clean)
-    (l1, out1), g1 = value_and_grad(params, dirty)
+    # One compiled function gives the outputs and the gradients for the parameters and the token inputs.
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    tokens = lambda inputs: {m: inputs[m].tokens for m in ('a', 'b')}  # noqa: E731
+    (l0, out0), (g0, _) = value_and_grad(params, tokens(clean), clean)
+    (l1, out1), (g1, grad_in) = value_and_grad(params, tokens(dirty), dirty)
     assert np.isfinite(l1)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), out0, out1)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), g0, g1)
     # And the gradient with respect to the padded inputs themselves is zero, finite.
-    tokens = {m: dirty[m].tokens for m in ('a', 'b')}
-    rebuild = lambda t: dict(dirty, **{m: layers.Tokens(t[m], dirty[m].mask) for m in t})  # noqa: E731
-    grad_in = jax.jit(jax.grad(lambda t: loss(params, rebuild(t))[0]))(tokens)
     for m in ('a', 'b'):
         g = np.asarray(grad_in[m])
         assert np.isfinite(g).all() and not g[~np.asarray(dirty[m].mask)].any()
@@ -71,7 +71,7 @@ def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
 def test_token_fusion_does_not_depend_on_modality_order(kind, fields):
     module = make_fusion(kind, fields)
     inputs = token_inputs()
-    params = module.init(jax.random.key(0), inputs)
+    params = jax.jit(module.init)(jax.random.key(0), inputs)
     reverse = {m: inputs[m] for m in reversed(list(inputs))}
     jax.tree.map(
         lambda x, y: np.testing.assert_array_equal(x, y),
@@ -83,7 +83,7 @@ def test_token_fusion_does_not_depend_on_modality_order(kind, fields):
 def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer():
     module = make_fusion('mmft', dict(readout='mean', readout_layer=2))
     inputs = token_inputs(pad_value=np.nan)
-    params = module.init(jax.random.key(0), inputs)
+    params = jax.jit(module.init)(jax.random.key(0), inputs)
     (z, readouts), state = module.apply(
         params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
     )
@@ -110,7 +110,7 @@ def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer():
 def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
     module = make_fusion('mbt', dict(fusion_layer=1))
     inputs = token_inputs(pad_value=np.nan)
-    params = module.init(jax.random.key(0), inputs)
+    params = jax.jit(module.init)(jax.random.key(0), inputs)
     (z, readouts), state = module.apply(
         params, inputs, capture_intermediates=lambda mdl, _: (mdl.name or '').endswith('_encoder_norm')
     )
@@ -126,11 +126,11 @@ def test_mbt_modalities_exchange_information_only_through_bottlenecks():
     inputs = token_inputs()
     changed = dict(inputs, b=layers.Tokens(inputs['b'].tokens + 1.0, inputs['b'].mask))
     late = make_fusion('mbt', dict(fusion_layer=2))  # no bottleneck layer: each modality alone
-    params = late.init(jax.random.key(0), inputs)
+    params = jax.jit(late.init)(jax.random.key(0), inputs)
     (_, r0), (_, r1) = late.apply(params, inputs), late.apply(params, changed)
     np.testing.assert_array_equal(r0['a'], r1['a'])
     early = make_fusion('mbt', dict(fusion_layer=0))
-    params = early.init(jax.random.key(0), inputs)
+    params = jax.jit(early.init)(jax.random.key(0), inputs)
     (_, r0), (_, r1) = early.apply(params, inputs), early.apply(params, changed)
     assert not np.allclose(r0['a'], r1['a'])
 
@@ -163,7 +163,7 @@ IDS = np.array([[3, 5, 2, 0, 0, 0], [7, 0, 0, 0, 0, 0]], np.int32)
     ids=['cnn', 'vit', 'conv1d', 'text_transformer'],
 )
 def test_token_encoders_return_tokens_and_masks(module, x, tokens):
-    params = module.init(jax.random.key(0), x)
+    params = jax.jit(module.init)(jax.random.key(0), x)
     out = module.apply(params, x)
     assert isinstance(out, layers.Tokens)
     assert out.tokens.shape == (2, tokens, 8) and out.mask.shape == (2, tokens)
@@ -174,7 +174,7 @@ def test_token_encoders_return_tokens_and_masks(module, x, tokens):
 def test_text_transformer_never_reads_padding():
     """The padding id's embedding set to NaN changes neither the real tokens' outputs nor any gradient."""
     module = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
-    params = module.init(jax.random.key(0), IDS)
+    params = jax.jit(module.init)(jax.random.key(0), IDS)
     poisoned = jax.tree.map(lambda x: x, params)
     poisoned['params']['Embed']['embedding'] = params['params']['Embed']['embedding'].at[0].set(jnp.nan)
 
@@ -202,6 +202,6 @@ def test_text_transformer_never_reads_padding():
 @pytest.mark.parametrize('pooling', ['gap', 'cls'])
 def test_vit_pooled_outputs(pooling):
     module = encoders.ViT(patch_size=(8, 8), width=8, depth=1, num_heads=2, pooling=pooling, embed_dim=5)
-    params = module.init(jax.random.key(0), IMAGES)
+    params = jax.jit(module.init)(jax.random.key(0), IMAGES)
     assert module.apply(params, IMAGES).shape == (2, 5)
     assert ('cls' in params['params']) == (pooling == 'cls')

@@ -73,7 +73,7 @@ def test_unknown_config_key_is_an_error(tmp_path, easy_vqa_dir):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir):
     args = (
         '--config.train.num_steps=300',
