@@ -1,11 +1,12 @@
 """The entry points' command line: a user's mistake is one plain line, a bug keeps its traceback.
 
-train.py, pretrain.py, export.py and analyze.py call `run(main)` where absl's `app.run(main)` would go. This
-package reports a wrong config value, data or workdir as a ValueError, an OSError (FileNotFoundError: a
-missing file, a config file that does not load) or a FloatingPointError (`train_lib.NonFiniteLossError`);
-those, a flag that does not parse, an unknown config field and an `app.UsageError` print
-`error: <message>` on stderr and exit with status 2. Any other exception is a bug and shows its traceback;
-with `--debug` (or REFNET_DEBUG=1 in the environment) every one does.
+export.py and analyze.py call `run(main)` where absl's `app.run(main)` would go; train.py and pretrain.py
+call `run_experiment` with the function they run. This package reports a wrong config value, data or
+workdir as a ValueError, an OSError (FileNotFoundError: a missing file, a config file that does not load)
+or a FloatingPointError (`train_lib.NonFiniteLossError`); those, a flag that does not parse, an unknown
+config field and an `app.UsageError` print `error: <message>` on stderr and exit with status 2. Any other
+exception is a bug and shows its traceback; with `--debug` (or REFNET_DEBUG=1 in the environment) every
+one does.
 """
 
 import os
@@ -13,7 +14,9 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
 EXIT_USER_ERROR = 2
@@ -39,6 +42,26 @@ def run(main: Callable[[list[str]], object]) -> None:
 
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS['debug'])  # --helpshort shows it
     app.run(plain_main, flags_parser=_parse_flags)
+
+
+def run_experiment(fn: Callable[[ml_collections.ConfigDict, str], object]) -> None:
+    """The whole main of train.py and pretrain.py: `--config` (configs/*.py[:arg], with `--config.x.y=...`
+    overrides) and `--workdir`, then `fn(config, workdir)` under `run`."""
+    config_flags.DEFINE_config_file(
+        'config', None, 'Experiment config file (configs/*.py[:arg]).', lock_config=True
+    )
+    flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results.json are written.')
+    flags.mark_flags_as_required(['config', 'workdir'])
+    for name in ('config', 'workdir'):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --helpshort shows them
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+        logging.set_verbosity(logging.INFO)
+        fn(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    run(main)
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

@@ -5,7 +5,11 @@ fields, one encoder per modality, training length); `tiny` shrinks any config fo
 commented here once.
 """
 
+import dataclasses
+import fnmatch
 import json
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -171,6 +175,94 @@ def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> m
     config.train.log_every_steps = 2
     config.train.checkpoint_every_steps = 2
     return config
+
+
+# ----------------------------------------------------------------------------------------------- ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field takes: a finite number (an int with `integer`) in the interval from
+    `low` to `high` (open at an end with `low_open` / `high_open`; None: unbounded), or one of `also`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    also: tuple = ()
+
+    def holds(self, value: Any) -> bool:
+        if any(value is v or (value == v and type(value) is type(v)) for v in self.also):
+            return True
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return False
+        if self.integer and not isinstance(value, numbers.Integral):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        what = 'an int' if self.integer else 'a number'
+        if self.low is not None and self.high is not None:
+            left, right = '(' if self.low_open else '[', ')' if self.high_open else ']'
+            what += f' in {left}{self.low}, {self.high}{right}'
+        elif self.low is not None:
+            what += f' {">" if self.low_open else ">="} {self.low}'
+        elif self.high is not None:
+            what += f' {"<" if self.high_open else "<="} {self.high}'
+        elif not self.integer:
+            what = 'a finite number'
+        return ' or '.join([what, *map(repr, self.also)])
+
+
+POSITIVE_INT = Range(1, integer=True)
+NON_NEGATIVE = Range(0)
+# Every numeric field `train.py` reads, by dotted path (fnmatch patterns: `*` also crosses dots), checked by
+# `check_ranges` before any work; a tuple's elements are checked one by one.
+RANGES: dict[str, Range] = {
+    'seed': Range(integer=True),
+    'data.label_fraction': Range(0, 1, low_open=True),
+    'model.refiner.hidden': POSITIVE_INT,
+    'model.*dropout': Range(0, 1, high_open=True),
+    'loss.refiner_weights.*': NON_NEGATIVE,
+    'loss.ms_weight': NON_NEGATIVE,
+    'loss.ms.alpha': Range(0, low_open=True),
+    'loss.ms.beta': Range(0, low_open=True),
+    'loss.ms.base': Range(),
+    'loss.ms.epsilon': NON_NEGATIVE,
+    'loss.ms.block_size': Range(0, integer=True, also=(None,)),
+    'train.num_steps': POSITIVE_INT,
+    'train.batch_size': POSITIVE_INT,
+    'train.learning_rate': NON_NEGATIVE,
+    'train.warmup_steps': Range(0, integer=True),
+    'train.weight_decay': NON_NEGATIVE,
+    'train.grad_clip_norm': NON_NEGATIVE,
+    'train.log_every_steps': POSITIVE_INT,
+    'train.checkpoint_every_steps': POSITIVE_INT,
+    'train.eval_every_steps': Range(0, integer=True),
+    'eval.batch_size': POSITIVE_INT,
+    'mesh.data': Range(1, integer=True, also=(-1,)),
+}
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Refuses a numeric field of `config` outside its `RANGES` entry, naming the field, the value and the
+    range: a negative learning rate or an MS alpha of 0 is a mistake to say before any work, not a run that
+    diverges later. Fields a config lacks are not checked (their readers give the defaults)."""
+    problems = []
+    for field, value in _flatten(config.to_dict()).items():
+        for pattern, allowed in RANGES.items():
+            if not fnmatch.fnmatchcase(field, pattern):
+                continue
+            for v in value if isinstance(value, list) else [value]:
+                if not allowed.holds(v):
+                    shown = tuple(value) if isinstance(value, list) else value
+                    problems.append(f'config.{field} is {shown!r}; expected {allowed}')
+                    break
+    if problems:
+        raise ValueError('\n'.join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- workdirs

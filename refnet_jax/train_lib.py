@@ -114,9 +114,10 @@ def build(
       init: also initialize the state (from `config.seed`, or `seed`) and jit the train step.
       seed: overrides the initialization seed (default: `config.seed`, as a training run).
     """
-    info = input_pipeline.get_dataset_info(config.data) if info is None else info
+    config_lib.check_ranges(config)
     mesh = sharding.make_mesh(config, devices=devices)
-    sharding.check_batch_divisibility(config, mesh)
+    sharding.check_batch_divisibility(config, mesh)  # before the data is read (and maybe prepared)
+    info = input_pipeline.get_dataset_info(config.data) if info is None else info
     model = model_lib.create_model(config, info)
     tx, schedule = create_optimizer(config)
     if pretraining:
@@ -255,12 +256,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       The contents of `workdir/results.json`: the final step, the last training metrics, and the refiner
       losses and fused-embedding spread on the validation and test inputs.
     """
+    config_lib.check_ranges(config)
     objective_lib.Pretraining(config)  # refuses a config it cannot pre-train, before the workdir is made
     return _run(config, workdir, pretraining=True)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) -> dict[str, Any]:
     t_start = time.time()
+    config_lib.check_ranges(config)  # before the workdir records the config
     sharding.maybe_initialize_distributed(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,15 @@ def test_a_config_file_that_does_not_exist_is_one_plain_line(tmp_path):
     assert_plain(rc, stderr, 'configs/nope.py', 'No such file')
 
 
+def test_a_value_out_of_range_is_refused_before_any_work(tmp_path):
+    rc, stderr = train(
+        tmp_path, 'configs/easy_vqa.py:tiny', '--config.train.learning_rate=-0.1', '--config.loss.ms.alpha=0'
+    )
+    assert_plain(rc, stderr, 'config.train.learning_rate is -0.1; expected a number >= 0')
+    assert 'config.loss.ms.alpha is 0.0; expected a number > 0' in stderr  # every bad field at once
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'tfds').exists()
+
+
 def test_a_bad_config_value_raised_by_the_run_is_one_plain_line(tmp_path):
     # train_lib's own checks raise ValueError (here before any data is prepared).
     rc, stderr = train(tmp_path, 'configs/easy_vqa.py:tiny', '--config.data.name=nope')
