@@ -113,7 +113,7 @@ def test_modules_instantiate_fills_data_fields_and_names_missing_ones():
     assert contract.KINDS['tokens'].encoder in encoders.ENCODERS
 
 
-@pytest.mark.slow(seconds=210)
+@pytest.mark.slow(seconds=110)
 def test_readme_example_runs_as_written(tmp_path, easy_vqa_dir):
     """The README's my_modules.py and its command, from a scratch directory, on the prepared easy-VQA."""
     blocks = readme_blocks()
