@@ -123,11 +123,6 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
             raise ValueError(
                 f'config.{field} names modalities {given}, but dataset {info.name!r} has {names}'
             )
-    weights = config.loss.refiner_weights
-    for m in names:
-        if weights[m] < 0:
-            raise ValueError(f'config.loss.refiner_weights.{m} is {weights[m]}; expected >= 0')
-
     built = []
     for m in names:
         fields = dict(config.model.encoders[m])
@@ -146,7 +141,7 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
     rcfg = config.model.refiner
     if rcfg.target not in refiner.TARGETS:
         raise ValueError(f'config.model.refiner.target is {rcfg.target!r}; expected one of {refiner.TARGETS}')
-    refined = tuple(m for m in names if weights[m] > 0)
+    refined = tuple(m for m in names if config.loss.refiner_weights[m] > 0)
     if refined and rcfg.target == 'tokens' and not fusion.is_token_level(cls):
         token_level = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
         raise ValueError(

@@ -256,7 +256,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       The contents of `workdir/results.json`: the final step, the last training metrics, and the refiner
       losses and fused-embedding spread on the validation and test inputs.
     """
-    config_lib.check_ranges(config)
     objective_lib.Pretraining(config)  # refuses a config it cannot pre-train, before the workdir is made
     return _run(config, workdir, pretraining=True)
 
