@@ -106,35 +106,76 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-    """An orbax CheckpointManager for `state` and `data_iter`.
+    """An orbax CheckpointManager for `state`, `data_iter` and, when a run selects a checkpoint, `selection`
+    (the JSON state of `selection.Selection`).
 
     Args:
       directory: where the step folders are written.
       max_to_keep: how many recent checkpoints are kept.
+      best_mode: 'max' or 'min' makes this the manager of the best checkpoint (`<workdir>/best`): orbax's
+        `best_fn` keeps the one checkpoint whose `metrics['value']` is best.
     """
 
-    def __init__(self, directory: epath.PathLike, *, max_to_keep: int = 2):
+    def __init__(self, directory: epath.PathLike, *, max_to_keep: int = 2, best_mode: str | None = None):
         directory = str(directory)
         # orbax wants absolute paths; a relative local workdir is relative to the current directory.
         self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        if best_mode is not None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                create=True,
+                best_fn=lambda metrics: metrics['value'],
+                best_mode=best_mode,
+                keep_checkpoints_without_metrics=False,
+            )
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
                 'state': ocp.StandardCheckpointHandler(),
                 'data_iter': IteratorHandler(),
+                'selection': ocp.JsonCheckpointHandler(),
             },
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=options,
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state, data_iter: grain.DatasetIterator | None = None) -> None:
-        """Saves at `state.step` (asynchronously; `wait()` or `close()` finishes it)."""
+    def save(
+        self,
+        state,
+        data_iter: grain.DatasetIterator | None = None,
+        *,
+        selection: dict[str, Any] | None = None,
+        value: float | None = None,
+    ) -> None:
+        """Saves at `state.step` (asynchronously; `wait()` or `close()` finishes it).
+
+        Args:
+          state: the train state.
+          data_iter: the training iterator, whose position is saved with it.
+          selection: the `Selection.state()` of a run that selects a checkpoint.
+          value: the selected metric's value (the best manager's `best_fn` reads it).
+        """
         items = {'state': ocp.args.StandardSave(_as_dict(state))}
         if data_iter is not None:
             items['data_iter'] = IteratorSave(data_iter)
-        self.manager.save(int(state.step), args=ocp.args.Composite(**items))
+        if selection is not None:
+            items['selection'] = ocp.args.JsonSave(selection)
+        metrics = None if value is None else {'value': value}
+        self.manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics)
+
+    def restore_selection(self, step: int | None = None) -> dict[str, Any] | None:
+        """The `selection` item of a checkpoint (default: the latest); None when it has none."""
+        step = self.latest_step() if step is None else step
+        if step is None or not (self.directory / str(step) / 'selection').exists():
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(selection=ocp.args.JsonRestore()))
+        return dict(restored['selection'])
+
+    def all_steps(self) -> tuple[int, ...]:
+        return tuple(self.manager.all_steps())
 
     def restore(self, state, data_iter: grain.DatasetIterator | None = None, step: int | None = None):
         """Restores `state` (and the iterator, in place) from `step` (default: the latest).

@@ -129,9 +129,18 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.train.log_every_steps = 50  # scalars to metrics.jsonl / TensorBoard
     config.train.checkpoint_every_steps = 500  # orbax checkpoint (always one at the end)
     config.train.eval_every_steps = 0  # validation during training; 0: only at the end
+    # Modality dropout: per modality, the probability that a training example loses it (never all of them).
+    config.train.modality_dropout = {m: 0.0 for m in modalities}
+    # Keep the checkpoint with the best value of this validation metric ('val/accuracy', 'val/loss', ...) in
+    # <workdir>/best and report test metrics there too (needs eval_every_steps); None: the last step only.
+    config.train.select = ml_collections.config_dict.placeholder(str)
+    config.train.select_mode = 'auto'  # 'max', 'min', or 'auto': 'min' for a loss, 'max' otherwise
+    config.train.early_stop = 0  # stop after this many validations without improvement; 0: never
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 1024  # examples per evaluation batch (padding included)
+    # Modalities to also evaluate without: results.json gains val_without_<m> and test_without_<m>.
+    config.eval.without = ()
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis; -1: all devices of all processes
@@ -242,6 +251,8 @@ RANGES: dict[str, Range] = {
     'train.log_every_steps': POSITIVE_INT,
     'train.checkpoint_every_steps': POSITIVE_INT,
     'train.eval_every_steps': Range(0, integer=True),
+    'train.modality_dropout.*': Range(0, 1, high_open=True),
+    'train.early_stop': Range(0, integer=True),
     'eval.batch_size': POSITIVE_INT,
     'mesh.data': Range(1, integer=True, also=(-1,)),
 }
@@ -274,6 +285,7 @@ RESUMABLE_FIELDS = (
     'train.log_every_steps',
     'train.checkpoint_every_steps',
     'train.eval_every_steps',
+    'eval.without',
     'mesh.data',
     'mesh.distributed',
     'mesh.coordinator_address',

@@ -7,6 +7,10 @@ A batch is a dict of NumPy (or jax) arrays keyed by modality name, plus
 - `<m>_index` (`index_key(m)`): for a modality stored once for several examples (`ModalityInfo.shared`,
   easy-VQA's image shared by the questions about it), `batch[m]` has fewer rows than the batch and this
   (B,) int32 array gives each example's row in it;
+- `<m>_present` (`present_key(m)`), optional: (B,) bool, False where modality m is absent from an example
+  (a sensor off, an image that did not load; or dropped by `config.train.modality_dropout`). When the key is
+  omitted, m is present in every example. The model never reads an absent modality's values (they may hold
+  anything, NaN included): it gives the fusion a learned stand-in instead, and m's refiner loss skips them;
 - `mask` (B,) bool, in evaluation: False on padding rows.
 
 Each modality has a kind (`KINDS`): what its arrays hold, which built-in encoder it gets by default, and
@@ -120,6 +124,63 @@ def index_key(modality: str) -> str:
     return f'{modality}_index'
 
 
+def present_key(modality: str) -> str:
+    """The batch key of a modality's per-example presence, (B,) bool."""
+    return f'{modality}_present'
+
+
+def drop_modalities(
+    batch: Mapping[str, jax.Array], rates: Mapping[str, float], rng: jax.Array
+) -> dict[str, jax.Array]:
+    """`batch` with each modality m marked absent in each example with probability `rates[m]` (modality
+    dropout), never all the modalities an example has: where every one would be gone, one of those it had
+    is kept, chosen uniformly.
+
+    Pure jax, drawn in the jitted train step over the global batch, so the draws depend on the rng and the
+    example's place in the global batch alone, not on the device count. A modality whose rate is 0 keeps its
+    presence (it is never dropped, only ever the one kept); with every rate 0 the batch comes back unchanged.
+
+    Args:
+      batch: a batch with every modality of `rates` (and `present_key(m)` where m is absent somewhere).
+      rates: {m: drop probability in [0, 1)}, one per modality of the batch.
+      rng: a key for this batch.
+    """
+    rates = {m: float(r) for m, r in rates.items()}
+    if not any(rates.values()):
+        return dict(batch)
+    names = sorted(rates)
+    n = _num_examples(batch, names)
+    had = jnp.stack([_presence(batch, m, n) for m in names], 1)  # (B, M)
+    keys = jax.random.split(rng, 2)
+    drop = jax.random.uniform(keys[0], (n, len(names))) < jnp.asarray([rates[m] for m in names])
+    kept = had & ~drop
+    # Where nothing is left, keep one modality that the example had: the one with the largest random score.
+    score = jnp.where(had, jax.random.uniform(keys[1], (n, len(names))), -1.0)
+    rescue = (~kept.any(1) & had.any(1))[:, None] & (jnp.arange(len(names)) == score.argmax(1)[:, None])
+    kept = kept | rescue
+    out = dict(batch)
+    for i, m in enumerate(names):
+        if rates[m] > 0 or present_key(m) in batch:  # a rate-0 modality is kept wherever it was
+            out[present_key(m)] = kept[:, i]
+    return out
+
+
+def _num_examples(batch: Mapping[str, Any], names) -> int:
+    for key in ('label', 'mask', *(present_key(m) for m in names)):
+        if key in batch:
+            return batch[key].shape[0]
+    for m in names:
+        key = index_key(m) if index_key(m) in batch else m
+        return batch[key].shape[0]
+    raise ValueError('batch has no modality')
+
+
+def _presence(batch: Mapping[str, Any], m: str, n: int) -> jax.Array:
+    """(B,) bool presence of modality m: `batch[present_key(m)]`, or all True."""
+    p = batch.get(present_key(m))
+    return jnp.ones((n,), bool) if p is None else jnp.asarray(p, bool)
+
+
 def dummy_batch(info: DatasetInfo, batch_size: int) -> dict[str, np.ndarray]:
     """A batch of zeros with the dataset's shapes (shared modalities get one row per example)."""
     batch = {}
@@ -135,8 +196,8 @@ def dummy_batch(info: DatasetInfo, batch_size: int) -> dict[str, np.ndarray]:
 def check_batch(batch: Mapping[str, np.ndarray], info: DatasetInfo, labeled: bool = True) -> None:
     """Raises ValueError naming the key, what it holds and what was expected, for a batch that does not fit.
 
-    Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), and, when
-    `labeled`, the labels (shape, in range of the declared classes).
+    Checks every modality (present, per-item shape, dtype kind), index keys (present, in range), presence
+    keys ((B,) bool, of a known modality), and, when `labeled`, the labels (shape, in range of the declared classes).
     """
 
     def fail(key, msg):
@@ -177,6 +238,17 @@ def check_batch(batch: Mapping[str, np.ndarray], info: DatasetInfo, labeled: boo
             fail(m, f'has {x.shape[0]} rows but the batch has {n} examples')
     if 'mask' in batch and np.asarray(batch['mask']).shape != (n,):
         fail('mask', f'has shape {np.asarray(batch["mask"]).shape}; expected ({n},)')
+    for m in info.modalities:
+        key = present_key(m)
+        if key in batch:
+            p = np.asarray(batch[key])
+            if p.shape != (n,) or p.dtype != bool:
+                fail(key, f'must be ({n},) bool (False where {m!r} is absent); got {p.dtype} {p.shape}')
+    unknown = sorted(
+        k for k in batch if k.endswith('_present') and k.removesuffix('_present') not in info.modalities
+    )
+    if unknown:
+        fail(unknown[0], f'names no modality; dataset {info.name!r} has {sorted(info.modalities)}')
     if not labeled:
         return
     labels = np.asarray(batch['label'])

@@ -9,7 +9,9 @@ An export directory holds three files:
 
 The batch dimensions are symbolic, so one export serves any batch size: `b` is the number of examples, and a
 modality `m` stored once for several examples (`ModalityInfo.shared`, easy-VQA's `image`) has its own row count
-`rows_<m>`, with `<m>_index` (b,) int32 giving each example's row, as in training batches.
+`rows_<m>`, with `<m>_index` (b,) int32 giving each example's row, as in training batches. Each modality also
+has an optional `<m>_present` (b,) bool input, False where m is missing (its values are then not read); `load`
+fills in True where it is not given.
 
 Parameters are kept out of the exported function rather than baked into it as constants: the serialized
 module stays small and independent of the weights (a new checkpoint of the same config re-uses it), and the
@@ -54,7 +56,22 @@ def input_signature(info) -> dict[str, tuple[tuple[str | int, ...], str]]:
         inputs[m] = ((rows, *mi.shape), np.dtype(mi.dtype).name)
         if mi.shared:
             inputs[f'{m}_index'] = ((BATCH_DIM,), 'int32')
+    for m in sorted(info.modalities):
+        inputs[present_name(m)] = ((BATCH_DIM,), 'bool')
     return inputs
+
+
+def present_name(modality: str) -> str:
+    """The optional presence input of a modality (`contract.present_key`; this module imports no contract)."""
+    return f'{modality}_present'
+
+
+def _num_examples(batch: Mapping[str, Any], inputs: Mapping[str, Any]) -> int:
+    """b: the leading size of a given input whose first dimension is `b`."""
+    for name, spec in inputs.items():
+        if name in batch and spec['shape'] and spec['shape'][0] == BATCH_DIM:
+            return int(np.shape(batch[name])[0])
+    raise ValueError(f'batch has none of the inputs {sorted(inputs)}')
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -191,7 +208,8 @@ def load(directory: str | pathlib.Path) -> Callable[[Mapping[str, Any]], jax.Arr
 
     Needs only jax and numpy. `batch` maps the input names of `signature.json` to arrays (other keys, such as
     `label` or `mask`, are ignored); integer inputs of another width are converted; another kind of dtype, a
-    fixed dimension that differs or an index out of range is an error. Each new batch shape compiles once.
+    fixed dimension that differs or an index out of range is an error. A `<m>_present` input not given is all
+    True (m in every example). Each new batch shape compiles once.
     """
     directory = pathlib.Path(directory)
     exported = jax.export.deserialize(bytearray((directory / EXPORTED_FILE).read_bytes()))
@@ -202,6 +220,11 @@ def load(directory: str | pathlib.Path) -> Callable[[Mapping[str, Any]], jax.Arr
 
     def predict(batch: Mapping[str, Any]) -> jax.Array:
         args = {}
+        defaults = {}
+        for name, spec in inputs.items():
+            if name.endswith('_present') and spec['dtype'] == 'bool' and name not in batch:
+                defaults[name] = np.ones((_num_examples(batch, inputs),), bool)
+        batch = {**batch, **defaults}
         for name, spec in inputs.items():
             if name not in batch:
                 raise ValueError(f'batch lacks input {name!r}; the model takes {sorted(inputs)}')

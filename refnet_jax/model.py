@@ -4,7 +4,8 @@
 (`config.model.encoders.<m>.module`: a built-in name, None for its kind's default, or the user's
 `FILE.py:Class` / `package.module:Class`) and the fusion module (`config.model.fusion.kind`, the same way).
 `ReFNet` receives the module instances and composes them. Its output is `(logits, aux)`; `aux` carries what
-the losses need (DESIGN.md §2): `embeddings` {m: e_m} (pooled), `fused` z, and, when the refiner is on,
+the losses need (DESIGN.md §2): `embeddings` {m: e_m} (pooled), `fused` z, `present` {m: (B,) bool} for the modalities absent
+somewhere in the batch, and, when the refiner is on,
 `reconstructions` {m: ê_m} and `targets` {m: t_m}. No loss reaches into the model.
 """
 
@@ -28,6 +29,41 @@ class _Encoders(nn.Module):
     @nn.compact
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> dict[str, Any]:
         return {m: enc.clone(parent=self, name=m)(batch[m], train=train) for m, enc in self.members}
+
+
+class _StandIns(nn.Module):
+    """A learned stand-in for each modality where it is absent (`missing/<m>`, one vector of the encoder's
+    width): a pooled encoding (B, D) becomes the vector; `Tokens` become one real token holding it (the
+    others masked out), so that every fusion, token-level or pooled, built-in or the user's, handles absence
+    without knowing of it. The parameters exist whether or not a batch marks anything absent."""
+
+    @nn.compact
+    def __call__(self, encoded: Mapping[str, Any], present: Mapping[str, jax.Array]) -> dict[str, Any]:
+        out = {}
+        for m, e in encoded.items():
+            width = (e.tokens if isinstance(e, layers.Tokens) else e).shape[-1]
+            stand_in = self.param(m, nn.initializers.normal(0.02), (width,))
+            if m not in present:
+                out[m] = e
+            elif isinstance(e, layers.Tokens):
+                here = present[m][:, None]  # (B, 1)
+                first = (jnp.arange(e.tokens.shape[1]) == 0)[None, :]  # (1, T)
+                mask = jnp.where(here, e.mask, first)
+                tokens = jnp.where(here[..., None], e.tokens, jnp.where(first[..., None], stand_in, 0))
+                out[m] = layers.Tokens(tokens.astype(e.tokens.dtype), mask)
+            else:
+                out[m] = jnp.where(present[m][:, None], e, stand_in).astype(e.dtype)
+        return out
+
+
+def _hide_absent(x: jax.Array, present: jax.Array, index: jax.Array | None) -> jax.Array:
+    """x with zeros in the rows of absent examples, so that their values (NaN included) reach neither the
+    outputs nor the gradients; a shared modality's row is kept when any example using it has it."""
+    if index is None:
+        rows = present
+    else:
+        rows = jnp.zeros((x.shape[0],), jnp.int32).at[index].max(present.astype(jnp.int32)) > 0
+    return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
 
 class ReFNet(nn.Module):
@@ -63,10 +99,13 @@ class ReFNet(nn.Module):
         """Runs the network on a batch keyed by modality.
 
         A modality marked `shared` is stored once for several examples: its rows are encoded once and gathered
-        to the examples through `batch[contract.index_key(m)]` (B,).
+        to the examples through `batch[contract.index_key(m)]` (B,). Where `batch[contract.present_key(m)]`
+        (B,) is False, m is absent: its values are never read, the fusion gets m's learned stand-in
+        (`_StandIns`), and `aux['present'][m]` tells the objective to skip m's refiner loss there.
 
         Args:
-          batch: {m: (B_m, *shape)} per modality, plus the index keys of shared modalities.
+          batch: {m: (B_m, *shape)} per modality, plus the index keys of shared modalities and the presence
+            keys of modalities absent somewhere.
           train: enables dropout (needs a 'dropout' rng).
           with_refiner: set False for inference: the refiner costs nothing there.
 
@@ -74,8 +113,12 @@ class ReFNet(nn.Module):
           logits (B, num_classes) and aux.
         """
         refine = bool(self.refiner_modalities) and with_refiner
-        outputs = _Encoders(self.encoders, name='encoders')(batch, train=train)
         infos = dict(self.modalities)
+        present = {m: batch[contract.present_key(m)] for m in infos if contract.present_key(m) in batch}
+        batch = dict(batch)
+        for m, p in present.items():
+            batch[m] = _hide_absent(batch[m], p, batch.get(contract.index_key(m)) if infos[m].shared else None)
+        outputs = _Encoders(self.encoders, name='encoders')(batch, train=train)
         encoded, inputs = {}, {}
         for m, info in self.modalities:
             e, x = outputs[m], batch[m]
@@ -84,6 +127,7 @@ class ReFNet(nn.Module):
                 e = jax.tree.map(lambda a, idx=idx: jnp.take(a, idx, axis=0), e)
                 x = jnp.take(x, idx, axis=0) if refine and self.refiner_target == 'input' else x
             encoded[m], inputs[m] = e, x
+        encoded = _StandIns(name='missing')(encoded, present)
         embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
         readouts = None
@@ -92,7 +136,7 @@ class ReFNet(nn.Module):
         else:
             z = self.fusion(embeddings, train=train)
         logits = nn.Dense(self.num_classes, name='head')(z)  # (B, C)
-        aux = {'embeddings': embeddings, 'fused': z}
+        aux = {'embeddings': embeddings, 'fused': z, 'present': present}
 
         if refine:
             ms = self.refiner_modalities
@@ -111,18 +155,28 @@ class ReFNet(nn.Module):
 def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) -> ReFNet:
     """The ReFNet of `config` for the dataset described by `info`.
 
-    Checks, before any work, that `config.model.encoders` and `config.loss.refiner_weights` name exactly the
-    dataset's modalities (a misspelt modality is an error rather than an encoder or weight silently
+    Checks, before any work, that `config.model.encoders`, `config.loss.refiner_weights` and
+    `config.train.modality_dropout` name exactly the dataset's modalities, and `config.eval.without` some of
+    them (a misspelt modality is an error rather than an encoder or weight silently
     unused), that every module name resolves to a Linen module that takes the given fields, and that the
     refiner target suits the fusion.
     """
     names = sorted(info.modalities)
-    for field in ('model.encoders', 'loss.refiner_weights'):
-        given = sorted(config.model.encoders if field == 'model.encoders' else config.loss.refiner_weights)
-        if given != names:
+    per_modality = {
+        'model.encoders': config.model.encoders,
+        'loss.refiner_weights': config.loss.refiner_weights,
+        'train.modality_dropout': config.train.get('modality_dropout', dict.fromkeys(names)),
+    }
+    for field, entries in per_modality.items():
+        if sorted(entries) != names:
             raise ValueError(
-                f'config.{field} names modalities {given}, but dataset {info.name!r} has {names}'
+                f'config.{field} names modalities {sorted(entries)}, but dataset {info.name!r} has {names}'
             )
+    unknown = [m for m in config.eval.get('without', ()) if m not in names]
+    if unknown:
+        raise ValueError(
+            f'config.eval.without is {tuple(config.eval.without)}: {unknown} not among the modalities {names}'
+        )
     built = []
     for m in names:
         fields = dict(config.model.encoders[m])

@@ -24,6 +24,14 @@ import numpy as np
 from refnet_jax import losses, metrics, refiner
 
 
+def _where(mask: jax.Array | None, aux: Mapping[str, Any], m: str) -> jax.Array | None:
+    """The examples whose modality m counts: real (`mask`) and with m present (`aux['present']`)."""
+    present = aux.get('present', {}).get(m)
+    if present is None:
+        return mask
+    return present if mask is None else mask & present
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective(abc.ABC):
     """The interface of an objective, and the refiner terms that every kind of run shares.
@@ -46,10 +54,10 @@ class Objective(abc.ABC):
         return {k: v for k, v in batch.items() if self.labeled or k != 'label'}
 
     def refiner_losses(self, aux: Mapping[str, Any], mask: jax.Array | None) -> dict[str, jax.Array]:
-        """{m: (B,)} per-example refiner losses ({} when the refiner is off)."""
+        """{m: (B,)} per-example refiner losses ({} when the refiner is off), 0 where m is absent."""
         kind = self.config.loss.refiner_kind
         return {
-            m: losses.refiner_loss(recon, aux['targets'][m], kind=kind, where=mask)
+            m: losses.refiner_loss(recon, aux['targets'][m], kind=kind, where=_where(mask, aux, m))
             for m, recon in aux.get('reconstructions', {}).items()
         }
 
@@ -60,7 +68,8 @@ class Objective(abc.ABC):
         total = jnp.zeros((), jnp.float32)
         terms = {}
         for m, per_example in self.refiner_losses(aux, mask).items():
-            terms[f'refiner_loss/{m}'] = value = losses.masked_mean(per_example, mask)
+            # The mean over the examples that have m (0 when none has).
+            terms[f'refiner_loss/{m}'] = value = losses.masked_mean(per_example, _where(mask, aux, m))
             total = total + self.config.loss.refiner_weights[m] * value
         return total, terms
 
@@ -85,6 +94,10 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def split_metrics(self, outputs: Mapping[str, Any]) -> dict[str, float]:
         """The metrics of a split from its `eval_outputs` (NumPy), of the real examples only (no padding)."""
+
+    @abc.abstractmethod
+    def metric_names(self, num_classes: int) -> tuple[str, ...]:
+        """The names of the metrics `split_metrics` reports (but `num_examples`), the first the headline."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +155,11 @@ class Supervised(Objective):
         labels = batch['label']
         return {'logits': logits, 'label': labels, 'loss': self.task_loss(logits, labels, batch.get('mask'))}
 
+    def metric_names(self, num_classes):
+        if self.multi_label:
+            return ('micro_f1', 'macro_f1', 'weighted_f1', 'samples_f1', 'loss')
+        return ('accuracy', 'loss') + (('auroc',) if num_classes == 2 else ())
+
     def split_metrics(self, outputs):
         """num_examples and the mean task loss; accuracy (and auroc with two classes), or the *_f1 scores."""
         logits, labels = np.asarray(outputs['logits'], np.float64), np.asarray(outputs['label'])
@@ -187,8 +205,16 @@ class Pretraining(Objective):
         return loss, terms
 
     def eval_outputs(self, logits, aux, batch):
-        """{'refiner_loss': {m: (B,)}, 'fused': (B, D)}."""
-        return {'refiner_loss': self.refiner_losses(aux, batch.get('mask')), 'fused': aux['fused']}
+        """{'refiner_loss': {m: (B,)}, 'has': {m: (B,) bool, m present}, 'fused': (B, D)}."""
+        per_example = self.refiner_losses(aux, batch.get('mask'))
+        n = aux['fused'].shape[0]
+        has = {m: aux['present'].get(m, jnp.ones((n,), bool)) for m in per_example}
+        return {'refiner_loss': per_example, 'has': has, 'fused': aux['fused']}
+
+    def metric_names(self, num_classes):
+        del num_classes
+        weights = self.config.loss.refiner_weights
+        return ('loss', 'fused_spread') + tuple(f'refiner_loss/{m}' for m in sorted(weights) if weights[m] > 0)
 
     def split_metrics(self, outputs):
         """num_examples, refiner_loss/<m> and their weighted sum `loss`, fused_spread (0 means collapse)."""
@@ -198,6 +224,8 @@ class Pretraining(Objective):
             'loss': 0.0,
         }
         for m, per_example in sorted(outputs['refiner_loss'].items()):
-            out[f'refiner_loss/{m}'] = value = float(np.mean(per_example, dtype=np.float64))
+            has = np.asarray(outputs['has'][m], bool)  # the mean over the examples that have m
+            value = float(np.mean(per_example[has], dtype=np.float64)) if has.any() else 0.0
+            out[f'refiner_loss/{m}'] = value
             out['loss'] += self.config.loss.refiner_weights[m] * value
         return out

@@ -27,6 +27,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from refnet_jax import checkpointing, config_lib, contract, input_pipeline, sharding
+from refnet_jax import selection as selection_lib
 from refnet_jax import model as model_lib
 from refnet_jax import objective as objective_lib
 from refnet_jax.metric_writer import MetricWriter
@@ -164,8 +165,12 @@ def train_step(
     schedule: optax.Schedule,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the global batch, minimising `objective.loss`; pure, jitted once by
-    `make_train_step`."""
+    `make_train_step`. Modality dropout (`config.train.modality_dropout`) is drawn here, over the global
+    batch, from the step's key."""
     rng = jax.random.fold_in(rng, state.step)
+    rates = objective.config.train.get('modality_dropout', {})
+    if any(rates.values()):
+        batch = contract.drop_modalities(batch, rates, jax.random.fold_in(rng, 1))
 
     def loss_fn(params):
         logits, aux = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
@@ -208,15 +213,20 @@ def evaluate(
     objective: objective_lib.Objective,
     info: contract.DatasetInfo,
     mesh: jax.sharding.Mesh,
+    absent: Sequence[str] = (),
 ) -> dict[str, float]:
     """`objective.split_metrics` over a whole split: every real example once.
 
     Args:
       batches: the host batches of the split, each with its `mask` of real rows (padding rows are dropped), as
         `input_pipeline.eval_batches` yields them.
+      absent: modalities marked absent in every example (their values are not read).
     """
     gathered = []
     for batch in batches:
+        if absent:  # every example of the split lacks these modalities
+            n = len(batch['mask'])
+            batch = dict(batch, **{contract.present_key(m): np.zeros((n,), bool) for m in absent})
         batch = _checked_and_sharded(batch, objective, info, mesh)
         out = {'outputs': eval_step(state, batch, objective), 'mask': batch['mask']}
         gathered.append(multihost_utils.process_allgather(out, tiled=True))
@@ -281,19 +291,44 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         config.train.batch_size,
     )
 
-    def evaluate_split(state, split):
-        return evaluate(state, input_pipeline.eval_batches(config, split), objective, info, mesh)
+    def evaluate_split(state, split, absent=()):
+        batches = input_pipeline.eval_batches(config, split)
+        return evaluate(state, batches, objective, info, mesh, absent=absent)
 
+    def evaluate_all(state):  # val, test, and each without a modality of config.eval.without
+        out = {}
+        for key, split in (('val', 'validation'), ('test', 'test')):
+            out[key] = evaluate_split(state, split)
+            for m in config.eval.get('without', ()):
+                out[f'{key}_without_{m}'] = evaluate_split(state, split, absent=(m,))
+        return out
+
+    selection_lib.check_config(config, objective.metric_names(info.num_classes))
+    selection = selection_lib.Selection.from_config(config)
     with jax.set_mesh(mesh):
         _, step_rng = init_rngs(config)
         logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=objective.labeled)
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+        best = None
+        if selection is not None:
+            best = checkpointing.Checkpointer(workdir / 'best', best_mode=selection.mode)
+            saved = ckpt.restore_selection()
+            if saved is not None:
+                selection.restore(saved)
         if ckpt.latest_step() is None and config.get('init_from'):
             state = checkpointing.init_from_pretrained(state, config.init_from, run.tx)
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         writer = MetricWriter(workdir)
+
+        def consider(state, val):
+            """Records a validation for selection; saves the best checkpoint when it improves."""
+            step = int(state.step)
+            if selection.update(step, val) and step not in best.all_steps():
+                best.save(state, value=selection.best)  # a rerun after a kill finds it saved already
+            writer.write(step, {'best': selection.best}, f'val/{selection.metric}_')
+
         try:
             last_train: dict[str, float] = {}
             last_saved = ckpt.latest_step()
@@ -308,6 +343,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
             )
             try:
                 for step in range(start, num_steps):
+                    if selection is not None and selection.should_stop:
+                        break  # a resumed run that had stopped early
                     batch = _checked_and_sharded(next(train_iter), objective, info, mesh)
                     state, metrics = run.train_step(state, batch, step_rng)
                     pending.append(metrics)
@@ -340,27 +377,57 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                                     ', '.join(f'{k} {v:.4f}' for k, v in shown.items()),
                                     last_train['examples_per_second'],
                                 )
-                    if save_now:
-                        ckpt.save(state, train_iter)
-                        last_saved = done
                     every = config.train.eval_every_steps
                     if every and done % every == 0 and done != num_steps:
+                        # Before the checkpoint, which then holds the selection state after this validation.
                         val = evaluate_split(state, 'validation')
                         writer.write(done, val, 'val/')
                         logging.info('step %d: validation %s', done, val)
+                        if selection is not None:
+                            consider(state, val)
+                            if selection.should_stop:
+                                logging.info(
+                                    'Stopping early at step %d: %d validations without a better %s than %s '
+                                    '(step %d).',
+                                    done,
+                                    selection.since_best,
+                                    config.train.select,
+                                    selection.best,
+                                    selection.best_step,
+                                )
+                                save_now = True
+                    if save_now:
+                        extra = None if selection is None else selection.state()
+                        ckpt.save(state, train_iter, selection=extra)
+                        last_saved = done
             finally:
                 # Also when a step fails (a non-finite loss): the checkpoint in flight is the last good one.
                 bar.close()
                 ckpt.wait()
 
             results = {'step': int(state.step), 'train': last_train}
-            for key, split in (('val', 'validation'), ('test', 'test')):
-                results[key] = evaluate_split(state, split)
-                writer.write(int(state.step), results[key], f'{key}/')
+            results.update(evaluate_all(state))
+            for key, values in results.items():
+                if key.startswith(('val', 'test')):
+                    writer.write(int(state.step), values, f'{key}/')
+            if selection is not None:
+                if int(state.step) != selection.last_step:  # the last step's validation is a candidate too
+                    consider(state, results['val'])
+                best.wait()
+                chosen = best.restore(state, step=selection.best_step)
+                results['selected'] = {
+                    'metric': config.train.select,
+                    'mode': selection.mode,
+                    'step': selection.best_step,
+                    'stopped_early': selection.should_stop,
+                    **evaluate_all(chosen),
+                }
             results['wall_seconds'] = time.time() - t_start
-        finally:  # the writer's files and the checkpoint manager are closed however the run ends
+        finally:  # the writer's files and the checkpoint managers are closed however the run ends
             writer.close()
             ckpt.close()
+            if best is not None:
+                best.close()
     if jax.process_index() == 0:
         (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
     logging.info('Results: %s', json.dumps(results))

@@ -59,7 +59,13 @@ def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path
     train_batch = next(input_pipeline.make_train_iterator(config, seed=1))  # 64 questions on 8 images
     eval_batch = next(input_pipeline.eval_batches(config, 'test'))  # 256 rows (padding included), 8 images
     small = {k: v[: 3 if k == 'image' else 24] for k, v in train_batch.items()}  # 24 questions on 3 images
-    batches = {'train': train_batch, 'eval': eval_batch, 'small': small}
+    # Modalities missing: every other question, and the image of the first image's 8 questions; their
+    # values are garbage, which the model must not read.
+    missing = dict(train_batch, question_present=np.arange(64) % 2 == 0, image_present=np.arange(64) >= 8)
+    missing['question'] = np.where(missing['question_present'][:, None], train_batch['question'], 7)
+    missing['image'] = train_batch['image'].copy()
+    missing['image'][0] = np.random.RandomState(0).randint(0, 256, missing['image'][0].shape)
+    batches = {'train': train_batch, 'eval': eval_batch, 'small': small, 'missing': missing}
     sizes = {(b['question'].shape[0], b['image'].shape[0]) for b in batches.values()}
     assert sizes == {(64, 8), (256, 8), (24, 3)}
     for name, batch in batches.items():
@@ -71,7 +77,7 @@ def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path
         import numpy as np
         from refnet_jax import export
         predict = export.load({str(out)!r})
-        for name in ('train', 'eval', 'small'):
+        for name in ('train', 'eval', 'small', 'missing'):
             with np.load({str(tmp_path)!r} + f'/{{name}}.npz') as batch:
                 logits = predict(dict(batch))  # `label` and `mask` are ignored.
             np.save({str(tmp_path)!r} + f'/{{name}}_logits.npy', np.asarray(logits))
@@ -90,6 +96,9 @@ def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path
         assert got.shape == (batch['question'].shape[0], 13)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
         assert np.ptp(want) > 1e-3  # Not a constant output.
+    clean = dict(missing, question=train_batch['question'], image=train_batch['image'])
+    np.testing.assert_array_equal(np.load(tmp_path / 'missing_logits.npy'), training_logits(config, workdir, clean))
+    assert not np.allclose(np.load(tmp_path / 'missing_logits.npy'), np.load(tmp_path / 'train_logits.npy'))
 
 
 def test_export_files(trained):
@@ -99,6 +108,8 @@ def test_export_files(trained):
         'image': {'shape': ['rows_image', 64, 64, 3], 'dtype': 'uint8'},
         'image_index': {'shape': ['b'], 'dtype': 'int32'},
         'question': {'shape': ['b', 12], 'dtype': 'int32'},
+        'image_present': {'shape': ['b'], 'dtype': 'bool'},  # optional: all True when not given
+        'question_present': {'shape': ['b'], 'dtype': 'bool'},
     }
     assert signature['output']['shape'] == ['b', 13] and len(signature['class_names']) == 13
     # The parameters inference uses, and only those: the checkpoint's, minus the refiner decoders.
@@ -111,8 +122,10 @@ def test_export_files(trained):
         np.testing.assert_array_equal(v, checkpoint[k])
     # The weights live in params.npz, not in the serialized function.
     exported = jax.export.deserialize(bytearray((out / export_lib.EXPORTED_FILE).read_bytes()))
-    assert len(exported.in_avals) == len(saved) + 3
-    assert (out / export_lib.EXPORTED_FILE).stat().st_size < sum(v.nbytes for v in saved.values())
+    assert len(exported.in_avals) == len(saved) + 5
+    blob = (out / export_lib.EXPORTED_FILE).read_bytes()
+    largest = max(saved.values(), key=lambda v: v.nbytes)
+    assert largest.nbytes > 1000 and largest.tobytes() not in blob
 
 
 def test_loader_names_bad_inputs(trained):

@@ -73,12 +73,19 @@ def test_unknown_config_key_is_an_error(tmp_path, easy_vqa_dir):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.slow(seconds=35)
+@pytest.mark.slow(seconds=40)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir):
     args = (
         '--config.train.num_steps=300',
         '--config.train.checkpoint_every_steps=25',
         '--config.train.log_every_steps=25',
+        # Modality dropout, checkpoint selection and early stopping resume exactly too. Selecting the largest
+        # loss, which falls, stops the run after two validations without a larger one.
+        '--config.train.modality_dropout.question=0.3',
+        '--config.train.eval_every_steps=50',
+        '--config.train.select=val/loss',
+        '--config.train.select_mode=max',
+        '--config.train.early_stop=2',
     )
     rc, out = run_train(tmp_path / 'straight', easy_vqa_dir, *args)
     assert rc == 0, out
@@ -103,9 +110,39 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir
     a = json.loads((tmp_path / 'straight' / 'results.json').read_text())
     b = json.loads((tmp_path / 'killed' / 'results.json').read_text())
     assert a['test'] == b['test'] and a['val'] == b['val'] and a['train']['loss'] == b['train']['loss']
+    assert a['selected'] == b['selected'] and a['step'] == b['step']
+    assert a['selected']['stopped_early'] and a['step'] < 300, a
     pa = checkpointing.Checkpointer(tmp_path / 'straight' / 'checkpoints').restore_params()
     pb = checkpointing.Checkpointer(ckpt_dir).restore_params()
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+@pytest.mark.slow(seconds=30)
+def test_selected_checkpoint_reports_what_a_fresh_evaluation_of_it_gives(tmp_path, easy_vqa_dir):
+    config = tiny_config(
+        easy_vqa_dir, num_steps=8, eval_every_steps=2, checkpoint_every_steps=4, select='val/loss'
+    )
+    config.train.modality_dropout.question = 0.3
+    config.eval.without = ('question',)
+    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    selected = results['selected']
+    rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    val_loss = {r['step']: r['val/loss'] for r in rows if 'val/loss' in r}
+    assert sorted(val_loss) == [2, 4, 6, 8] and val_loss[8] == results['val']['loss']
+    assert selected['step'] == min(val_loss, key=val_loss.get) and selected['mode'] == 'min'
+    assert set(results) >= {'val_without_question', 'test_without_question'}
+    best = checkpointing.Checkpointer(tmp_path / 'run' / 'best')
+    assert best.all_steps() == (selected['step'],)
+    run = train_lib.build(config)
+    with jax.set_mesh(run.mesh):
+        state = best.restore(run.state, step=selected['step'])
+        for key, absent in (('test', ()), ('val', ()), ('test_without_question', ('question',))):
+            split = 'validation' if key == 'val' else 'test'
+            fresh = train_lib.evaluate(
+                state, input_pipeline.eval_batches(config, split), run.objective, run.info, run.mesh, absent
+            )
+            assert fresh == selected[key], key
+    best.close()
 
 
 @pytest.mark.slow
