@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -21,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from refnet_jax import report
+from refnet_jax import config_lib, report
 
 RESULT_PREFIX = 'RESULT '
 MB = 1e6  # Memory is reported in MB (10^6 bytes), times in ms or s.
@@ -109,15 +107,7 @@ def run_worker(script: str, args: Sequence[str], *, timeout: float) -> dict[str,
 
 def load_config(spec: str):
     """The ConfigDict of `path/to/config.py[:arg]`, as train.py's --config reads it (path from the cwd)."""
-    path, _, arg = spec.partition(':')
-    if not path.endswith('.py') or not os.path.isfile(path):
-        raise ValueError(
-            f'config {spec!r}: expected an existing configs/<name>.py[:arg] file, from the repo root'
-        )
-    module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return config_lib.load_file(spec)
 
 
 # ----------------------------------------------------------------------------------------------- runs

@@ -7,9 +7,11 @@ commented here once.
 
 import dataclasses
 import fnmatch
+import importlib.util
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +30,18 @@ ARG_HELP = """The argument picks a variant, as comma-separated tokens:
   variant=pretrain                          for pretrain.py: the refiner loss alone, `input` targets
   only=M[+M...]                             these modalities alone (a unimodal baseline: only=acc)
   tiny                                      a few steps of a small network, for tests"""
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """The ConfigDict of `path/to/config.py[:arg]`, as train.py's --config reads it (a relative path from
+    the current directory)."""
+    path, _, arg = spec.partition(':')
+    if not path.endswith('.py') or not os.path.isfile(path):
+        raise ValueError(f'config {spec!r}: expected an existing configs/<name>.py[:arg] file')
+    module_spec = importlib.util.spec_from_file_location('refnet_config_file', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, *, default_fusion: str, extra_flags: tuple[str, ...] = ()) -> dict:

@@ -4,9 +4,9 @@
 (`config.model.encoders.<m>.module`: a built-in name, None for its kind's default, or the user's
 `FILE.py:Class` / `package.module:Class`) and the fusion module (`config.model.fusion.kind`, the same way).
 `ReFNet` receives the module instances and composes them. Its output is `(logits, aux)`; `aux` carries what
-the losses need (DESIGN.md §2): `embeddings` {m: e_m} (pooled), `fused` z, `present` {m: (B,) bool} for the modalities absent
-somewhere in the batch, and, when the refiner is on,
-`reconstructions` {m: ê_m} and `targets` {m: t_m}. No loss reaches into the model.
+the losses need (DESIGN.md §2): `embeddings` {m: e_m} (pooled), `fused` z, `present` {m: (B,) bool} for
+the modalities absent somewhere in the batch, and, when the refiner is on, `reconstructions` {m: ê_m} and
+`targets` {m: t_m}. No loss reaches into the model.
 """
 
 from collections.abc import Mapping
@@ -117,7 +117,9 @@ class ReFNet(nn.Module):
         present = {m: batch[contract.present_key(m)] for m in infos if contract.present_key(m) in batch}
         batch = dict(batch)
         for m, p in present.items():
-            batch[m] = _hide_absent(batch[m], p, batch.get(contract.index_key(m)) if infos[m].shared else None)
+            batch[m] = _hide_absent(
+                batch[m], p, batch.get(contract.index_key(m)) if infos[m].shared else None
+            )
         outputs = _Encoders(self.encoders, name='encoders')(batch, train=train)
         encoded, inputs = {}, {}
         for m, info in self.modalities:

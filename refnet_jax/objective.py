@@ -214,7 +214,9 @@ class Pretraining(Objective):
     def metric_names(self, num_classes):
         del num_classes
         weights = self.config.loss.refiner_weights
-        return ('loss', 'fused_spread') + tuple(f'refiner_loss/{m}' for m in sorted(weights) if weights[m] > 0)
+        return ('loss', 'fused_spread') + tuple(
+            f'refiner_loss/{m}' for m in sorted(weights) if weights[m] > 0
+        )
 
     def split_metrics(self, outputs):
         """num_examples, refiner_loss/<m> and their weighted sum `loss`, fused_spread (0 means collapse)."""

@@ -112,7 +112,7 @@ class Selection:
         """Takes up the `state()` saved with a checkpoint."""
         if (state['metric'], state['mode']) != (self.metric, self.mode):
             raise ValueError(
-                f"the checkpoint selected by {state['mode']} val/{state['metric']}; this config by "
+                f'the checkpoint selected by {state["mode"]} val/{state["metric"]}; this config by '
                 f'{self.mode} val/{self.metric}: start a new workdir to select by another metric'
             )
         self.best, self.best_step = state['best'], state['best_step']

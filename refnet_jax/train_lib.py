@@ -27,9 +27,9 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from refnet_jax import checkpointing, config_lib, contract, input_pipeline, sharding
-from refnet_jax import selection as selection_lib
 from refnet_jax import model as model_lib
 from refnet_jax import objective as objective_lib
+from refnet_jax import selection as selection_lib
 from refnet_jax.metric_writer import MetricWriter
 
 TrainState = train_state.TrainState

@@ -97,7 +97,9 @@ def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
         assert np.ptp(want) > 1e-3  # Not a constant output.
     clean = dict(missing, question=train_batch['question'], image=train_batch['image'])
-    np.testing.assert_array_equal(np.load(tmp_path / 'missing_logits.npy'), training_logits(config, workdir, clean))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / 'missing_logits.npy'), training_logits(config, workdir, clean)
+    )
     assert not np.allclose(np.load(tmp_path / 'missing_logits.npy'), np.load(tmp_path / 'train_logits.npy'))
 
 

@@ -69,7 +69,8 @@ CASES = [(f, 'embedding') for f in sorted(fusion_lib.FUSIONS)] + [('concat', 'in
 
 
 @pytest.mark.parametrize(
-    'fusion,target', [c if c == ('mmft', 'tokens') else pytest.param(*c, marks=pytest.mark.slow) for c in CASES]
+    'fusion,target',
+    [c if c == ('mmft', 'tokens') else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
 )
 def test_absent_values_change_neither_outputs_nor_gradients(fusion, target):
     config = toy_config(fusion, target=target)

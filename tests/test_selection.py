@@ -38,11 +38,17 @@ def test_auto_mode_minimizes_losses_and_maximizes_the_rest(tmp_path):
 @pytest.mark.parametrize(
     'fields,message',
     [
-        (dict(select='val/acuracy', eval_every_steps=2), r"config.train.select is 'val/acuracy'; expected one of 'val/accuracy'"),
+        (
+            dict(select='val/acuracy', eval_every_steps=2),
+            r"config.train.select is 'val/acuracy'; expected one of 'val/accuracy'",
+        ),
         (dict(select='test/accuracy', eval_every_steps=2), r"config.train.select is 'test/accuracy'"),
         (dict(select='val/accuracy'), r'config.train.eval_every_steps is 0'),
         (dict(early_stop=3), r'config.train.early_stop is 3, which needs a metric to watch'),
-        (dict(select='val/loss', eval_every_steps=2, select_mode='best'), r"config.train.select_mode is 'best'"),
+        (
+            dict(select='val/loss', eval_every_steps=2, select_mode='best'),
+            r"config.train.select_mode is 'best'",
+        ),
     ],
 )
 def test_a_selection_that_cannot_work_is_named(tmp_path, fields, message):
