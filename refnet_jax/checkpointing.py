@@ -19,6 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class ShapeMismatchError(ValueError):
@@ -195,13 +196,50 @@ class Checkpointer:
         )
 
     def restore_or_init(self, state, data_iter: grain.DatasetIterator | None = None):
-        """The latest checkpoint if there is one, else `state` unchanged (a fresh start)."""
-        step = self.latest_step()
-        if step is None:
+        """The newest intact checkpoint if there is one, else `state` unchanged (a fresh start).
+
+        A checkpoint that cannot be read (files truncated or missing, as a preemption or a full disk leaves
+        them) is moved aside to `<directory>_damaged/<step>`, with a warning, and the next older one is
+        tried; when every checkpoint is damaged the run stops with an error rather than start afresh. A
+        checkpoint that does not fit the config (`ShapeMismatchError`) is an error, not damage.
+        """
+        if self.latest_step() is None:
             logging.info('No checkpoint in %s: starting from step 0.', self.directory)
             return state
-        logging.info('Restoring step %d from %s.', step, self.directory)
-        return self.restore(state, data_iter, step)
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            logging.info('Restoring step %d from %s.', step, self.directory)
+            try:
+                return self.restore(state, data_iter, step)
+            except ShapeMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file raises
+                aside = self.move_aside(step)
+                logging.warning(
+                    'The checkpoint at step %d is damaged (%s: %s); moved to %s.',
+                    step,
+                    type(e).__name__,
+                    e,
+                    aside,
+                )
+                damaged.append(f'step {step} ({type(e).__name__}: {str(e)[:200]})')
+        raise ValueError(
+            f'every checkpoint in {self.directory} is damaged: {"; ".join(damaged)}; they were moved to '
+            f'{self.directory}_damaged. Start a new --workdir, or restore the files.'
+        )
+
+    def move_aside(self, step: int) -> epath.Path:
+        """Moves the folder of `step` to `<directory>_damaged/<step>` (out of the manager's sight)."""
+        aside = epath.Path(f'{self.directory}_damaged') / str(step)
+        if aside.exists():
+            aside = aside.parent / f'{step}-{len(list(aside.parent.iterdir()))}'
+        if jax.process_index() == 0:  # every process finds the same damage; one moves it
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f'checkpoint {step} moved aside')
+        self.manager.reload()
+        return aside
 
     def restore_params(self, step: int | None = None) -> Any:
         """The parameters of a checkpoint as NumPy arrays, without a model (for export and inspection).

@@ -4,9 +4,10 @@ export.py and analyze.py call `run(main)` where absl's `app.run(main)` would go;
 call `run_experiment` with the function they run. This package reports a wrong config value, data or
 workdir as a ValueError, an OSError (FileNotFoundError: a missing file, a config file that does not load)
 or a FloatingPointError (`train_lib.NonFiniteLossError`); those, a flag that does not parse, an unknown
-config field and an `app.UsageError` print `error: <message>` on stderr and exit with status 2. Any other
-exception is a bug and shows its traceback; with `--debug` (or REFNET_DEBUG=1 in the environment) every
-one does.
+config field and an `app.UsageError` print `error: <message>` on stderr and exit with status 2. A run
+stopped on purpose (SIGTERM: `train_lib.Interrupted`, an exception with an `exit_code`) prints
+`stopped: <message>` and exits with that code (143). Any other exception is a bug and shows its
+traceback; with `--debug` (or REFNET_DEBUG=1 in the environment) every one does.
 """
 
 import os
@@ -39,6 +40,12 @@ def run(main: Callable[[list[str]], object]) -> None:
             if _debugging():
                 raise
             _fail(str(e) or type(e).__name__)
+        except Exception as e:
+            code = getattr(e, 'exit_code', None)  # a run stopped on purpose (train_lib.Interrupted)
+            if code is None or _debugging():
+                raise
+            print(f'stopped: {e}', file=sys.stderr)
+            sys.exit(code)
 
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS['debug'])  # --helpshort shows it
     app.run(plain_main, flags_parser=_parse_flags)
@@ -59,9 +66,23 @@ def run_experiment(fn: Callable[[ml_collections.ConfigDict, str], object]) -> No
         if len(argv) > 1:
             raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
         logging.set_verbosity(logging.INFO)
+        enable_compilation_cache()
         fn(flags.FLAGS.config, flags.FLAGS.workdir)
 
     run(main)
+
+
+def enable_compilation_cache() -> None:
+    """Keeps compiled programs on disk, so that a second run of the same config does not compile again: in
+    `$XDG_CACHE_HOME/refnet_jax/jax` (default `~/.cache/refnet_jax/jax`), unless the user chose a cache
+    (JAX_COMPILATION_CACHE_DIR, or `jax_compilation_cache_dir`). Programs that compiled in under a second are
+    not kept (`jax_persistent_cache_min_compile_time_secs`)."""
+    import jax
+
+    if os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir:
+        return
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    jax.config.update('jax_compilation_cache_dir', os.path.join(base, 'refnet_jax', 'jax'))
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

@@ -14,6 +14,8 @@ from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from refnet_jax import contract
+
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """Starts multi-process JAX when `config.mesh.distributed` asks for it.
@@ -74,13 +76,21 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """This process's part of the batch -> global arrays sharded on `data`.
 
-    Index keys (`<m>_index`) point into this process's rows of modality m; they are offset by the rows the
-    processes before this one hold, so that they index the global array.
+    A shared modality m (one with an index key, `contract.index_key(m)`) may have any number of rows: they
+    are padded with zero rows, which no example indexes, to a multiple of this process's devices (32
+    questions on 4 images split over 8 devices). Index keys point into this process's rows of m; they are
+    offset by the (padded) rows the processes before this one hold, so that they index the global array.
     """
     sharding = batch_sharding(mesh)
+    local_devices = mesh.devices.size // jax.process_count()
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    for m in [k for k in batch if contract.index_key(k) in batch]:
+        pad = -batch[m].shape[0] % local_devices
+        if pad:
+            batch[m] = np.concatenate([batch[m], np.zeros((pad, *batch[m].shape[1:]), batch[m].dtype)])
     out = {}
     for k, v in batch.items():
         if k.endswith('_index') and jax.process_count() > 1:
             v = v + jax.process_index() * batch[k.removesuffix('_index')].shape[0]
-        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out

@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,6 +39,43 @@ TrainState = train_state.TrainState
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGTERM (a preemption, a scheduler's time limit) stopped training after saving a checkpoint of the
+    step it had reached; the same command resumes there. `exit_code`: what the command line exits with."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class _SigtermFlag:
+    """Records SIGTERM instead of dying of it, while training runs (in the main thread only)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def install(self) -> '_SigtermFlag':
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning('SIGTERM: saving a checkpoint at the next step, then stopping.')
+        self.received = True
+
+    def restore(self) -> None:
+        """Puts back the handler that was there before `install`."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def any_process(self) -> bool:
+        """Whether some process received it (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.received
+        return bool(multihost_utils.process_allgather(np.asarray(self.received)).any())
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -321,6 +360,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         writer = MetricWriter(workdir)
+        sigterm = _SigtermFlag().install()
 
         def consider(state, val):
             """Records a validation for selection; saves the best checkpoint when it improves."""
@@ -396,10 +436,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                                     selection.best_step,
                                 )
                                 save_now = True
-                    if save_now:
+                    # Every step on one process; at log and save steps on several, which must agree.
+                    stop = (jax.process_count() == 1 or log_now or save_now) and sigterm.any_process()
+                    if save_now or stop:
                         extra = None if selection is None else selection.state()
                         ckpt.save(state, train_iter, selection=extra)
                         last_saved = done
+                    if stop:
+                        raise Interrupted(
+                            f'SIGTERM at step {done} of {num_steps}; its checkpoint is in '
+                            f'{ckpt.directory}: the same command resumes there'
+                        )
             finally:
                 # Also when a step fails (a non-finite loss): the checkpoint in flight is the last good one.
                 bar.close()
@@ -424,6 +471,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                 }
             results['wall_seconds'] = time.time() - t_start
         finally:  # the writer's files and the checkpoint managers are closed however the run ends
+            sigterm.restore()
             writer.close()
             ckpt.close()
             if best is not None:

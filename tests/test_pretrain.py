@@ -69,7 +69,7 @@ def test_pretraining_never_reads_labels(tmp_path, easy_vqa_dir, monkeypatch):
         train_lib.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'supervised'))
     # The same corrupted labels are never looked at by pre-training.  (grain's iterator state cannot be
     # saved from a plain generator, so checkpoint only at the end and stub that save.)
-    monkeypatch.setattr(checkpointing.Checkpointer, 'save', lambda self, state, data_iter=None: None)
+    monkeypatch.setattr(checkpointing.Checkpointer, 'save', lambda self, state, data_iter=None, **kw: None)
     results = train_lib.pretrain(pretrain_config(easy_vqa_dir, num_steps=2), str(tmp_path / 'pretrain'))
     assert results['step'] == 2
 
@@ -82,16 +82,18 @@ def test_embedding_targets_are_refused_for_pretraining(tmp_path, easy_vqa_dir):
 
 
 @pytest.mark.slow
-def test_finetuning_starts_from_the_pretrained_encoders_fusion_and_refiner(pretrained, easy_vqa_dir):
+def test_finetuning_starts_from_the_pretrained_encoders_fusion_refiner_and_stand_ins(
+    pretrained, easy_vqa_dir
+):
     config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'
     _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
     with jax.set_mesh(mesh):
         new = checkpointing.init_from_pretrained(state, str(pretrained), tx)
     source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
-    assert set(source) == {'encoders', 'fusion', 'refiner', 'head'}
+    assert set(source) == {'encoders', 'fusion', 'refiner', 'missing', 'head'}
     assert set(source['encoders']) == set(source['refiner']) == {'image', 'question'}
-    for name in ('encoders', 'fusion', 'refiner'):
+    for name in ('encoders', 'fusion', 'refiner', 'missing'):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params[name]), source[name])
     jax.tree.map(
         np.testing.assert_array_equal,

@@ -323,7 +323,8 @@ def test_a_unimodal_baseline_sees_its_modality_alone(tmp_path, data_dir):
     results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['test']['num_examples'] == info.num_examples['test']
     *_, state = fresh_state(config, devices=jax.devices()[:1])
-    assert set(state.params) == {'encoders', 'fusion', 'head'} and set(state.params['encoders']) == {'acc'}
+    assert set(state.params) == {'encoders', 'fusion', 'missing', 'head'}
+    assert set(state.params['encoders']) == set(state.params['missing']) == {'acc'}
 
 
 def test_modality_selection_errors_name_the_modalities(data_dir):

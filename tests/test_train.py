@@ -163,6 +163,77 @@ def test_one_and_eight_devices_give_the_same_training(tmp_path, easy_vqa_dir):
     assert runs[1][0]['test']['accuracy'] == pytest.approx(runs[8][0]['test']['accuracy'], abs=1e-3)
 
 
+@pytest.mark.slow(seconds=20)
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, easy_vqa_dir):
+    args = (
+        '--config.train.num_steps=400',
+        '--config.train.checkpoint_every_steps=1000',  # no checkpoint but the one SIGTERM asks for
+        '--config.train.log_every_steps=10',
+    )
+    proc = run_train(tmp_path / 'run', easy_vqa_dir, *args, wait=False)
+    metrics = tmp_path / 'run' / 'metrics.jsonl'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.stat().st_size:  # training, logged at step 10
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out
+    step = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints').latest_step()
+    assert step is not None and 10 <= step < 400
+    assert f'stopped: SIGTERM at step {step} of 400' in out
+    assert not (tmp_path / 'run' / 'results.json').exists()
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    assert rc == 0, out
+    assert f'Restoring step {step}' in out
+
+
+def damage(step_dir):
+    """Truncates every file of a checkpoint to half its size, as a preemption or a full disk leaves them."""
+    for f in step_dir.rglob('*'):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.slow(seconds=25)
+def test_a_damaged_checkpoint_is_moved_aside_for_the_newest_intact_one(tmp_path, easy_vqa_dir):
+    args = ('--config.train.num_steps=6', '--config.train.checkpoint_every_steps=2')
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    assert rc == 0, out
+    first = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    ckpt_dir = tmp_path / 'run' / 'checkpoints'
+    damage(ckpt_dir / '6')
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    assert rc == 0, out
+    assert 'The checkpoint at step 6 is damaged' in out and 'Restoring step 4' in out
+    assert (tmp_path / 'run' / 'checkpoints_damaged' / '6').is_dir()
+    again = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert again['test'] == first['test'] and again['train']['loss'] == first['train']['loss']
+    for step in (4, 6):
+        damage(ckpt_dir / str(step))
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    assert rc == 2, out
+    assert f'error: every checkpoint in {ckpt_dir} is damaged' in out
+
+
+@pytest.mark.slow
+def test_shared_modality_rows_need_not_divide_by_the_devices(easy_vqa_dir):
+    """32 questions on 4 images over 8 devices: the image rows are padded, and training is as on 1."""
+    losses = {}
+    for n in (1, 8):
+        config = tiny_config(easy_vqa_dir, batch_size=32)
+        config.mesh.data = n
+        run = train_lib.build(config)
+        batch = next(input_pipeline.make_train_iterator(config, seed=0))
+        assert batch['image'].shape[0] == 4
+        with jax.set_mesh(run.mesh):
+            sharded = sharding.shard_batch(batch, run.mesh)
+            _, metrics = run.train_step(run.state, sharded, jax.random.key(0))
+        losses[n] = float(metrics['loss'])
+    assert losses[1] == pytest.approx(losses[8], rel=1e-5)
+
+
 def test_train_step_compiles_once(easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     _, mesh, _, schedule, state = fresh_state(config)
