@@ -109,6 +109,10 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.data.modalities = tuple(modalities)
 
     config.model = ml_collections.ConfigDict()
+    # Mixed precision: the computation dtype of every built-in module ('bfloat16' on TPUs and recent GPUs),
+    # and the dtype its parameters are kept in; losses, gradients and optimizer state follow the parameters.
+    config.model.dtype = 'float32'
+    config.model.param_dtype = 'float32'
     # One entry per modality: `module` (a name in encoders.ENCODERS, FILE.py:Class, package.module:Class, or
     # None for the modality kind's default) and that module's fields.
     config.model.encoders = ml_collections.ConfigDict()

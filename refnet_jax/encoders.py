@@ -8,6 +8,7 @@ and a token fusion takes a pooled vector as one token.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,8 +19,13 @@ from refnet_jax import layers
 POOLINGS = ('max', 'mean', 'flatten', 'tokens')
 
 
-def _to_float_image(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.float32) / 255.0 if jnp.issubdtype(x.dtype, jnp.integer) else x.astype(jnp.float32)
+def _to_float_image(x: jax.Array, dtype: Any) -> jax.Array:
+    """uint8 pixels -> [0, 1]; float images as they are; in `dtype`."""
+    return (
+        (x.astype(jnp.float32) / 255.0).astype(dtype)
+        if jnp.issubdtype(x.dtype, jnp.integer)
+        else x.astype(dtype)
+    )
 
 
 class ImageCNN(nn.Module):
@@ -37,20 +43,23 @@ class ImageCNN(nn.Module):
     features: Sequence[int] = (16, 32, 32, 32)
     embed_dim: int = 128
     pooling: str = 'max'
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+        p = layers.precision(self)
         del train
         if self.pooling not in POOLINGS:
             raise ValueError(f'ImageCNN.pooling is {self.pooling!r}; expected one of {POOLINGS}')
-        x = _to_float_image(x)  # uint8 pixels -> [0, 1]
+        x = _to_float_image(x, self.dtype)  # uint8 pixels -> [0, 1]
         for f in self.features:
-            x = nn.relu(nn.Conv(f, (3, 3))(x))
+            x = nn.relu(p.Conv(f, (3, 3))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         if self.pooling == 'tokens':
             grid = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H' W', C')
-            grid = nn.Dense(self.embed_dim)(grid)
-            pos = self.param('pos_embedding', nn.initializers.normal(0.02), grid.shape[1:])
+            grid = p.Dense(self.embed_dim)(grid)
+            pos = layers.param(self, 'pos_embedding', nn.initializers.normal(0.02), grid.shape[1:])
             return layers.all_valid(grid + pos)  # (B, T, D)
         if self.pooling == 'max':
             x = x.max(axis=(1, 2))  # (B, C')
@@ -58,7 +67,7 @@ class ImageCNN(nn.Module):
             x = x.mean(axis=(1, 2))  # (B, C')
         else:
             x = x.reshape(x.shape[0], -1)  # (B, H' W' C')
-        return nn.Dense(self.embed_dim)(x)
+        return p.Dense(self.embed_dim)(x)
 
 
 class ViT(nn.Module):
@@ -86,25 +95,38 @@ class ViT(nn.Module):
     dropout: float = 0.0
     pooling: str = 'tokens'
     embed_dim: int | None = None
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+        p = layers.precision(self)
         if self.pooling not in ('tokens', 'gap', 'cls'):
             raise ValueError(f"ViT.pooling is {self.pooling!r}; expected 'tokens', 'gap' or 'cls'")
-        p = tuple(self.patch_size)
-        x = nn.Conv(self.width, p, strides=p, padding='VALID', name='embedding')(_to_float_image(x))
+        patch = tuple(self.patch_size)
+        x = p.Conv(self.width, patch, strides=patch, padding='VALID', name='embedding')(
+            _to_float_image(x, self.dtype)
+        )
         x = x.reshape(x.shape[0], -1, self.width)  # (B, N, width)
-        pos = self.param('pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:]))
+        pos = layers.param(
+            self, 'pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:])
+        )
         x = x + pos
         if self.pooling == 'cls':
-            cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
+            cls = layers.param(self, 'cls', nn.initializers.zeros, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, name='Transformer')(
-            x, train=train
-        )
+        x = layers.Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout,
+            self.dtype,
+            self.param_dtype,
+            name='Transformer',
+        )(x, train=train)
         if self.embed_dim is not None:
-            x = nn.Dense(self.embed_dim, name='head')(x)
+            x = p.Dense(self.embed_dim, name='head')(x)
         if self.pooling == 'cls':
             return x[:, 0]
         if self.pooling == 'gap':
@@ -137,23 +159,34 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     pooling: str = 'tokens'
     embed_dim: int | None = None
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, ids: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+        p = layers.precision(self)
         if self.pooling not in ('tokens', 'gap', 'first'):
             raise ValueError(
                 f"TextTransformer.pooling is {self.pooling!r}; expected 'tokens', 'gap' or 'first'"
             )
         mask = ids != 0  # (B, L)
-        x = nn.Embed(self.vocab_size, self.width, name='Embed')(ids)
-        pos = self.param('pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:]))
+        x = p.Embed(self.vocab_size, self.width, name='Embed')(ids)
+        pos = layers.param(
+            self, 'pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:])
+        )
         x = jnp.where(mask[..., None], x + pos, 0)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, name='Encoder')(
-            x, mask, train=train
-        )
+        x = layers.Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout,
+            self.dtype,
+            self.param_dtype,
+            name='Encoder',
+        )(x, mask, train=train)
         if self.embed_dim is not None:
-            x = nn.Dense(self.embed_dim, name='head')(x)
+            x = p.Dense(self.embed_dim, name='head')(x)
         out = layers.Tokens(x, mask).clean()
         if self.pooling == 'gap':
             return layers.pooled(out)
@@ -177,16 +210,21 @@ class TokenEncoder(nn.Module):
     vocab_size: int
     embed_dim: int = 128
     use_positions: bool = True
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        p = layers.precision(self)
         del train
-        x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)  # (B, L, D)
+        x = p.Embed(self.vocab_size, self.embed_dim)(tokens)  # (B, L, D)
         if self.use_positions:
-            pos = self.param('positions', nn.initializers.normal(0.02), tokens.shape[-1:] + (self.embed_dim,))
+            pos = layers.param(
+                self, 'positions', nn.initializers.normal(0.02), tokens.shape[-1:] + (self.embed_dim,)
+            )
             x = x + pos
         x = layers.masked_mean(x, tokens != 0)  # (B, D)
-        return nn.Dense(self.embed_dim)(nn.relu(nn.Dense(self.embed_dim)(x)))
+        return p.Dense(self.embed_dim)(nn.relu(p.Dense(self.embed_dim)(x)))
 
 
 class SeriesEncoder(nn.Module):
@@ -202,21 +240,24 @@ class SeriesEncoder(nn.Module):
     features: Sequence[int] = (32, 64, 64)
     embed_dim: int = 128
     pooling: str = 'mean'
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+        p = layers.precision(self)
         del train
         if self.pooling not in ('mean', 'tokens'):
             raise ValueError(f"SeriesEncoder.pooling is {self.pooling!r}; expected 'mean' or 'tokens'")
-        x = x.astype(jnp.float32)
+        x = x.astype(self.dtype)
         for i, f in enumerate(self.features):
-            x = nn.relu(nn.Conv(f, (5,))(x))
+            x = nn.relu(p.Conv(f, (5,))(x))
             if i < len(self.features) - 1:
                 x = nn.max_pool(x, (2,), strides=(2,))
         if self.pooling == 'mean':
-            return nn.Dense(self.embed_dim)(x.mean(axis=-2))
-        x = nn.Dense(self.embed_dim)(x)  # (B, T', D)
-        pos = self.param('pos_embedding', nn.initializers.normal(0.02), x.shape[1:])
+            return p.Dense(self.embed_dim)(x.mean(axis=-2))
+        x = p.Dense(self.embed_dim)(x)  # (B, T', D)
+        pos = layers.param(self, 'pos_embedding', nn.initializers.normal(0.02), x.shape[1:])
         return layers.all_valid(x + pos)
 
 
@@ -230,14 +271,17 @@ class FeatureMLP(nn.Module):
 
     hidden: Sequence[int] = (256,)
     embed_dim: int = 128
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        p = layers.precision(self)
         del train
-        x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        x = x.reshape(x.shape[0], -1).astype(self.dtype)
         for h in self.hidden:
-            x = nn.relu(nn.Dense(h)(x))
-        return nn.Dense(self.embed_dim)(x)
+            x = nn.relu(p.Dense(h)(x))
+        return p.Dense(self.embed_dim)(x)
 
 
 ENCODERS: dict[str, type[nn.Module]] = {

@@ -11,7 +11,7 @@ that module's attributes, with the dataclass defaults as their defaults.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -36,13 +36,16 @@ class ConcatMLP(nn.Module):
     hidden: Sequence[int] = (256,)
     fused_dim: int = 128
     dropout: float = 0.0
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, embeddings: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
+        p = layers.precision(self)
         x = jnp.concatenate(_ordered(embeddings), axis=-1)  # (B, sum_m D_m)
         for h in self.hidden:
-            x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(h)(x)))
-        return nn.Dense(self.fused_dim)(x)
+            x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(p.Dense(h)(x)))
+        return p.Dense(self.fused_dim)(x)
 
 
 class TransformerFusion(nn.Module):
@@ -65,29 +68,34 @@ class TransformerFusion(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 2
     dropout: float = 0.0
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, embeddings: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
+        p = layers.precision(self)
         e = _ordered(embeddings)
         tokens = jnp.stack(
-            [nn.Dense(self.fused_dim, name=f'proj_{i}')(x) for i, x in enumerate(e)], 1
+            [p.Dense(self.fused_dim, name=f'proj_{i}')(x) for i, x in enumerate(e)], 1
         )  # (B, M, D)
-        types = self.param('type_embedding', nn.initializers.normal(0.02), (len(e), self.fused_dim))
-        fusion_token = self.param('fusion_token', nn.initializers.normal(0.02), (1, 1, self.fused_dim))
+        types = layers.param(self, 'type_embedding', nn.initializers.normal(0.02), (len(e), self.fused_dim))
+        fusion_token = layers.param(
+            self, 'fusion_token', nn.initializers.normal(0.02), (1, 1, self.fused_dim)
+        )
         x = jnp.concatenate(
             [jnp.broadcast_to(fusion_token, (tokens.shape[0], 1, self.fused_dim)), tokens + types], axis=1
         )  # (B, 1 + M, D)
         for _ in range(self.num_layers):
-            y = nn.LayerNorm()(x)
-            y = nn.MultiHeadDotProductAttention(
-                num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train
-            )(y, y)
+            y = p.LayerNorm()(x)
+            y = p.Attention(num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train)(
+                y, y
+            )
             x = x + y
-            y = nn.LayerNorm()(x)
-            y = nn.Dense(self.mlp_ratio * self.fused_dim)(y)
+            y = p.LayerNorm()(x)
+            y = p.Dense(self.mlp_ratio * self.fused_dim)(y)
             y = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(y))
-            x = x + nn.Dense(self.fused_dim)(y)
-        return nn.LayerNorm()(x[:, 0])  # (B, D)
+            x = x + p.Dense(self.fused_dim)(y)
+        return p.LayerNorm()(x[:, 0])  # (B, D)
 
 
 class LowRankTensorFusion(nn.Module):
@@ -105,20 +113,23 @@ class LowRankTensorFusion(nn.Module):
 
     fused_dim: int = 128
     rank: int = 4
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, embeddings: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
+        p = layers.precision(self)
         del train
         prod = None
         for i, x in enumerate(_ordered(embeddings)):
             x1 = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=-1)  # (B, D_m + 1)
-            f = nn.DenseGeneral((self.rank, self.fused_dim), use_bias=False, name=f'factor_{i}')(
+            f = p.DenseGeneral((self.rank, self.fused_dim), use_bias=False, name=f'factor_{i}')(
                 x1
             )  # (B, R, D)
             prod = f if prod is None else prod * f
-        weights = self.param('rank_weights', nn.initializers.lecun_normal(), (1, self.rank))
+        weights = layers.param(self, 'rank_weights', nn.initializers.lecun_normal(), (1, self.rank))
         z = jnp.einsum('brd,or->bd', prod, weights)  # (B, D)
-        return z + self.param('bias', nn.initializers.zeros, (self.fused_dim,))
+        return z + layers.param(self, 'bias', nn.initializers.zeros, (self.fused_dim,))
 
 
 class GatedFusion(nn.Module):
@@ -131,13 +142,16 @@ class GatedFusion(nn.Module):
     """
 
     fused_dim: int = 128
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, embeddings: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
+        p = layers.precision(self)
         del train
         e = _ordered(embeddings)
-        h = jnp.stack([jnp.tanh(nn.Dense(self.fused_dim, name=f'proj_{i}')(x)) for i, x in enumerate(e)], 1)
-        gates = nn.Dense(len(e) * self.fused_dim, name='gates')(jnp.concatenate(e, -1))
+        h = jnp.stack([jnp.tanh(p.Dense(self.fused_dim, name=f'proj_{i}')(x)) for i, x in enumerate(e)], 1)
+        gates = p.Dense(len(e) * self.fused_dim, name='gates')(jnp.concatenate(e, -1))
         gates = nn.softmax(gates.reshape(-1, len(e), self.fused_dim), axis=1)  # (B, M, D)
         return (gates * h).sum(1)  # (B, D)
 
@@ -148,11 +162,12 @@ def _token_inputs(
     """Sorted modality names, their tokens projected to `width` plus a learned modality-type embedding
     (`proj_<m>`, `type_<m>` of `module`), and their masks. Padded positions are zeroed before any arithmetic,
     so padding values never reach the outputs or the gradients."""
+    p = layers.precision(module)
     names, tokens, masks = sorted(inputs), [], []
     for m in names:
         t = layers.as_tokens(inputs[m])
-        x = nn.Dense(width, name=f'proj_{m}')(t.tokens)  # (B, T_m, width)
-        x = x + module.param(f'type_{m}', nn.initializers.normal(0.02), (width,))
+        x = p.Dense(width, name=f'proj_{m}')(t.tokens)  # (B, T_m, width)
+        x = x + layers.param(module, f'type_{m}', nn.initializers.normal(0.02), (width,))
         tokens.append(jnp.where(t.mask[..., None], x, 0))
         masks.append(t.mask)
     return names, tokens, masks
@@ -186,11 +201,14 @@ class MMFT(nn.Module):
     dropout: float = 0.0
     readout: str = 'mean'
     readout_layer: int = 1
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(
         self, inputs: Mapping[str, layers.Tokens], *, train: bool = False
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        p = layers.precision(self)
         if self.readout not in ('mean', 'cls'):
             raise ValueError(f"MMFT.readout is {self.readout!r}; expected 'mean' or 'cls'")
         if not 1 <= self.readout_layer <= self.depth:
@@ -200,15 +218,22 @@ class MMFT(nn.Module):
         x, mask = jnp.concatenate(tokens, 1), jnp.concatenate(masks, 1)  # (B, T, D), (B, T)
         offset = 0
         if self.readout == 'cls':
-            cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, self.fused_dim))
+            cls = layers.param(self, 'cls', nn.initializers.normal(0.02), (1, 1, self.fused_dim))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.fused_dim)), x], 1)
             mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], 1)
             offset = 1
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.depth - self.readout_layer + 1):
-            block = layers.EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, name=f'encoderblock_{i}')
+            block = layers.EncoderBlock(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                self.dtype,
+                self.param_dtype,
+                name=f'encoderblock_{i}',
+            )
             x = block(x, mask, train=train)
-        h = nn.LayerNorm(name='readout_norm')(x)  # (B, [1 +] T, D)
+        h = p.LayerNorm(name='readout_norm')(x)  # (B, [1 +] T, D)
         z = h[:, 0] if self.readout == 'cls' else layers.masked_mean(h, mask)
         readouts, start = {}, offset
         for m, size in zip(names, sizes, strict=True):
@@ -252,26 +277,34 @@ class MBT(nn.Module):
     num_heads: int = 4
     mlp_dim: int | None = None
     dropout: float = 0.0
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(
         self, inputs: Mapping[str, layers.Tokens], *, train: bool = False
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        p = layers.precision(self)
         if not 0 <= self.fusion_layer <= self.depth:
             raise ValueError(f'MBT.fusion_layer is {self.fusion_layer}; expected 0..depth ({self.depth})')
         names, tokens, masks = _token_inputs(self, inputs, self.fused_dim)
         x = dict(zip(names, tokens, strict=True))
         mask = dict(zip(names, masks, strict=True))
         batch = tokens[0].shape[0]
-        init = self.param(
-            'bottleneck', nn.initializers.normal(0.02), (1, self.num_bottlenecks, self.fused_dim)
+        init = layers.param(
+            self, 'bottleneck', nn.initializers.normal(0.02), (1, self.num_bottlenecks, self.fused_dim)
         )
         bottleneck = jnp.broadcast_to(init, (batch, self.num_bottlenecks, self.fused_dim))
         b_mask = jnp.ones((batch, self.num_bottlenecks), bool)
         for i in range(self.depth):
             block = {
                 m: layers.EncoderBlock(
-                    self.num_heads, self.mlp_dim, self.dropout, name=f'{m}_encoderblock_{i}'
+                    self.num_heads,
+                    self.mlp_dim,
+                    self.dropout,
+                    self.dtype,
+                    self.param_dtype,
+                    name=f'{m}_encoderblock_{i}',
                 )
                 for m in names
             }
@@ -288,7 +321,7 @@ class MBT(nn.Module):
                 shared.append(y[:, n:])
             bottleneck = jnp.mean(jnp.stack(shared), axis=0)  # (B, num_bottlenecks, D)
         readouts = {
-            m: layers.masked_mean(nn.LayerNorm(name=f'{m}_encoder_norm')(x[m]), mask[m]) for m in names
+            m: layers.masked_mean(p.LayerNorm(name=f'{m}_encoder_norm')(x[m]), mask[m]) for m in names
         }
         z = jnp.mean(jnp.stack([readouts[m] for m in names]), axis=0)  # (B, D)
         return z, readouts

@@ -9,7 +9,9 @@ arithmetic (`Tokens.clean`), so padding may hold any value, NaN included, withou
 gradients.
 """
 
-from typing import NamedTuple
+import functools
+import types
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -54,6 +56,26 @@ def as_tokens(x: jax.Array | Tokens) -> Tokens:
     return x.clean() if isinstance(x, Tokens) else all_valid(x[:, None, :])
 
 
+def precision(module: nn.Module) -> types.SimpleNamespace:
+    """Flax layers that compute in `module.dtype` and keep their parameters in `module.param_dtype`
+    (`Dense`, `DenseGeneral`, `Conv`, `Embed`, `LayerNorm`, `Attention`): every built-in module builds its
+    layers from these, so that `config.model.dtype` / `param_dtype` reach every layer."""
+    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    return types.SimpleNamespace(
+        Dense=functools.partial(nn.Dense, **kw),
+        DenseGeneral=functools.partial(nn.DenseGeneral, **kw),
+        Conv=functools.partial(nn.Conv, **kw),
+        Embed=functools.partial(nn.Embed, **kw),
+        LayerNorm=functools.partial(nn.LayerNorm, **kw),
+        Attention=functools.partial(nn.MultiHeadDotProductAttention, **kw),
+    )
+
+
+def param(module: nn.Module, name: str, init, shape) -> jax.Array:
+    """`module.param(name, init, shape)` kept in `module.param_dtype`, used in `module.dtype`."""
+    return module.param(name, init, shape, module.param_dtype).astype(module.dtype)
+
+
 class MlpBlock(nn.Module):
     """Transformer MLP (big_vision `MlpBlock`): Dense(mlp_dim) -> GELU -> dropout -> Dense(width).
 
@@ -61,19 +83,22 @@ class MlpBlock(nn.Module):
       mlp_dim: hidden width; None: 4x the input width.
       dropout: dropout rate after the activation.
       dtype: computation dtype.
+      param_dtype: parameter dtype.
     """
 
     mlp_dim: int | None = None
     dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         d = x.shape[-1]
         init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6))
-        x = nn.Dense(self.mlp_dim or 4 * d, dtype=self.dtype, **init)(x)
+        p = precision(self)
+        x = p.Dense(self.mlp_dim or 4 * d, **init)(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(x))
-        return nn.Dense(d, dtype=self.dtype, **init)(x)
+        return p.Dense(d, **init)(x)
 
 
 class EncoderBlock(nn.Module):
@@ -84,24 +109,27 @@ class EncoderBlock(nn.Module):
       mlp_dim: MLP hidden width; None: 4x the token width.
       dropout: dropout rate after attention and the MLP.
       dtype: computation dtype.
+      param_dtype: parameter dtype.
     """
 
     num_heads: int
     mlp_dim: int | None = None
     dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         """x (B, T, D), mask (B, T) bool or None (all real) -> (B, T, D)."""
         attn_mask = None if mask is None else nn.make_attention_mask(mask, mask)  # (B, 1, T, T)
-        y = nn.LayerNorm(dtype=self.dtype)(x)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype
-        )(y, y, mask=attn_mask, deterministic=True)
+        p = precision(self)
+        y = p.LayerNorm()(x)
+        y = p.Attention(num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform())(
+            y, y, mask=attn_mask, deterministic=True
+        )
         x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = nn.LayerNorm(dtype=self.dtype)(x)
-        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, train=train)
+        y = p.LayerNorm()(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype)(y, train=train)
         return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -115,19 +143,26 @@ class Encoder(nn.Module):
       mlp_dim: MLP hidden width; None: 4x the token width.
       dropout: dropout rate.
       dtype: computation dtype.
+      param_dtype: parameter dtype.
     """
 
     depth: int
     num_heads: int
     mlp_dim: int | None = None
     dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         for i in range(self.depth):
             block = EncoderBlock(
-                self.num_heads, self.mlp_dim, self.dropout, self.dtype, name=f'encoderblock_{i}'
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                self.dtype,
+                self.param_dtype,
+                name=f'encoderblock_{i}',
             )
             x = block(x, mask, train=train)
-        return nn.LayerNorm(name='encoder_norm', dtype=self.dtype)(x)
+        return precision(self).LayerNorm(name='encoder_norm')(x)

@@ -32,6 +32,9 @@ class _Encoders(nn.Module):
 
 
 class _StandIns(nn.Module):
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
     """A learned stand-in for each modality where it is absent (`missing/<m>`, one vector of the encoder's
     width): a pooled encoding (B, D) becomes the vector; `Tokens` become one real token holding it (the
     others masked out), so that every fusion, token-level or pooled, built-in or the user's, handles absence
@@ -42,7 +45,7 @@ class _StandIns(nn.Module):
         out = {}
         for m, e in encoded.items():
             width = (e.tokens if isinstance(e, layers.Tokens) else e).shape[-1]
-            stand_in = self.param(m, nn.initializers.normal(0.02), (width,))
+            stand_in = layers.param(self, m, nn.initializers.normal(0.02), (width,))
             if m not in present:
                 out[m] = e
             elif isinstance(e, layers.Tokens):
@@ -81,6 +84,9 @@ class ReFNet(nn.Module):
       refiner_target: one of `refiner.TARGETS`.
       refiner_hidden: hidden widths of each decoder.
       stop_gradient_target: `embedding` and `tokens` targets are constants for the refiner loss.
+      dtype: computation dtype of the head, stand-ins and refiner (`config.model.dtype`; the encoders and
+        fusion get theirs from `create_model`); logits and aux come out in float32 whatever it is.
+      param_dtype: their parameter dtype (`config.model.param_dtype`).
     """
 
     modalities: tuple[tuple[str, contract.ModalityInfo], ...]
@@ -91,6 +97,8 @@ class ReFNet(nn.Module):
     refiner_target: str = 'embedding'
     refiner_hidden: tuple[int, ...] = (256,)
     stop_gradient_target: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -129,7 +137,7 @@ class ReFNet(nn.Module):
                 e = jax.tree.map(lambda a, idx=idx: jnp.take(a, idx, axis=0), e)
                 x = jnp.take(x, idx, axis=0) if refine and self.refiner_target == 'input' else x
             encoded[m], inputs[m] = e, x
-        encoded = _StandIns(name='missing')(encoded, present)
+        encoded = _StandIns(self.dtype, self.param_dtype, name='missing')(encoded, present)
         embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
         readouts = None
@@ -137,7 +145,7 @@ class ReFNet(nn.Module):
             z, readouts = self.fusion(encoded, train=train)
         else:
             z = self.fusion(embeddings, train=train)
-        logits = nn.Dense(self.num_classes, name='head')(z)  # (B, C)
+        logits = layers.precision(self).Dense(self.num_classes, name='head')(z)  # (B, C)
         aux = {'embeddings': embeddings, 'fused': z, 'present': present}
 
         if refine:
@@ -149,9 +157,13 @@ class ReFNet(nn.Module):
                 targets = {m: source[m] for m in ms}
                 if self.stop_gradient_target:
                     targets = jax.lax.stop_gradient(targets)
-            aux['reconstructions'] = refiner.Refiner(self.refiner_hidden, name='refiner')(z, targets)
+            aux['reconstructions'] = refiner.Refiner(
+                self.refiner_hidden, self.dtype, self.param_dtype, name='refiner'
+            )(z, targets)
             aux['targets'] = targets
-        return logits, aux
+        # The losses see float32, whatever the computation dtype (mixed precision: f32 losses and gradients).
+        as_f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        return as_f32(logits), jax.tree.map(as_f32, aux)
 
 
 def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) -> ReFNet:
@@ -179,6 +191,7 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         raise ValueError(
             f'config.eval.without is {tuple(config.eval.without)}: {unknown} not among the modalities {names}'
         )
+    precision = dtypes(config)  # to every module that takes `dtype` / `param_dtype`, the user's included
     built = []
     for m in names:
         fields = dict(config.model.encoders[m])
@@ -186,13 +199,20 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         field = f'config.model.encoders.{m}'
         cls = modules.resolve(spec, encoders.ENCODERS, f'{field}.module')
         enc = modules.instantiate(
-            cls, fields, field, builtins=encoders.ENCODERS.values(), vocab_size=info.modalities[m].vocab_size
+            cls,
+            fields,
+            field,
+            builtins=encoders.ENCODERS.values(),
+            vocab_size=info.modalities[m].vocab_size,
+            **precision,
         )
         built.append((m, enc))
 
     fields = dict(config.model.fusion)
     cls = modules.resolve(fields.pop('kind'), fusion.FUSIONS, 'config.model.fusion.kind')
-    fusion_module = modules.instantiate(cls, fields, 'config.model.fusion', builtins=fusion.FUSIONS.values())
+    fusion_module = modules.instantiate(
+        cls, fields, 'config.model.fusion', builtins=fusion.FUSIONS.values(), **precision
+    )
 
     rcfg = config.model.refiner
     if rcfg.target not in refiner.TARGETS:
@@ -213,4 +233,22 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         refiner_target=rcfg.target,
         refiner_hidden=tuple(rcfg.hidden),
         stop_gradient_target=rcfg.stop_gradient_target,
+        **precision,
     )
+
+
+def dtypes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{'dtype', 'param_dtype'} of `config.model` as jnp dtypes (float32 when a config predates them)."""
+    out = {}
+    for field in ('dtype', 'param_dtype'):
+        name = config.model.get(field, 'float32')
+        try:
+            value = jnp.dtype(name)
+        except TypeError:
+            value = None
+        if value is None or not jnp.issubdtype(value, jnp.floating):
+            raise ValueError(
+                f"config.model.{field} is {name!r}; expected a float dtype: 'float32', 'bfloat16' or 'float16'"
+            )
+        out[field] = value
+    return out

@@ -18,13 +18,16 @@ from typing import Any
 import flax.linen as nn
 from absl import logging
 
+FROM_MODEL_CONFIG = ('dtype', 'param_dtype')
+"""Module fields set for every module from `config.model` (mixed precision), not per module."""
+
 
 def module_fields(cls: type[nn.Module]) -> dict[str, Any]:
     """A module's configurable fields and their dataclass defaults. Fields without a default are left out:
-    they come from the data (`vocab_size`)."""
+    they come from the data (`vocab_size`); so are `FROM_MODEL_CONFIG`."""
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name in ('parent', 'name') or not f.init:
+        if f.name in ('parent', 'name', *FROM_MODEL_CONFIG) or not f.init:
             continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default

@@ -11,9 +11,13 @@ modality's own information. Which target (`config.model.refiner.target`, DESIGN.
 """
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+from refnet_jax import layers
 
 TARGETS = ('embedding', 'input', 'tokens')
 COLLAPSIBLE = ('embedding', 'tokens')  # targets made by the network itself: pre-training can collapse on them
@@ -29,13 +33,16 @@ class RefinerDecoder(nn.Module):
 
     out_dim: int
     hidden: Sequence[int] = (256,)
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
+        p = layers.precision(self)
         x = z
         for h in self.hidden:
-            x = nn.relu(nn.Dense(h)(x))
-        return nn.Dense(self.out_dim)(x)  # (B, out_dim)
+            x = nn.relu(p.Dense(h)(x))
+        return p.Dense(self.out_dim)(x)  # (B, out_dim)
 
 
 class Refiner(nn.Module):
@@ -46,8 +53,13 @@ class Refiner(nn.Module):
     """
 
     hidden: Sequence[int] = (256,)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, targets: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """z (B, D), targets {m: (B, F_m)} -> reconstructions {m: (B, F_m)}."""
-        return {m: RefinerDecoder(t.shape[-1], tuple(self.hidden), name=m)(z) for m, t in targets.items()}
+        return {
+            m: RefinerDecoder(t.shape[-1], tuple(self.hidden), self.dtype, self.param_dtype, name=m)(z)
+            for m, t in targets.items()
+        }

@@ -1,0 +1,61 @@
+"""Mixed precision: config.model.dtype (computation) and config.model.param_dtype reach every built-in module;
+losses and gradients stay float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_model import INFO, toy_batch, toy_config
+
+from refnet_jax import fusion as fusion_lib
+from refnet_jax import model as model_lib
+from refnet_jax import sharding, train_lib
+
+FUSIONS = sorted(fusion_lib.FUSIONS)
+
+
+def dtypes_of(tree):
+    return {str(x.dtype) for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize(
+    'fusion', [f if f in ('concat', 'mmft') else pytest.param(f, marks=pytest.mark.slow) for f in FUSIONS]
+)
+def test_bfloat16_computation_with_float32_parameters_trains(fusion):
+    config = toy_config(fusion, target='tokens' if fusion in ('mmft', 'mbt') else 'embedding')
+    config.model.dtype = 'bfloat16'
+    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    assert dtypes_of(run.state.params) == {'float32'}
+    assert dtypes_of(run.state.opt_state) <= {'float32', 'int32'}
+    batch = toy_batch()
+    jaxpr = str(jax.make_jaxpr(lambda p: run.model.apply({'params': p}, batch))(run.state.params))
+    matmuls = [line for line in jaxpr.splitlines() if 'dot_general' in line or 'conv_general' in line]
+    assert matmuls and all('bf16' in line for line in matmuls), 'a matmul or convolution outside bfloat16'
+    logits, aux = run.model.apply({'params': run.state.params}, batch)
+    assert logits.dtype == jnp.float32 and dtypes_of(aux) <= {'float32', 'bool'}
+    with jax.set_mesh(run.mesh):
+        state, metrics = run.train_step(run.state, sharding.shard_batch(batch, run.mesh), jax.random.key(0))
+    assert np.isfinite(float(metrics['loss'])) and metrics['loss'].dtype == jnp.float32
+    assert dtypes_of(state.params) == {'float32'}
+
+
+def test_bfloat16_logits_are_close_to_float32_and_param_dtype_keeps_parameters():
+    config = toy_config('concat', variant='baseline')
+    model32 = model_lib.create_model(config, INFO)
+    params = jax.jit(model32.init)(jax.random.key(0), toy_batch())['params']
+    config.model.dtype = 'bfloat16'
+    logits16, _ = model_lib.create_model(config, INFO).apply({'params': params}, toy_batch())
+    logits32, _ = model32.apply({'params': params}, toy_batch())
+    np.testing.assert_allclose(logits16, logits32, rtol=0.05, atol=0.05)
+    assert not np.array_equal(logits16, logits32)
+    config.model.param_dtype = 'bfloat16'
+    abstract = jax.eval_shape(model_lib.create_model(config, INFO).init, jax.random.key(0), toy_batch())
+    assert dtypes_of(abstract['params']) == {'bfloat16'}
+
+
+@pytest.mark.parametrize('value', ['bf16', 'int32'])
+def test_a_bad_dtype_is_named(value):
+    config = toy_config('concat')
+    config.model.dtype = value
+    with pytest.raises(ValueError, match=f"config.model.dtype is '{value}'; expected a float dtype"):
+        model_lib.create_model(config, INFO)
