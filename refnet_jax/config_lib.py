@@ -140,6 +140,9 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 2000  # optimizer steps
     config.train.batch_size = 256  # examples per step, global over all devices and processes
+    # Micro-batches per step: the gradient of the whole batch (every MS pair included, GradCache) at the
+    # activation memory of batch_size / accumulation_steps examples.
+    config.train.accumulation_steps = 1
     config.train.learning_rate = 2e-3  # peak learning rate
     config.train.warmup_steps = 100  # linear warm-up, then cosine decay to 0 at num_steps
     config.train.weight_decay = 1e-4  # AdamW decoupled weight decay
@@ -262,6 +265,7 @@ RANGES: dict[str, Range] = {
     'loss.ms.block_size': Range(0, integer=True, also=(None,)),
     'train.num_steps': POSITIVE_INT,
     'train.batch_size': POSITIVE_INT,
+    'train.accumulation_steps': POSITIVE_INT,
     'train.learning_rate': NON_NEGATIVE,
     'train.warmup_steps': Range(0, integer=True),
     'train.weight_decay': NON_NEGATIVE,

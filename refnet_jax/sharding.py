@@ -53,7 +53,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
 
 
 def check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """The global batch must split evenly across processes and devices."""
+    """The global batch must split evenly across processes and devices (and each micro-batch across the
+    devices)."""
     n = mesh.devices.size
     for field in ('train.batch_size', 'eval.batch_size'):
         section, key = field.split('.')
@@ -63,6 +64,12 @@ def check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.shardi
                 f'config.{field} is {value}; expected a multiple of the {n} devices of the mesh '
                 f'and of the {jax.process_count()} processes'
             )
+    k = config.train.get('accumulation_steps', 1)
+    if config.train.batch_size % (n * k):
+        raise ValueError(
+            f'config.train.batch_size is {config.train.batch_size}; with config.train.accumulation_steps {k} '
+            f'it must be a multiple of {n * k} (each of the {k} micro-batches spread over the {n} devices)'
+        )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

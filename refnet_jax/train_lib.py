@@ -28,7 +28,7 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import checkpointing, config_lib, contract, input_pipeline, sharding
+from refnet_jax import accumulation, checkpointing, config_lib, contract, input_pipeline, sharding
 from refnet_jax import model as model_lib
 from refnet_jax import objective as objective_lib
 from refnet_jax import selection as selection_lib
@@ -205,17 +205,24 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the global batch, minimising `objective.loss`; pure, jitted once by
     `make_train_step`. Modality dropout (`config.train.modality_dropout`) is drawn here, over the global
-    batch, from the step's key."""
+    batch, from the step's key. With `config.train.accumulation_steps` k > 1 the gradient is that of the
+    whole batch, computed k micro-batches at a time (`accumulation.cached_gradients`)."""
     rng = jax.random.fold_in(rng, state.step)
     rates = objective.config.train.get('modality_dropout', {})
     if any(rates.values()):
         batch = contract.drop_modalities(batch, rates, jax.random.fold_in(rng, 1))
 
-    def loss_fn(params):
-        logits, aux = state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
-        return objective.loss(logits, aux, batch)
+    def forward(params, batch, rng):
+        return state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    steps = objective.config.train.get('accumulation_steps', 1)
+    if steps > 1:  # GradCache: exact for losses that pair examples (accumulation.py)
+        loss = functools.partial(objective.loss, batch=batch)
+        grads, metrics = accumulation.cached_gradients(forward, loss, state.params, batch, rng, steps)
+    else:
+        grads, metrics = jax.grad(lambda p: objective.loss(*forward(p, batch, rng), batch), has_aux=True)(
+            state.params
+        )
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['param_norm'] = optax.tree.norm(state.params)
     metrics['learning_rate'] = schedule(state.step)
