@@ -66,23 +66,54 @@ def run_experiment(fn: Callable[[ml_collections.ConfigDict, str], object]) -> No
         if len(argv) > 1:
             raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
         logging.set_verbosity(logging.INFO)
-        enable_compilation_cache()
-        fn(flags.FLAGS.config, flags.FLAGS.workdir)
+        counts = enable_compilation_cache(flags.FLAGS.config)
+        try:
+            fn(flags.FLAGS.config, flags.FLAGS.workdir)
+        finally:
+            if counts is not None:
+                logging.info(
+                    'Compilation cache %s: %d program(s) read from it, %d compiled.',
+                    counts['dir'],
+                    counts['hits'],
+                    counts['misses'],
+                )
 
     run(main)
 
 
-def enable_compilation_cache() -> None:
-    """Keeps compiled programs on disk, so that a second run of the same config does not compile again: in
-    `$XDG_CACHE_HOME/refnet_jax/jax` (default `~/.cache/refnet_jax/jax`), unless the user chose a cache
-    (JAX_COMPILATION_CACHE_DIR, or `jax_compilation_cache_dir`). Programs that compiled in under a second are
-    not kept (`jax_persistent_cache_min_compile_time_secs`)."""
+def enable_compilation_cache(config: ml_collections.ConfigDict | None = None) -> dict | None:
+    """Keeps compiled programs on disk, so that a second run of the same config does not compile again.
+
+    The cache is `config.compilation_cache_dir` when set ('' turns the cache off), else the user's
+    JAX_COMPILATION_CACHE_DIR (or `jax_compilation_cache_dir`), else `$XDG_CACHE_HOME/refnet_jax/jax`
+    (default `~/.cache/refnet_jax/jax`). Programs that compiled in under a second are not kept
+    (`jax_persistent_cache_min_compile_time_secs`).
+
+    Returns:
+      {'dir', 'hits', 'misses'}, counted as the run compiles (None with the cache off).
+    """
     import jax
 
-    if os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir:
-        return
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    jax.config.update('jax_compilation_cache_dir', os.path.join(base, 'refnet_jax', 'jax'))
+    chosen = None if config is None else config.get('compilation_cache_dir')
+    if chosen == '':
+        return None
+    if chosen:
+        jax.config.update('jax_compilation_cache_dir', chosen)
+    elif not (os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir):
+        base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+        jax.config.update('jax_compilation_cache_dir', os.path.join(base, 'refnet_jax', 'jax'))
+    counts = {'dir': jax.config.jax_compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR')}
+    counts.update(hits=0, misses=0)
+
+    def count(event, **kwargs):
+        del kwargs
+        if event == '/jax/compilation_cache/cache_hits':
+            counts['hits'] += 1
+        elif event == '/jax/compilation_cache/cache_misses':
+            counts['misses'] += 1
+
+    jax.monitoring.register_event_listener(count)
+    return counts
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

@@ -92,6 +92,9 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
 
     config = ml_collections.ConfigDict()
     config.seed = 0  # seeds parameters, dropout and the data order
+    # Where compiled programs are kept between runs (None: JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/refnet_jax/jax; '': no cache). A second run of the same config then skips compilation.
+    config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     # A pre-training workdir (pretrain.py) whose encoders, fusion and refiner start this run; None: from scratch.
     config.init_from = ml_collections.config_dict.placeholder(str)
 
@@ -113,6 +116,8 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     # and the dtype its parameters are kept in; losses, gradients and optimizer state follow the parameters.
     config.model.dtype = 'float32'
     config.model.param_dtype = 'float32'
+    # Rematerialize the transformer blocks of encoders and fusions: less activation memory, more compute.
+    config.model.remat = False
     # One entry per modality: `module` (a name in encoders.ENCODERS, FILE.py:Class, package.module:Class, or
     # None for the modality kind's default) and that module's fields.
     config.model.encoders = ml_collections.ConfigDict()
@@ -150,6 +155,8 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.train.log_every_steps = 50  # scalars to metrics.jsonl / TensorBoard
     config.train.checkpoint_every_steps = 500  # orbax checkpoint (always one at the end)
     config.train.eval_every_steps = 0  # validation during training; 0: only at the end
+    # (first_step, num_steps): a jax.profiler trace of those steps in <workdir>/profile; (): none.
+    config.train.profile = ()
     # Modality dropout: per modality, the probability that a training example loses it (never all of them).
     config.train.modality_dropout = {m: 0.0 for m in modalities}
     # Keep the checkpoint with the best value of this validation metric ('val/accuracy', 'val/loss', ...) in
@@ -308,6 +315,8 @@ RESUMABLE_FIELDS = (
     'train.checkpoint_every_steps',
     'train.eval_every_steps',
     'eval.without',
+    'compilation_cache_dir',
+    'train.profile',
     'mesh.data',
     'mesh.distributed',
     'mesh.coordinator_address',

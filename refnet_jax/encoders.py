@@ -97,6 +97,7 @@ class ViT(nn.Module):
     embed_dim: int | None = None
     dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
+    remat: bool = False  # rematerialize each block (config.model.remat)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
@@ -161,6 +162,7 @@ class TextTransformer(nn.Module):
     embed_dim: int | None = None
     dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
+    remat: bool = False  # rematerialize each block (config.model.remat)
 
     @nn.compact
     def __call__(self, ids: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:

@@ -203,6 +203,7 @@ class MMFT(nn.Module):
     readout_layer: int = 1
     dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
+    remat: bool = False  # rematerialize each block (config.model.remat)
 
     @nn.compact
     def __call__(
@@ -224,7 +225,7 @@ class MMFT(nn.Module):
             offset = 1
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.depth - self.readout_layer + 1):
-            block = layers.EncoderBlock(
+            block = layers.encoder_block(self.remat)(
                 self.num_heads,
                 self.mlp_dim,
                 self.dropout,
@@ -232,7 +233,7 @@ class MMFT(nn.Module):
                 self.param_dtype,
                 name=f'encoderblock_{i}',
             )
-            x = block(x, mask, train=train)
+            x = block(x, mask, train)
         h = p.LayerNorm(name='readout_norm')(x)  # (B, [1 +] T, D)
         z = h[:, 0] if self.readout == 'cls' else layers.masked_mean(h, mask)
         readouts, start = {}, offset
@@ -279,6 +280,7 @@ class MBT(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
+    remat: bool = False  # rematerialize each block (config.model.remat)
 
     @nn.compact
     def __call__(
@@ -298,7 +300,7 @@ class MBT(nn.Module):
         b_mask = jnp.ones((batch, self.num_bottlenecks), bool)
         for i in range(self.depth):
             block = {
-                m: layers.EncoderBlock(
+                m: layers.encoder_block(self.remat)(
                     self.num_heads,
                     self.mlp_dim,
                     self.dropout,
@@ -309,13 +311,13 @@ class MBT(nn.Module):
                 for m in names
             }
             if i < self.fusion_layer:
-                x = {m: block[m](x[m], mask[m], train=train) for m in names}
+                x = {m: block[m](x[m], mask[m], train) for m in names}
                 continue
             shared = []
             for m in names:
                 n = x[m].shape[1]
                 y = block[m](
-                    jnp.concatenate([x[m], bottleneck], 1), jnp.concatenate([mask[m], b_mask], 1), train=train
+                    jnp.concatenate([x[m], bottleneck], 1), jnp.concatenate([mask[m], b_mask], 1), train
                 )
                 x[m] = y[:, :n]
                 shared.append(y[:, n:])

@@ -119,7 +119,7 @@ class EncoderBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
         """x (B, T, D), mask (B, T) bool or None (all real) -> (B, T, D)."""
         attn_mask = None if mask is None else nn.make_attention_mask(mask, mask)  # (B, 1, T, T)
         p = precision(self)
@@ -133,6 +133,12 @@ class EncoderBlock(nn.Module):
         return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+def encoder_block(remat: bool) -> type[nn.Module]:
+    """`EncoderBlock`, or with `remat` its rematerialized version (activations recomputed in the backward
+    pass instead of kept: `config.model.remat`). Call it as `block(x, mask, train)`, positionally."""
+    return nn.remat(EncoderBlock, static_argnums=(3,)) if remat else EncoderBlock
+
+
 class Encoder(nn.Module):
     """A stack of `EncoderBlock`s and a final LayerNorm (big_vision's `Encoder`: `encoderblock_{i}`,
     `encoder_norm`).
@@ -144,6 +150,7 @@ class Encoder(nn.Module):
       dropout: dropout rate.
       dtype: computation dtype.
       param_dtype: parameter dtype.
+      remat: rematerialize each block.
     """
 
     depth: int
@@ -152,6 +159,7 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:

@@ -191,7 +191,7 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         raise ValueError(
             f'config.eval.without is {tuple(config.eval.without)}: {unknown} not among the modalities {names}'
         )
-    precision = dtypes(config)  # to every module that takes `dtype` / `param_dtype`, the user's included
+    precision = model_wide(config)  # to every module that takes these fields, the user's included
     built = []
     for m in names:
         fields = dict(config.model.encoders[m])
@@ -233,13 +233,15 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         refiner_target=rcfg.target,
         refiner_hidden=tuple(rcfg.hidden),
         stop_gradient_target=rcfg.stop_gradient_target,
-        **precision,
+        dtype=precision['dtype'],
+        param_dtype=precision['param_dtype'],
     )
 
 
-def dtypes(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """{'dtype', 'param_dtype'} of `config.model` as jnp dtypes (float32 when a config predates them)."""
-    out = {}
+def model_wide(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields every module that takes them gets from `config.model` (`modules.FROM_MODEL_CONFIG`):
+    `dtype` and `param_dtype` as jnp dtypes, `remat` (float32 and False when a config predates them)."""
+    out = {'remat': bool(config.model.get('remat', False))}
     for field in ('dtype', 'param_dtype'):
         name = config.model.get(field, 'float32')
         try:

@@ -18,8 +18,8 @@ from typing import Any
 import flax.linen as nn
 from absl import logging
 
-FROM_MODEL_CONFIG = ('dtype', 'param_dtype')
-"""Module fields set for every module from `config.model` (mixed precision), not per module."""
+FROM_MODEL_CONFIG = ('dtype', 'param_dtype', 'remat')
+"""Module fields set for every module from `config.model` (mixed precision, remat), not per module."""
 
 
 def module_fields(cls: type[nn.Module]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import accumulation, checkpointing, config_lib, contract, input_pipeline, sharding
+from refnet_jax import accumulation, checkpointing, config_lib, contract, input_pipeline, profiling, sharding
 from refnet_jax import model as model_lib
 from refnet_jax import objective as objective_lib
 from refnet_jax import selection as selection_lib
@@ -368,6 +368,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         start = int(state.step)
         writer = MetricWriter(workdir)
         sigterm = _SigtermFlag().install()
+        profiler = profiling.StepProfiler(config, workdir)
 
         def consider(state, val):
             """Records a validation for selection; saves the best checkpoint when it improves."""
@@ -378,6 +379,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
 
         try:
             last_train: dict[str, float] = {}
+            first_step_seconds = None  # None: no step run (the run had finished)
             last_saved = ckpt.latest_step()
             pending = []
             t_log, n_log = time.time(), 0
@@ -393,7 +395,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                     if selection is not None and selection.should_stop:
                         break  # a resumed run that had stopped early
                     batch = _checked_and_sharded(next(train_iter), objective, info, mesh)
-                    state, metrics = run.train_step(state, batch, step_rng)
+                    with profiler.annotate(step):
+                        state, metrics = run.train_step(state, batch, step_rng)
+                    profiler.after(step, metrics)
+                    if step == start:  # compilation included (none when the compilation cache has it)
+                        jax.block_until_ready(metrics)
+                        first_step_seconds = time.time() - t_start
+                        logging.info('First step done %.1f s after the start of the run.', first_step_seconds)
                     pending.append(metrics)
                     n_log += config.train.batch_size
                     bar.update(1)
@@ -411,7 +419,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                                 )
                         last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
                         if log_now:
-                            last_train['examples_per_second'] = n_log / (time.time() - t_log)
+                            elapsed = time.time() - t_log
+                            last_train['examples_per_second'] = n_log / elapsed
+                            last_train['step_seconds'] = elapsed * config.train.batch_size / n_log
+                            last_train.update(profiling.device_memory())
                             t_log, n_log = time.time(), 0
                             writer.write(done, last_train, 'train/')
                             shown = {k: last_train[k] for k in ('loss', 'accuracy') if k in last_train}
@@ -456,6 +467,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                         )
             finally:
                 # Also when a step fails (a non-finite loss): the checkpoint in flight is the last good one.
+                profiler.stop()
                 bar.close()
                 ckpt.wait()
 
@@ -477,6 +489,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                     **evaluate_all(chosen),
                 }
             results['wall_seconds'] = time.time() - t_start
+            results['first_step_seconds'] = first_step_seconds
         finally:  # the writer's files and the checkpoint managers are closed however the run ends
             sigterm.restore()
             writer.close()

@@ -59,3 +59,23 @@ def test_a_bad_dtype_is_named(value):
     config.model.dtype = value
     with pytest.raises(ValueError, match=f"config.model.dtype is '{value}'; expected a float dtype"):
         model_lib.create_model(config, INFO)
+
+
+@pytest.mark.parametrize('fusion', ['mmft', pytest.param('mbt', marks=pytest.mark.slow)])
+def test_remat_recomputes_blocks_and_changes_nothing_else(fusion):
+    batch = toy_batch()
+    out = {}
+    for remat in (False, True):
+        config = toy_config(fusion, target='tokens')  # the question's text transformer, and the fusion
+        config.model.remat = remat
+        run = train_lib.build(config, info=INFO, devices=jax.devices()[:1], init=False)
+        model = run.model
+        params = jax.jit(model.init)(jax.random.key(0), batch)['params']
+
+        def loss(p, model=model, objective=run.objective):
+            return objective.loss(*model.apply({'params': p}, batch), batch)[0]
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        assert ('remat' in jaxpr or 'checkpoint' in jaxpr) == remat
+        out[remat] = jax.jit(jax.value_and_grad(loss))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), out[False], out[True])

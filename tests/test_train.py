@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,6 +188,35 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, easy_
     rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
     assert rc == 0, out
     assert f'Restoring step {step}' in out
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_second_run_reads_its_programs_from_the_compilation_cache(tmp_path, easy_vqa_dir):
+    cache = f'--config.compilation_cache_dir={tmp_path / "cache"}'
+    first_rc, first = run_train(tmp_path / 'first', easy_vqa_dir, cache)
+    second_rc, second = run_train(tmp_path / 'second', easy_vqa_dir, cache)
+    assert first_rc == second_rc == 0, first + second
+    assert re.search(r'Compilation cache .*: 0 program\(s\) read from it, [1-9]\d* compiled', first), first
+    assert re.search(r'Compilation cache .*: [1-9]\d* program\(s\) read from it, 0 compiled', second), second
+    times = [
+        json.loads((tmp_path / r / 'results.json').read_text())['first_step_seconds']
+        for r in ('first', 'second')
+    ]
+    assert times[1] < times[0]
+
+
+@pytest.mark.slow
+def test_profile_writes_a_trace_of_the_asked_steps(tmp_path, easy_vqa_dir):
+    config = tiny_config(easy_vqa_dir, profile=(1, 2))
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
+    rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(r['train/step_seconds'] > 0 for r in rows if 'train/loss' in r)
+    config = tiny_config(easy_vqa_dir, profile=(1,))
+    with pytest.raises(
+        ValueError, match=r'config.train.profile is \(1,\); expected \(first_step, num_steps\)'
+    ):
+        train_lib.train_and_evaluate(config, str(tmp_path / 'bad'))
 
 
 def damage(step_dir):
