@@ -19,7 +19,7 @@ def dtypes_of(tree):
 
 
 @pytest.mark.parametrize(
-    'fusion', [f if f in ('concat', 'mmft') else pytest.param(f, marks=pytest.mark.slow) for f in FUSIONS]
+    'fusion', [f if f == 'concat' else pytest.param(f, marks=pytest.mark.slow) for f in FUSIONS]
 )
 def test_bfloat16_computation_with_float32_parameters_trains(fusion):
     config = toy_config(fusion, target='tokens' if fusion in ('mmft', 'mbt') else 'embedding')
@@ -61,7 +61,8 @@ def test_a_bad_dtype_is_named(value):
         model_lib.create_model(config, INFO)
 
 
-@pytest.mark.parametrize('fusion', ['mmft', pytest.param('mbt', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('fusion', ['mmft', 'mbt'])
 def test_remat_recomputes_blocks_and_changes_nothing_else(fusion):
     batch = toy_batch()
     out = {}
