@@ -171,7 +171,12 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.eval.without = ()
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # devices on the data axis; -1: all devices of all processes
+    config.mesh.data = -1  # devices on the data axis; -1: all devices of all processes (over fsdp)
+    # Devices on the fsdp axis: parameters and optimizer state sharded over them (FSDP); 1: replicated.
+    config.mesh.fsdp = 1
+    # Regexes over parameter paths ('encoders/image/.*'): those sharded over fsdp (on their largest dimension
+    # that the axis divides); the others are replicated.
+    config.mesh.shard_params = ('.*',)
     # Multi-process start-up: jax.distributed.initialize(), auto-detected on Cloud TPU pods and SLURM; several
     # processes on one machine (or a cluster without auto-detection) also set the three fields below.
     config.mesh.distributed = False
@@ -284,6 +289,7 @@ RANGES: dict[str, Range] = {
     'train.early_stop': Range(0, integer=True),
     'eval.batch_size': POSITIVE_INT,
     'mesh.data': Range(1, integer=True, also=(-1,)),
+    'mesh.fsdp': Range(1, integer=True),
 }
 
 
@@ -318,6 +324,8 @@ RESUMABLE_FIELDS = (
     'compilation_cache_dir',
     'train.profile',
     'mesh.data',
+    'mesh.fsdp',
+    'mesh.shard_params',
     'mesh.distributed',
     'mesh.coordinator_address',
     'mesh.num_processes',

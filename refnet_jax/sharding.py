@@ -1,11 +1,15 @@
 """Device mesh, shardings and multi-host start-up.
 
-The batch is sharded over the mesh axis `data`; parameters and optimizer state are replicated. The mesh
-axis is `Auto` on purpose (DESIGN.md §3): XLA's partitioner then row-shards pairwise losses such as the MS
-loss by itself, and eager slicing of sharded arrays keeps working.
+The mesh has two axes, `data` and `fsdp`. The batch is sharded over both; parameters and optimizer state
+are sharded over `fsdp` by regex rules (`config.mesh.shard_params`), replicated when `config.mesh.fsdp` is
+1 (the default: data parallelism). The mesh axes are `Auto` on purpose (DESIGN.md §3): XLA's partitioner
+then row-shards pairwise losses such as the MS loss by itself, gathers sharded parameters where a layer
+needs them, and eager slicing of sharded arrays keeps working.
 """
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -38,18 +42,54 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     )
 
 
+BATCH_AXES = ('data', 'fsdp')  # the batch is sharded over both mesh axes
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh with axis `data` over `config.mesh.data` devices (-1: all devices of all processes)."""
+    """A 2-D mesh (`data`, `fsdp`) of `config.mesh.data` x `config.mesh.fsdp` devices.
+
+    `config.mesh.data` -1 takes every device (of all processes) that the `fsdp` axis leaves. Parameters and
+    optimizer state are sharded over `fsdp` (`param_shardings`), the batch over both axes.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    fsdp = config.mesh.get('fsdp', 1)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f'config.mesh.fsdp is {fsdp}; expected a divisor of the {len(devices)} devices')
     n = config.mesh.data
     if n == -1:
-        n = len(devices)
-    if not 1 <= n <= len(devices):
+        n = len(devices) // fsdp
+    if not 1 <= n * fsdp <= len(devices):
         raise ValueError(
-            f'config.mesh.data is {config.mesh.data}; expected -1 or 1..{len(devices)} '
-            f'(the number of devices)'
+            f'config.mesh.data is {config.mesh.data} with config.mesh.fsdp {fsdp}; expected -1 or 1..'
+            f'{len(devices) // fsdp} (data x fsdp devices of the {len(devices)})'
         )
-    return jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,), devices=devices[:n])
+    return jax.make_mesh(
+        (n, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[: n * fsdp]
+    )
+
+
+def param_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Sequence[str] = ('.*',)) -> Any:
+    """A NamedSharding for each leaf of `tree` (parameters, optimizer state, a whole train state).
+
+    A leaf whose '/'-joined path matches one of the regexes `rules` (`re.search`) is sharded over the `fsdp`
+    axis on its largest dimension that the axis size divides (big_vision's `fsdp` strategy); anything else,
+    and every leaf when the axis has size 1, is replicated. Optimizer moments have their parameter's path
+    inside theirs, so they are sharded as their parameter is.
+    """
+    size = mesh.shape['fsdp']
+    patterns = [re.compile(r) for r in rules]
+
+    def choose(path, leaf):
+        shape = tuple(getattr(leaf, 'shape', ()))
+        name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+        spec = [None] * len(shape)
+        if size > 1 and any(p.search(name) for p in patterns):
+            dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % size == 0]
+            if dims:
+                spec[dims[0]] = 'fsdp'
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(choose, tree)
 
 
 def check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -77,7 +117,8 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P('data'))
+    """Leading (batch) dimension over every device of the mesh: the `data` and `fsdp` axes."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -168,7 +168,8 @@ def build(
     if init:
         init_rng = init_rngs(config)[0] if seed is None else jax.random.key(seed)
         with jax.set_mesh(mesh):
-            state = create_train_state(model, tx, info, init_rng, mesh)
+            rules = tuple(config.mesh.get('shard_params', ('.*',)))
+            state = create_train_state(model, tx, info, init_rng, mesh, rules)
             step = make_train_step(objective, schedule, mesh, state)
     return Run(config, info, mesh, model, tx, schedule, objective, state, step)
 
@@ -179,8 +180,10 @@ def create_train_state(
     info: contract.DatasetInfo,
     rng: jax.Array,
     mesh: jax.sharding.Mesh,
+    rules: Sequence[str] = ('.*',),
 ) -> TrainState:
-    """Initializes parameters and optimizer state, replicated over the mesh."""
+    """Initializes parameters and optimizer state on the mesh: sharded over its `fsdp` axis by `rules`
+    (`sharding.param_shardings`), replicated when the axis has size 1."""
     batch = contract.dummy_batch(info, 2)
 
     def init(rng):
@@ -188,7 +191,7 @@ def create_train_state(
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
     abstract = jax.eval_shape(init, rng)
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    shardings = sharding.param_shardings(abstract, mesh, rules)
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
@@ -232,7 +235,7 @@ def train_step(
 def make_train_step(
     objective: objective_lib.Objective, schedule: optax.Schedule, mesh: jax.sharding.Mesh, state: TrainState
 ) -> Callable:
-    """The jitted train step: state replicated and donated, batch sharded on `data`."""
+    """The jitted train step: the state donated and kept in its shardings, the batch sharded over the mesh."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(
         functools.partial(train_step, objective=objective, schedule=schedule),
