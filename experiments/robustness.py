@@ -60,6 +60,7 @@ def cell_command(dataset: str, variant: str, dropout: float, seed: int, runs_dir
         '--workdir',
         os.path.join(runs_dir, dataset, cell_name(variant, dropout, seed)),
         f'--config.seed={seed}',
+        "--config.train.decay_mask=('.*',)",  # as when the first cells were recorded (before decay masks)
     ]
     if dropout:
         cmd += [f'--config.train.modality_dropout.{m}={dropout:g}' for m in modalities(dataset)]

@@ -24,6 +24,9 @@ from refnet_jax import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
+# Weight decay on every parameter, as when the first cells were recorded (the default now skips biases, norm
+# scales and embeddings), so that the cells of one table share one config.
+PINNED = ("--config.train.decay_mask=('.*',)",)
 
 
 def _easy_vqa_rows() -> dict[str, str]:
@@ -70,6 +73,7 @@ def cell_command(dataset: str, row: str, seed: int | str, workdir: str) -> list[
         '--workdir',
         workdir,
         f'--config.seed={seed}',
+        *PINNED,
     ]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from refnet_jax import fusion, modules
+from refnet_jax import fusion, modules, optim
 
 VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
 ARG_HELP = """The argument picks a variant, as comma-separated tokens:
@@ -152,6 +152,13 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.train.warmup_steps = 100  # linear warm-up, then cosine decay to 0 at num_steps
     config.train.weight_decay = 1e-4  # AdamW decoupled weight decay
     config.train.grad_clip_norm = 1.0  # clip by global norm; 0 disables
+    # Regexes over parameter paths (refnet_jax/optim.py): parameters kept as they are (no gradient, no
+    # optimizer state), e.g. ('encoders/image/.*',); learning-rate factors as (regex, factor) pairs, e.g.
+    # (('encoders/.*', 0.1),) (pairs, since a ConfigDict key cannot hold a regex's dots); and the
+    # parameters that get weight decay (default: kernels; not biases, norm scales or embeddings).
+    config.train.frozen = ()
+    config.train.lr_multipliers = ()
+    config.train.decay_mask = optim.DEFAULT_DECAY_MASK
     config.train.log_every_steps = 50  # scalars to metrics.jsonl / TensorBoard
     config.train.checkpoint_every_steps = 500  # orbax checkpoint (always one at the end)
     config.train.eval_every_steps = 0  # validation during training; 0: only at the end

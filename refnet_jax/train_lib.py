@@ -28,7 +28,16 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import accumulation, checkpointing, config_lib, contract, input_pipeline, profiling, sharding
+from refnet_jax import (
+    accumulation,
+    checkpointing,
+    config_lib,
+    contract,
+    input_pipeline,
+    optim,
+    profiling,
+    sharding,
+)
 from refnet_jax import model as model_lib
 from refnet_jax import objective as objective_lib
 from refnet_jax import selection as selection_lib
@@ -90,20 +99,6 @@ def init_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------------------------- state
 
 
-def create_optimizer(
-    config: ml_collections.ConfigDict,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up and cosine decay, after clipping by global norm (when > 0)."""
-    t = config.train
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.num_steps, t.warmup_steps + 1)
-    )
-    tx = optax.adamw(schedule, weight_decay=t.weight_decay)
-    if t.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
-    return tx, schedule
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """Everything a run is made of, built from its config by `build`.
@@ -159,7 +154,7 @@ def build(
     sharding.check_batch_divisibility(config, mesh)  # before the data is read (and maybe prepared)
     info = input_pipeline.get_dataset_info(config.data) if info is None else info
     model = model_lib.create_model(config, info)
-    tx, schedule = create_optimizer(config)
+    tx, schedule = optim.create_optimizer(config)
     if pretraining:
         objective = objective_lib.Pretraining(config)
     else:
@@ -215,7 +210,11 @@ def train_step(
     if any(rates.values()):
         batch = contract.drop_modalities(batch, rates, jax.random.fold_in(rng, 1))
 
+    frozen = optim.frozen_mask(objective.config, state.params)
+
     def forward(params, batch, rng):
+        # No gradient into frozen parameters: XLA drops the backward pass of a wholly frozen module.
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         return state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
 
     steps = objective.config.train.get('accumulation_steps', 1)
