@@ -123,6 +123,10 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.model.encoders = ml_collections.ConfigDict()
     # kind (a name in fusion.FUSIONS, FILE.py:Class or package.module:Class) + that module's fields
     config.model.fusion = dict(kind=opts['fusion'], **modules.module_fields(fusion.FUSIONS[opts['fusion']]))
+    # Pretrained weights for the fusion module; each encoder entry has its own `init_from` (pretrained.py).
+    config.model.fusion.init_from = ml_collections.config_dict.placeholder(str)
+    # (regex, replacement) pairs renaming the parameters of an init_from source to this library's names.
+    config.model.init_rename = ()
     config.model.refiner = ml_collections.ConfigDict()
     config.model.refiner.hidden = (256,)  # hidden widths of each modality's decoder
     # 'embedding' (e_m), 'input' (the modality's raw input; what pre-training needs, as it cannot collapse) or
@@ -201,6 +205,8 @@ def set_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -
         entry = ml_collections.ConfigDict(encoders[m])
         if 'module' not in entry:
             entry.module = ml_collections.config_dict.placeholder(str)
+        if 'init_from' not in entry:  # pretrained weights for this encoder (refnet_jax/pretrained.py)
+            entry.init_from = ml_collections.config_dict.placeholder(str)
         entries[m] = entry
     config.model.encoders = ml_collections.ConfigDict(entries)
 

@@ -195,6 +195,7 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
     built = []
     for m in names:
         fields = dict(config.model.encoders[m])
+        fields.pop('init_from', None)  # read by pretrained.py, not a module field
         spec = fields.pop('module', None) or contract.KINDS[info.modalities[m].kind].encoder
         field = f'config.model.encoders.{m}'
         cls = modules.resolve(spec, encoders.ENCODERS, f'{field}.module')
@@ -209,6 +210,7 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         built.append((m, enc))
 
     fields = dict(config.model.fusion)
+    fields.pop('init_from', None)
     cls = modules.resolve(fields.pop('kind'), fusion.FUSIONS, 'config.model.fusion.kind')
     fusion_module = modules.instantiate(
         cls, fields, 'config.model.fusion', builtins=fusion.FUSIONS.values(), **precision

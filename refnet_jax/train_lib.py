@@ -35,6 +35,7 @@ from refnet_jax import (
     contract,
     input_pipeline,
     optim,
+    pretrained,
     profiling,
     sharding,
 )
@@ -366,6 +367,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                 selection.restore(saved)
         if ckpt.latest_step() is None and config.get('init_from'):
             state = checkpointing.init_from_pretrained(state, config.init_from, run.tx)
+        if ckpt.latest_step() is None:  # modules with their own init_from (pretrained towers)
+            state = pretrained.init_modules(state, config, run.tx)
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         writer = MetricWriter(workdir)

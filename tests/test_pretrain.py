@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from helpers import fresh_state, tiny_config
 
+from configs import easy_vqa
 from refnet_jax import checkpointing, input_pipeline, train_lib
+from refnet_jax import pretrained as pretrained_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,3 +126,29 @@ def test_train_py_with_init_from_runs(tmp_path, pretrained, easy_vqa_dir):
     config.init_from = str(pretrained)
     results = train_lib.train_and_evaluate(config, str(tmp_path / 'finetune'))
     assert results['step'] == config.train.num_steps
+
+
+@pytest.mark.slow
+def test_the_pretrained_image_encoder_alone_starts_a_run_with_another_fusion(
+    pretrained, easy_vqa_dir, tmp_path
+):
+    config = tiny_config(easy_vqa_dir)
+    with config.unlocked():
+        config.model.fusion = easy_vqa.get_config('tiny,fusion=gated').model.fusion
+    config.model.refiner.target = 'input'
+    config.model.encoders.image.init_from = str(pretrained)
+    source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
+    run = train_lib.build(config)
+    with jax.set_mesh(run.mesh):
+        state = pretrained_lib.init_modules(run.state, config, run.tx)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(state.params['encoders']['image']),
+        source['encoders']['image'],
+    )
+    assert not np.array_equal(
+        jax.tree.leaves(state.params['encoders']['question'])[0],
+        jax.tree.leaves(source['encoders']['question'])[0],
+    )
+    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert np.isfinite(results['train']['loss'])
