@@ -138,8 +138,11 @@ class ViT(nn.Module):
 class TextTransformer(nn.Module):
     """A transformer text encoder over token ids (0 = padding), as big_vision's SigLIP text tower.
 
-    Token embeddings (`Embed`) plus learned positions (`pos_embedding`), `depth` pre-LayerNorm blocks
-    (`Encoder`) that never attend to padding.
+    Token embeddings (`Embed_0`) plus learned positions (`pos_embedding`), `depth` pre-LayerNorm blocks
+    (`Encoder_0`: `encoderblock_{i}`, `encoder_norm`) that never attend to padding, and an optional `head`:
+    the parameter tree of big_vision's `models/proj/image_text/text_transformer.py`, so a SigLIP text tower
+    (`PATH.npz:txt`) loads with `init_from`. (big_vision attends to every position of EOS-padded text; here
+    id 0 is padding and is masked, which is the same where a text has no id 0.)
 
     Attributes:
       vocab_size: number of token ids, padding included (from the dataset).
@@ -148,7 +151,8 @@ class TextTransformer(nn.Module):
       num_heads: attention heads.
       mlp_dim: MLP hidden width; None: 4 x width.
       dropout: dropout rate.
-      pooling: 'tokens' (every real token, padding masked), 'gap' (their masked mean) or 'first'.
+      pooling: 'tokens' (every real token, padding masked), 'gap' (their masked mean), 'first', or 'last'
+        (the last position, big_vision's SigLIP default for EOS-padded text).
       embed_dim: when set, a final Dense to this size (`head`); None: outputs stay `width` wide.
     """
 
@@ -167,12 +171,12 @@ class TextTransformer(nn.Module):
     @nn.compact
     def __call__(self, ids: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
         p = layers.precision(self)
-        if self.pooling not in ('tokens', 'gap', 'first'):
+        if self.pooling not in ('tokens', 'gap', 'first', 'last'):
             raise ValueError(
-                f"TextTransformer.pooling is {self.pooling!r}; expected 'tokens', 'gap' or 'first'"
+                f"TextTransformer.pooling is {self.pooling!r}; expected 'tokens', 'gap', 'first' or 'last'"
             )
         mask = ids != 0  # (B, L)
-        x = p.Embed(self.vocab_size, self.width, name='Embed')(ids)
+        x = p.Embed(self.vocab_size, self.width, name='Embed_0')(ids)
         pos = layers.param(
             self, 'pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:])
         )
@@ -185,13 +189,15 @@ class TextTransformer(nn.Module):
             self.dropout,
             self.dtype,
             self.param_dtype,
-            name='Encoder',
+            name='Encoder_0',
         )(x, mask, train=train)
         if self.embed_dim is not None:
             x = p.Dense(self.embed_dim, name='head')(x)
         out = layers.Tokens(x, mask).clean()
         if self.pooling == 'gap':
             return layers.pooled(out)
+        if self.pooling == 'last':
+            return out.tokens[:, -1]
         if self.pooling == 'first':
             return out.tokens[:, 0]
         return out

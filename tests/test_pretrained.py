@@ -27,7 +27,7 @@ def random_big_vision_npz(path, params, prefix='params/img/', seed=0):
         prefix + paths.path_str(k): rs.normal(0, 0.3, v.shape).astype(np.float32)
         for k, v in jax.tree_util.tree_leaves_with_path(params)
     }
-    arrays['params/txt/Embed_0/embedding'] = np.zeros((3, 4), np.float32)
+    arrays['params/other/Embed_0/embedding'] = np.zeros((3, 4), np.float32)
     np.savez(path, **arrays)
     return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
@@ -113,7 +113,7 @@ def test_position_embeddings_are_resampled_to_another_grid(tmp_path):
             '{tmp}/nothing.npz',
             r"config.model.encoders.image.init_from is '.*nothing.npz', but there is no file",
         ),
-        ('{tmp}/ok.npz:image', r"no subtree 'image' in it; its top-level names are \['img', 'txt'\]"),
+        ('{tmp}/ok.npz:image', r"no subtree 'image' in it; its top-level names are \['img', 'other'\]"),
         ('{tmp}/narrow.npz:img', r'Transformer/encoder_norm/bias: source \(8,\), module \(16,\)'),
         ('{tmp}/nowhere', r'expected a .npz file, a refnet workdir or an orbax checkpoint'),
     ],
@@ -155,3 +155,48 @@ def test_an_orbax_checkpoint_and_a_refnet_workdir_are_sources(tmp_path, easy_vqa
             jax.device_get(loaded['encoders']['question']),
             want['encoders']['question'],
         )
+
+
+def numpy_encoder(p, x, depth, prefix):
+    """big_vision's `vit.Encoder` (pre-LayerNorm blocks and the final `encoder_norm`) from flat arrays."""
+    for i in range(depth):
+        blk = f'{prefix}encoderblock_{i}/'
+        y = layer_norm(x, p[blk + 'LayerNorm_0/scale'], p[blk + 'LayerNorm_0/bias'])
+        att = blk + 'MultiHeadDotProductAttention_0/'
+        q, k, v = (
+            np.einsum('btd,dhk->bthk', y, p[att + f'{n}/kernel']) + p[att + f'{n}/bias']
+            for n in ('query', 'key', 'value')
+        )
+        logits = np.einsum('bqhk,bthk->bhqt', q / np.sqrt(q.shape[-1]), k)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        x = x + np.einsum('bqhk,hkd->bqd', np.einsum('bhqt,bthk->bqhk', weights, v), p[att + 'out/kernel'])
+        x = x + p[att + 'out/bias']
+        y = layer_norm(x, p[blk + 'LayerNorm_1/scale'], p[blk + 'LayerNorm_1/bias'])
+        mlp = blk + 'MlpBlock_0/'
+        x = x + gelu(y @ p[mlp + 'Dense_0/kernel'] + p[mlp + 'Dense_0/bias']) @ p[mlp + 'Dense_1/kernel']
+        x = x + p[mlp + 'Dense_1/bias']
+    return layer_norm(x, p[f'{prefix}encoder_norm/scale'], p[f'{prefix}encoder_norm/bias'])
+
+
+def test_a_siglip_text_tower_npz_loads_into_the_text_transformer_and_matches_numpy(tmp_path):
+    fields = dict(module='text_transformer', width=16, depth=2, num_heads=2, pooling='last', embed_dim=8)
+    config = toy_config('concat', 'baseline')
+    config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': fields})
+    model = model_lib.create_model(config, INFO)
+    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
+    arrays = random_big_vision_npz(
+        tmp_path / 'siglip.npz', params['encoders']['question'], prefix='params/txt/'
+    )
+    assert {'Embed_0/embedding', 'pos_embedding', 'Encoder_0/encoder_norm/scale', 'head/kernel'} <= set(
+        arrays
+    )
+    config.model.encoders.question.init_from = f'{tmp_path / "siglip.npz"}:txt'
+    loaded = pretrained.load_into(params, config)['encoders']['question']
+    ids = np.random.RandomState(2).randint(1, 11, (3, 6))  # no padding: big_vision attends everywhere too
+    text = encoders.TextTransformer(vocab_size=11, **{k: v for k, v in fields.items() if k != 'module'})
+    got = text.apply({'params': loaded}, ids)
+    a = {k: v.astype(np.float64) for k, v in arrays.items()}
+    x = a['Embed_0/embedding'][ids] + a['pos_embedding']
+    x = numpy_encoder(a, x, 2, 'Encoder_0/')[:, -1]  # pool_type 'last'
+    np.testing.assert_allclose(got, x @ a['head/kernel'] + a['head/bias'], rtol=1e-5, atol=1e-5)

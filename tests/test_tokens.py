@@ -175,7 +175,7 @@ def test_text_transformer_never_reads_padding():
     module = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
     params = jax.jit(module.init)(jax.random.key(0), IDS)
     poisoned = jax.tree.map(lambda x: x, params)
-    poisoned['params']['Embed']['embedding'] = params['params']['Embed']['embedding'].at[0].set(jnp.nan)
+    poisoned['params']['Embed_0']['embedding'] = params['params']['Embed_0']['embedding'].at[0].set(jnp.nan)
 
     def loss(p):
         out = module.apply(p, IDS)
