@@ -16,7 +16,8 @@ reuses that copy, and editing either prepares a new one.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/custom.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|mmft|mbt, variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny.
+  fusion=concat|transformer|lowrank|gated|mmft|mbt, variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny,
+  kinds=NAME:KIND[+NAME:KIND...] (your modalities without editing MODALITIES, e.g. as features.py prints them).
 """
 
 import ml_collections
@@ -53,17 +54,35 @@ TINY_TOKEN_ENCODERS = {
 }
 
 
+def _kinds(arg: str | None) -> tuple[dict[str, str], str]:
+    """The `kinds=name:kind+name:kind` token of the argument (the modalities without editing this file, as
+    features.py prints them) and the rest of the argument."""
+    kinds, rest = dict(MODALITIES), []
+    for token in filter(None, (arg or '').split(',')):
+        if not token.startswith('kinds='):
+            rest.append(token)
+            continue
+        kinds = {}
+        for pair in token.removeprefix('kinds=').split('+'):
+            name, sep, kind = pair.partition(':')
+            if not (sep and name and kind):
+                raise ValueError(f'config argument {token!r}: expected kinds=NAME:KIND[+NAME:KIND...]')
+            kinds[name] = kind
+    return kinds, ','.join(rest)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    modalities, arg = _kinds(arg)
     opts = config_lib.parse_arg(arg, default_fusion='concat')
-    config = config_lib.base_config(opts, dataset='custom', modalities=tuple(MODALITIES))
+    config = config_lib.base_config(opts, dataset='custom', modalities=tuple(modalities))
     data = config.data  # manual_dir (your directory) and data_dir come from base_config
-    data.kinds = dict(MODALITIES)  # modality -> kind, checked against the data
+    data.kinds = dict(modalities)  # modality -> kind, checked against the data
     # None: arrays (train.npz, validation.npz, test.npz); or a CSV file in manual_dir (a header row, a row per
     # example), which holds 'features', 'tokens' (integer columns) and 'image' (a column of file paths).
     data.table = ml_collections.config_dict.placeholder(str)
     # Tables only: each modality's columns: a name, a tuple of names, or a pattern ('signal_*': those columns in
     # header order).
-    data.columns = {m: m if kind == 'image' else f'{m}_*' for m, kind in MODALITIES.items()}
+    data.columns = {m: m if kind == 'image' else f'{m}_*' for m, kind in modalities.items()}
     # The labels' array or column: class ids, (N, C) multi-hot 0/1 (arrays), or class names (tables).
     data.label = 'label'
     data.split_column = ml_collections.config_dict.placeholder(str)  # tables: a column of each row's split
@@ -79,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     tokens = config_lib.token_level(opts)
     encoders = TOKEN_ENCODERS if tokens else ENCODERS
-    config_lib.set_encoders(config, {m: dict(encoders[kind]) for m, kind in MODALITIES.items()})
+    config_lib.set_encoders(config, {m: dict(encoders[kind]) for m, kind in modalities.items()})
     if tokens:
         config.model.fusion.fused_dim = 64
     config.train.num_steps = 1000
@@ -91,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if opts['tiny']:
         encoders = TINY_TOKEN_ENCODERS if tokens else TINY_ENCODERS
-        tiny = {m: dict(encoders[kind]) for m, kind in MODALITIES.items()}
+        tiny = {m: dict(encoders[kind]) for m, kind in modalities.items()}
         config_lib.make_tiny(config, encoders=tiny)
         config.train.batch_size = 16
         config.eval.batch_size = 32
