@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from refnet_jax import layers
+from refnet_jax import deq, layers
 
 
 def _ordered(embeddings: Mapping[str, jax.Array]) -> list[jax.Array]:
@@ -336,6 +336,7 @@ FUSIONS: dict[str, type[nn.Module]] = {
     'gated': GatedFusion,
     'mmft': MMFT,
     'mbt': MBT,
+    'deq': deq.DEQFusion,
 }
 """Built-in fusion modules by `config.model.fusion.kind`; a new one is its class and one line here."""
 

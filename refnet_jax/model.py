@@ -141,12 +141,17 @@ class ReFNet(nn.Module):
         embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
         readouts = None
+        stats = {}
         if fusion.is_token_level(type(self.fusion)):
             z, readouts = self.fusion(encoded, train=train)
+        elif getattr(type(self.fusion), 'STATS', False):  # a fusion that reports how it went (DEQ)
+            z, stats = self.fusion(embeddings, train=train)
         else:
             z = self.fusion(embeddings, train=train)
         logits = layers.precision(self).Dense(self.num_classes, name='head')(z)  # (B, C)
         aux = {'embeddings': embeddings, 'fused': z, 'present': present}
+        if stats:
+            aux['fusion_stats'] = stats
 
         if refine:
             ms = self.refiner_modalities

@@ -145,6 +145,7 @@ class Supervised(Objective):
             )
             loss = loss + ms_weight * ms
             terms['ms_loss'] = ms
+        terms.update({f'fusion/{k}': v for k, v in aux.get('fusion_stats', {}).items()})
         terms.update(
             loss=loss, task_loss=task, accuracy=losses.masked_mean(correct.astype(jnp.float32), mask)
         )
@@ -201,6 +202,7 @@ class Pretraining(Objective):
     def loss(self, logits, aux, batch):
         """The weighted refiner loss and its terms (loss, refiner_loss/<m>); reads no label."""
         loss, terms = self.refiner_terms(aux, batch.get('mask'))
+        terms.update({f'fusion/{k}': v for k, v in aux.get('fusion_stats', {}).items()})
         terms['loss'] = loss
         return loss, terms
 

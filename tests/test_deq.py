@@ -1,0 +1,54 @@
+"""Deep Equilibrium fusion: the implicit gradient is the unrolled one, memory does not grow with the
+iterations, and a fixed point that is not reached shows in the statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refnet_jax import deq
+
+
+def setup(tol=1e-7, max_iter=200):
+    rs = np.random.RandomState(0)
+    embeddings = {
+        'a': jnp.asarray(rs.randn(4, 5), jnp.float32),
+        'b': jnp.asarray(rs.randn(4, 3), jnp.float32),
+    }
+    module = deq.DEQFusion(fused_dim=8, tol=tol, max_iter=max_iter)
+    params = module.init(jax.random.key(0), embeddings)
+    return module, params, embeddings
+
+
+def test_the_implicit_gradient_equals_the_unrolled_one():
+    module, params, embeddings = setup()
+    weights = jnp.asarray(np.random.RandomState(1).randn(4, 8), jnp.float32)
+
+    def implicit(params, embeddings):
+        return jnp.sum(weights * module.apply(params, embeddings)[0])
+
+    def unrolled(params, embeddings):
+        p = params['params']
+        xs = {m: e @ p[f'proj_{m}']['kernel'] + p[f'proj_{m}']['bias'] for m, e in embeddings.items()}
+        block = deq._PurifyCombine(('a', 'b'), 8, parent=None)
+        z = jnp.zeros((4, 8))
+        for _ in range(100):
+            z = block.apply({'params': p['block']}, z, xs)
+        return jnp.sum(weights * z)
+
+    np.testing.assert_allclose(implicit(params, embeddings), unrolled(params, embeddings), rtol=1e-5)
+    got = jax.grad(implicit, argnums=(0, 1))(params, embeddings)
+    want = jax.grad(unrolled, argnums=(0, 1))(params, embeddings)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+    _, stats = module.apply(params, embeddings)
+    assert 1 < int(stats['deq_iterations']) < 200 and float(stats['deq_residual']) <= 1e-7
+
+
+def test_memory_does_not_grow_with_the_iterations_and_non_convergence_shows():
+    temps = {}
+    for max_iter in (5, 50):
+        module, params, embeddings = setup(tol=0.0, max_iter=max_iter)  # tol 0: every iteration runs
+        grad = jax.jit(jax.grad(lambda p, e, module=module: jnp.sum(module.apply(p, e)[0] ** 2)))
+        temps[max_iter] = grad.lower(params, embeddings).compile().memory_analysis().temp_size_in_bytes
+        _, stats = module.apply(params, embeddings)
+        assert int(stats['deq_iterations']) == max_iter and float(stats['deq_residual']) > 0
+    assert temps[50] == temps[5]
