@@ -220,9 +220,9 @@ def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> m
         config.model.fusion.hidden = (16,)
     if 'depth' in config.model.fusion:  # token-level fusions: one block (MBT: fused through bottlenecks)
         config.model.fusion.depth = 1
-        config.model.fusion.num_heads = 2
-        if 'fusion_layer' in config.model.fusion:
-            config.model.fusion.fusion_layer = 0
+        for field, value in (('num_heads', 2), ('fusion_layer', 0), ('state_size', 4)):
+            if field in config.model.fusion:
+                config.model.fusion[field] = value
     config.model.refiner.hidden = (16,)
     config.train.num_steps = 4
     config.train.batch_size = 64

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from refnet_jax import deq, layers
+from refnet_jax import coupled_mamba, deq, layers
 
 
 def _ordered(embeddings: Mapping[str, jax.Array]) -> list[jax.Array]:
@@ -156,23 +156,6 @@ class GatedFusion(nn.Module):
         return (gates * h).sum(1)  # (B, D)
 
 
-def _token_inputs(
-    module: nn.Module, inputs: Mapping[str, jax.Array | layers.Tokens], width: int
-) -> tuple[list[str], list[jax.Array], list[jax.Array]]:
-    """Sorted modality names, their tokens projected to `width` plus a learned modality-type embedding
-    (`proj_<m>`, `type_<m>` of `module`), and their masks. Padded positions are zeroed before any arithmetic,
-    so padding values never reach the outputs or the gradients."""
-    p = layers.precision(module)
-    names, tokens, masks = sorted(inputs), [], []
-    for m in names:
-        t = layers.as_tokens(inputs[m])
-        x = p.Dense(width, name=f'proj_{m}')(t.tokens)  # (B, T_m, width)
-        x = x + layers.param(module, f'type_{m}', nn.initializers.normal(0.02), (width,))
-        tokens.append(jnp.where(t.mask[..., None], x, 0))
-        masks.append(t.mask)
-    return names, tokens, masks
-
-
 class MMFT(nn.Module):
     """Single-stream multimodal transformer (MMF's MMFT; the model the author's refiner head sits on).
 
@@ -214,7 +197,7 @@ class MMFT(nn.Module):
             raise ValueError(f"MMFT.readout is {self.readout!r}; expected 'mean' or 'cls'")
         if not 1 <= self.readout_layer <= self.depth:
             raise ValueError(f'MMFT.readout_layer is {self.readout_layer}; expected 1..depth ({self.depth})')
-        names, tokens, masks = _token_inputs(self, inputs, self.fused_dim)
+        names, tokens, masks = layers.token_inputs(self, inputs, self.fused_dim)
         sizes = [t.shape[1] for t in tokens]
         x, mask = jnp.concatenate(tokens, 1), jnp.concatenate(masks, 1)  # (B, T, D), (B, T)
         offset = 0
@@ -289,7 +272,7 @@ class MBT(nn.Module):
         p = layers.precision(self)
         if not 0 <= self.fusion_layer <= self.depth:
             raise ValueError(f'MBT.fusion_layer is {self.fusion_layer}; expected 0..depth ({self.depth})')
-        names, tokens, masks = _token_inputs(self, inputs, self.fused_dim)
+        names, tokens, masks = layers.token_inputs(self, inputs, self.fused_dim)
         x = dict(zip(names, tokens, strict=True))
         mask = dict(zip(names, masks, strict=True))
         batch = tokens[0].shape[0]
@@ -337,6 +320,7 @@ FUSIONS: dict[str, type[nn.Module]] = {
     'mmft': MMFT,
     'mbt': MBT,
     'deq': deq.DEQFusion,
+    'coupled_mamba': coupled_mamba.CoupledMamba,
 }
 """Built-in fusion modules by `config.model.fusion.kind`; a new one is its class and one line here."""
 

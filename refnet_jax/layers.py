@@ -11,6 +11,7 @@ gradients.
 
 import functools
 import types
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -174,3 +175,20 @@ class Encoder(nn.Module):
             )
             x = block(x, mask, train=train)
         return precision(self).LayerNorm(name='encoder_norm')(x)
+
+
+def token_inputs(
+    module: nn.Module, inputs: Mapping[str, jax.Array | Tokens], width: int
+) -> tuple[list[str], list[jax.Array], list[jax.Array]]:
+    """Sorted modality names, their tokens projected to `width` plus a learned modality-type embedding
+    (`proj_<m>`, `type_<m>` of `module`), and their masks. Padded positions are zeroed before any arithmetic,
+    so padding values never reach the outputs or the gradients."""
+    p = precision(module)
+    names, tokens, masks = sorted(inputs), [], []
+    for m in names:
+        t = as_tokens(inputs[m])
+        x = p.Dense(width, name=f'proj_{m}')(t.tokens)  # (B, T_m, width)
+        x = x + param(module, f'type_{m}', nn.initializers.normal(0.02), (width,))
+        tokens.append(jnp.where(t.mask[..., None], x, 0))
+        masks.append(t.mask)
+    return names, tokens, masks

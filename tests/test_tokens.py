@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refnet_jax import encoders, fusion, layers
+from refnet_jax import encoders, fusion, layers, modules
 
 TOKEN_FUSIONS = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
 # Every fusion variant whose read-out differs: (kind, fields).
@@ -16,6 +16,7 @@ FUSION_CASES = [
     pytest.param('mmft', dict(readout='mean', readout_layer=2), marks=pytest.mark.slow),
     ('mbt', dict(fusion_layer=1)),
     pytest.param('mbt', dict(fusion_layer=0), marks=pytest.mark.slow),
+    ('coupled_mamba', dict(state_size=4)),
 ]
 assert {getattr(c, 'values', c)[0] for c in FUSION_CASES} == set(TOKEN_FUSIONS), (
     'a token fusion without a test case'
@@ -39,7 +40,11 @@ def token_inputs(seed=0, pad_value=0.0):
 
 
 def make_fusion(kind, fields):
-    return fusion.FUSIONS[kind](fused_dim=8, depth=2, num_heads=2, **fields)
+    cls = fusion.FUSIONS[kind]
+    common = {
+        k: v for k, v in dict(fused_dim=8, depth=2, num_heads=2).items() if k in modules.module_fields(cls)
+    }
+    return cls(**common, **fields)
 
 
 @pytest.mark.parametrize('kind,fields', FUSION_CASES)

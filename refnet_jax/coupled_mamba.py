@@ -1,0 +1,128 @@
+"""Coupled Mamba fusion (Li, Zhou, Yu, Song, Yang, NeurIPS 2024): one selective state-space chain per
+modality, each state depending on its own chain's input and on every chain's previous state.
+
+Per layer and modality m (tokens u_m (B, T, D), after a LayerNorm): a selective SSM as Mamba's, with a
+step size delta = softplus(W u), input and output maps B_t, C_t (B, T, N) and a decay A_m = -exp(A_log)
+(D, N); the coupled recurrence over the time steps is
+
+  h_t[m] = exp(delta_t[m] A_m) * sum_k S[m, k] h_{t-1}[k] + delta_t[m] B_t[m] u_t[m]
+  y_t[m] = C_t[m] . h_t[m] + D_m u_t[m]
+
+with S = softmax over k of learned logits (each chain a convex mix of all chains' previous states; it
+starts near the identity: chains nearly independent). The recurrence is linear in h, so the whole sequence
+is one `jax.lax.associative_scan` over (transition, input) pairs, no Python loop over time (the paper's
+global convolution kernel plays that part in PyTorch); `coupled_scan(..., parallel=False)` is the
+sequential `lax.scan` reference it is tested against. Modalities of different lengths are padded to the
+longest; at a padded step a chain keeps its state (identity transition, no input), so padding changes
+nothing. z is the mean over modalities of the masked mean of each modality's final tokens (LayerNorm'd),
+that per-modality mean being its `tokens` refiner target.
+"""
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from refnet_jax import layers
+
+
+def coupled_scan(
+    decay: jax.Array, inputs: jax.Array, coupling: jax.Array, mask: jax.Array, *, parallel: bool = True
+) -> jax.Array:
+    """The states h_t of h_t[m] = decay_t[m] * sum_k coupling[m, k] h_{t-1}[k] + inputs_t[m], h_{-1} = 0;
+    where mask_t[m] is False, h_t[m] = h_{t-1}[m].
+
+    Args:
+      decay: (B, T, M, D, N) per-step decays.
+      inputs: (B, T, M, D, N) per-step inputs.
+      coupling: (M, M) mixing of the chains' previous states.
+      mask: (B, T, M) bool, True on real steps.
+      parallel: `lax.associative_scan` (True) or the sequential `lax.scan` reference.
+
+    Returns:
+      (B, T, M, D, N) states.
+    """
+    m = coupling.shape[0]
+    eye = jnp.eye(m, dtype=decay.dtype)
+    keep = mask[..., None, None]  # (B, T, M, 1, 1)
+    # Transition rows: (B, T, D, N, M, M) with row m = decay[m] * coupling[m, :] (identity row when padded).
+    rows = jnp.where(keep[..., None], decay[..., None] * coupling[:, None, None, :], eye[:, None, None, :])
+    transition = jnp.moveaxis(rows, 2, -2)  # (B, T, D, N, M, M)
+    b = jnp.moveaxis(jnp.where(keep, inputs, 0), 2, -1)  # (B, T, D, N, M)
+    if parallel:
+
+        def compose(first, second):
+            (a1, b1), (a2, b2) = first, second
+            return a2 @ a1, (a2 @ b1[..., None])[..., 0] + b2
+
+        _, h = jax.lax.associative_scan(compose, (transition, b), axis=1)
+    else:
+
+        def step(h, ab):
+            a, bt = ab
+            h = (a @ h[..., None])[..., 0] + bt
+            return h, h
+
+        h0 = jnp.zeros_like(b[:, 0])
+        _, h = jax.lax.scan(step, h0, (jnp.moveaxis(transition, 1, 0), jnp.moveaxis(b, 1, 0)))
+        h = jnp.moveaxis(h, 0, 1)
+    return jnp.moveaxis(h, -1, 2)  # (B, T, M, D, N)
+
+
+class CoupledMamba(nn.Module):
+    """Coupled Mamba fusion of token inputs (see the module docstring); `(z, readouts)` as the token fusions.
+
+    Attributes:
+      fused_dim: token width D and size of z.
+      depth: coupled layers.
+      state_size: SSM state size N per channel.
+      dropout: dropout rate after each layer.
+    """
+
+    TOKEN_LEVEL: ClassVar[bool] = True
+    fused_dim: int = 128
+    depth: int = 2
+    state_size: int = 8
+    dropout: float = 0.0
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
+
+    @nn.compact
+    def __call__(
+        self, inputs: Mapping[str, layers.Tokens], *, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        p = layers.precision(self)
+        names, tokens, masks = layers.token_inputs(self, inputs, self.fused_dim)
+        lengths = [t.shape[1] for t in tokens]
+        t_max = max(lengths)
+        x = jnp.stack([jnp.pad(t, ((0, 0), (0, t_max - t.shape[1]), (0, 0))) for t in tokens], 2)  # (B,T,M,D)
+        mask = jnp.stack([jnp.pad(k, ((0, 0), (0, t_max - k.shape[1]))) for k in masks], 2)  # (B, T, M)
+        n_mod, d, n = len(names), self.fused_dim, self.state_size
+        for i in range(self.depth):
+            u = p.LayerNorm(name=f'norm_{i}')(x)
+            delta = nn.softplus(p.DenseGeneral((n_mod, d), axis=(-2, -1), name=f'delta_{i}')(u))  # (B,T,M,D)
+            b_map = p.DenseGeneral((n_mod, n), axis=(-2, -1), name=f'B_{i}')(u)  # (B, T, M, N)
+            c_map = p.DenseGeneral((n_mod, n), axis=(-2, -1), name=f'C_{i}')(u)
+            a_log = layers.param(
+                self,
+                f'A_log_{i}',
+                lambda _, s, dt: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=dt), s)),
+                (n_mod, d, n),
+            )
+            logits = layers.param(
+                self, f'coupling_{i}', lambda _, s, dt: 2.0 * jnp.eye(s[0], dtype=dt), (n_mod, n_mod)
+            )
+            decay = jnp.exp(delta[..., None] * -jnp.exp(a_log))  # (B, T, M, D, N)
+            drive = delta[..., None] * b_map[..., None, :] * u[..., None]
+            h = coupled_scan(decay, drive, nn.softmax(logits, axis=-1), mask)
+            skip = layers.param(self, f'D_{i}', nn.initializers.ones, (n_mod, d))
+            y = jnp.einsum('btmdn,btmn->btmd', h, c_map) + skip * u
+            y = p.DenseGeneral((n_mod, d), axis=(-2, -1), name=f'out_{i}')(nn.gelu(y))
+            x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+            x = jnp.where(mask[..., None], x, 0)
+        h = p.LayerNorm(name='readout_norm')(x)
+        readouts = {m: layers.masked_mean(h[:, : lengths[j], j], masks[j]) for j, m in enumerate(names)}
+        z = jnp.mean(jnp.stack([readouts[m] for m in names]), axis=0)
+        return z, readouts

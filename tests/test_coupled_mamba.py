@@ -1,0 +1,62 @@
+"""Coupled Mamba: the parallel associative scan equals the sequential recurrence (values and gradients),
+padded steps leave the states as they were, and the chains are coupled."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refnet_jax import coupled_mamba
+
+
+def case(seed=0):
+    rs = np.random.RandomState(seed)
+    b, t, m, d, n = 2, 7, 3, 4, 5
+    decay = jnp.asarray(rs.uniform(0.5, 1.0, (b, t, m, d, n)), jnp.float32)
+    inputs = jnp.asarray(rs.randn(b, t, m, d, n), jnp.float32)
+    coupling = jax.nn.softmax(jnp.asarray(rs.randn(m, m), jnp.float32), axis=-1)
+    mask = jnp.asarray(rs.rand(b, t, m) > 0.3)
+    return decay, inputs, coupling, mask
+
+
+def numpy_recurrence(decay, inputs, coupling, mask):
+    decay, inputs, coupling, mask = (np.asarray(x, np.float64) for x in (decay, inputs, coupling, mask))
+    h = np.zeros(inputs.shape[:1] + inputs.shape[2:])  # (B, M, D, N)
+    out = []
+    for t in range(inputs.shape[1]):
+        mixed = np.einsum('mk,bkdn->bmdn', coupling, h)
+        new = decay[:, t] * mixed + inputs[:, t]
+        h = np.where(mask[:, t, :, None, None] > 0, new, h)
+        out.append(h)
+    return np.stack(out, 1)
+
+
+def test_the_parallel_scan_equals_the_sequential_one_in_values_and_gradients():
+    args = case()
+    parallel = coupled_mamba.coupled_scan(*args)
+    sequential = coupled_mamba.coupled_scan(*args, parallel=False)
+    np.testing.assert_allclose(parallel, numpy_recurrence(*args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sequential, numpy_recurrence(*args), rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(np.random.RandomState(3).randn(*parallel.shape), jnp.float32)
+
+    def loss(decay, inputs, coupling, parallel):
+        return jnp.sum(
+            weights * coupled_mamba.coupled_scan(decay, inputs, coupling, args[3], parallel=parallel)
+        )
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(*args[:3], True)
+    want = jax.grad(loss, argnums=(0, 1, 2))(*args[:3], False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_padded_steps_keep_the_state_and_the_chains_are_coupled():
+    decay, inputs, coupling, mask = case()
+    h = coupled_mamba.coupled_scan(decay, inputs, coupling, mask)
+    for b, t, m in zip(*np.nonzero(~np.asarray(mask)), strict=True):
+        previous = h[b, t - 1, m] if t else jnp.zeros_like(h[b, t, m])
+        np.testing.assert_array_equal(h[b, t, m], previous)
+    changed = inputs.at[:, :, 1].add(1.0)  # chain 1's input reaches chain 0 through the coupling
+    assert not np.allclose(coupled_mamba.coupled_scan(decay, changed, coupling, mask)[:, -1, 0], h[:, -1, 0])
+    alone = coupled_mamba.coupled_scan(decay, changed, jnp.eye(3), mask)
+    np.testing.assert_allclose(
+        alone[:, :, 0], coupled_mamba.coupled_scan(decay, inputs, jnp.eye(3), mask)[:, :, 0]
+    )
