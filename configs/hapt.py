@@ -8,7 +8,8 @@ Expected: test accuracy >= 0.93 (2,874 windows of 9 unseen subjects).
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/hapt.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|mmft|mbt|coupled_mamba, variant=baseline|refiner|refnet|pretrain, only=acc|gyro, tiny.
+  fusion=concat|transformer|lowrank|gated|deq|mmft|mbt|coupled_mamba,
+  variant=baseline|refiner|refnet|pretrain, only=acc|gyro, tiny.
 """
 
 import ml_collections
