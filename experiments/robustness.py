@@ -206,6 +206,43 @@ def report(dataset: str) -> str:
     return report_lib.markdown_table(headers, rows)
 
 
+def _versus(a, b) -> str:
+    return f'{report_lib.mean_std(a)} vs {report_lib.mean_std(b)} ({np.mean(a) - np.mean(b):+.4f})'
+
+
+def dropout_table(dataset: str) -> str:
+    """Issue 16's first claim: with modality dropout, each modality alone against its own unimodal baseline
+    (`only=<m>` rows of the README tables, results/<dataset>/<m>-only-seed*.json), and every modality present
+    against the same variant trained without dropout."""
+    cells = load_cells(dataset)
+    rows = []
+    for variant in VARIANTS:
+        drop, plain = cells.get((variant, DROPOUTS[1])), cells.get((variant, 0.0))
+        if not drop:
+            continue
+        names = sorted(drop[0]['alone'])
+        row = [variant, len(drop)]
+        if plain:
+            row.append(_versus([r['clean'] for r in drop], [r['clean'] for r in plain]))
+        else:
+            row.append('-')
+        for m in names:
+            only = [
+                report_lib.load_record(os.path.join(ROOT, 'results', dataset, f'{m}-only-seed{s}.json'))
+                for s in SEEDS
+            ]
+            only = [r['results']['test']['accuracy'] for r in only if r is not None]
+            alone = [r['alone'][m] for r in drop]
+            row.append(_versus(alone, only) if only else report_lib.mean_std(alone))
+        rows.append(row)
+    if not rows:
+        return ''
+    names = sorted(next(v for k, v in cells.items() if k[1] == DROPOUTS[1])[0]['alone'])
+    headers = ['variant', 'seeds', f'all present: dropout {DROPOUTS[1]:g} vs none']
+    headers += [f'{m} alone vs only={m}' for m in names]
+    return report_lib.markdown_table(headers, rows)
+
+
 def plot(dataset: str, path: str) -> None:
     import matplotlib
 
@@ -254,6 +291,14 @@ def write_report(dataset: str) -> str:
         'relative robustness (area under the accuracy curve); "eff.": effective robustness against the baseline '
         'without dropout.\n\n' + table + '\n'
     )
+    dropout = dropout_table(dataset)
+    if dropout:
+        text += (
+            f'\n## Modality dropout {DROPOUTS[1]:g}: one modality alone, and all present\n\n'
+            'Test accuracy, mean ± std over seeds, with the difference of the means: each modality alone (every '
+            'other one absent) against its own unimodal baseline (`only=<m>`, the README tables), and every '
+            'modality present against the same variant trained without dropout.\n\n' + dropout + '\n'
+        )
     with open(doc, 'w') as f:
         f.write(text)
     try:

@@ -180,6 +180,21 @@ def load_into(params: Any, config: ml_collections.ConfigDict) -> Any:
     return params
 
 
+def save_npz(workdir: str, subtree: str, path: str, prefix: str = '') -> int:
+    """Writes one module of a refnet workdir's latest checkpoint (`subtree`, e.g. 'encoders/image') as a
+    big_vision-layout .npz (flat '/'-joined names under `params/<prefix>/`); returns the array count."""
+    from refnet_jax import checkpointing
+
+    ckpt = checkpointing.Checkpointer(epath.Path(workdir) / 'checkpoints')
+    try:
+        flat = _subtree(_flat(ckpt.restore_params()), subtree, workdir, 'subtree')
+    finally:
+        ckpt.close()
+    head = f'params/{prefix.strip("/")}/' if prefix else 'params/'
+    np.savez(path, **{head + k: v for k, v in flat.items()})
+    return len(flat)
+
+
 def init_modules(state: Any, config: ml_collections.ConfigDict, tx) -> Any:
     """`state` with its modules' `init_from` loaded, and a fresh optimizer state for them."""
     if not module_sources(config):

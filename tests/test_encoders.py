@@ -23,7 +23,7 @@ KIND_OF = {'vit': 'image', 'text_transformer': 'tokens'}
 POOLINGS = {
     'cnn': encoders.POOLINGS,
     'vit': ('tokens', 'gap', 'cls'),
-    'text_transformer': ('tokens', 'gap', 'first'),
+    'text_transformer': ('tokens', 'gap', 'first', 'last'),
     'conv1d': ('mean', 'tokens'),
 }
 # Small widths, so that each case runs in about a second; an encoder not listed runs with its defaults.

@@ -426,13 +426,14 @@ def test_config_variants():
     base = hateful_memes_config.get_config()
     assert base.model.fusion.kind == 'concat' and base.data.builder_config == 'raw'
     assert base.loss.ms_weight > 0 and set(base.loss.refiner_weights) == {'image', 'text'}
-    assert set(base.model.encoders.image) == {'module', 'features', 'embed_dim', 'pooling'}
+    assert set(base.model.encoders.image) == {'module', 'features', 'embed_dim', 'pooling', 'init_from'}
     features = hateful_memes_config.get_config('features,variant=baseline,fusion=transformer')
     assert features.data.builder_config == 'features' and features.model.fusion.kind == 'transformer'
     assert features.loss.ms_weight == 0 and set(features.model.encoders.text) == {
         'module',
         'hidden',
         'embed_dim',
+        'init_from',
     }
     only = hateful_memes_config.get_config('only=text,tiny')
     assert tuple(only.data.modalities) == ('text',) and list(only.model.encoders) == ['text']

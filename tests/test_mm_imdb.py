@@ -329,7 +329,12 @@ def test_config_variants(arg):
         assert (
             dict(config.loss.refiner_weights) == {'text': 0.1, 'image': 0.1} and config.loss.ms_weight == 0.1
         )
-        assert config.model.encoders.image.to_dict() == {'module': None, 'hidden': (512,), 'embed_dim': 128}
+        assert config.model.encoders.image.to_dict() == {
+            'module': None,
+            'hidden': (512,),
+            'embed_dim': 128,
+            'init_from': None,
+        }
     if arg == 'variant=baseline':
         assert set(config.loss.refiner_weights.values()) == {0.0} and config.loss.ms_weight == 0.0
 

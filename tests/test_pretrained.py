@@ -200,3 +200,48 @@ def test_a_siglip_text_tower_npz_loads_into_the_text_transformer_and_matches_num
     x = a['Embed_0/embedding'][ids] + a['pos_embedding']
     x = numpy_encoder(a, x, 2, 'Encoder_0/')[:, -1]  # pool_type 'last'
     np.testing.assert_allclose(got, x @ a['head/kernel'] + a['head/bias'], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow(seconds=60)
+def test_readme_towers_example_runs_as_written(tmp_path):
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, 'README.md')).read()
+    section = text.split('<!-- towers:begin -->')[1].split('<!-- towers:end -->')[0]
+    (code,) = re.findall(r'```bash\n(.*?)```', section, flags=re.S)
+    for name in ('train.py', 'configs'):
+        (tmp_path / name).symlink_to(os.path.join(root, name))
+    env = dict(
+        os.environ,
+        PATH=f'{os.path.dirname(sys.executable)}{os.pathsep}{os.environ["PATH"]}',
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS='',
+    )
+    proc = subprocess.run(
+        ['bash', '-eo', 'pipefail', '-c', code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    from refnet_jax import checkpointing
+
+    with np.load(tmp_path / 'vit.npz') as saved:
+        arrays = {k.removeprefix('params/img/'): saved[k] for k in saved.files}
+    frozen = checkpointing.Checkpointer(tmp_path / 'runs' / 'vit_frozen' / 'checkpoints').restore_params()
+    tuned = checkpointing.Checkpointer(tmp_path / 'runs' / 'vit_tuned' / 'checkpoints').restore_params()
+    for name, value in arrays.items():
+        node_f, node_t = frozen['encoders']['image'], tuned['encoders']['image']
+        for key in name.split('/'):
+            node_f, node_t = node_f[key], node_t[key]
+        np.testing.assert_array_equal(node_f, value)  # frozen: bit-identical after 100 steps
+    assert not np.array_equal(tuned['encoders']['image']['embedding']['kernel'], arrays['embedding/kernel'])
+    for run in ('vit_source', 'vit_frozen', 'vit_tuned'):
+        assert json.loads((tmp_path / 'runs' / run / 'results.json').read_text())['step'] == 100
