@@ -49,6 +49,7 @@ def test_frozen_parameters_stay_bit_identical_hold_no_state_and_cost_no_backward
     assert flops(config) < 0.8 * flops(unfrozen)
 
 
+@pytest.mark.slow
 def test_a_learning_rate_multiplier_scales_the_update():
     config = toy_config('concat', 'baseline')
     config.train.warmup_steps = 1

@@ -166,6 +166,7 @@ def test_modality_dropout_draws_do_not_depend_on_the_device_count():
     np.testing.assert_array_equal(draws[0], draws[1])
 
 
+@pytest.mark.slow
 def test_train_step_applies_modality_dropout():
     config = toy_config('concat', variant='refiner', target='input')
     config.train.modality_dropout = {'a': 0.0, 'b': 0.999}

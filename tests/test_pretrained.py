@@ -41,7 +41,7 @@ def gelu(x):  # flax's (and big_vision's) default: the tanh approximation
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def numpy_vit(p, images, depth, heads):
+def numpy_vit(p, images, depth):
     """big_vision `models/vit.py` (pre-LayerNorm blocks, 'gap' pooling), from the flat arrays `p`."""
     b, h, w, c = images.shape
     kernel = p['embedding/kernel']  # (ph, pw, C, D)
@@ -49,24 +49,7 @@ def numpy_vit(p, images, depth, heads):
     patches = images.reshape(b, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
     x = np.einsum('bijklc,klcd->bijd', patches, kernel) + p['embedding/bias']
     x = x.reshape(b, -1, d) + p['pos_embedding']
-    for i in range(depth):
-        blk = f'Transformer/encoderblock_{i}/'
-        y = layer_norm(x, p[blk + 'LayerNorm_0/scale'], p[blk + 'LayerNorm_0/bias'])
-        att = blk + 'MultiHeadDotProductAttention_0/'
-        q, k, v = (
-            np.einsum('btd,dhk->bthk', y, p[att + f'{n}/kernel']) + p[att + f'{n}/bias']
-            for n in ('query', 'key', 'value')
-        )
-        logits = np.einsum('bqhk,bthk->bhqt', q / np.sqrt(q.shape[-1]), k)
-        weights = np.exp(logits - logits.max(-1, keepdims=True))
-        weights /= weights.sum(-1, keepdims=True)
-        out = np.einsum('bhqt,bthk->bqhk', weights, v)
-        x = x + np.einsum('bqhk,hkd->bqd', out, p[att + 'out/kernel']) + p[att + 'out/bias']
-        y = layer_norm(x, p[blk + 'LayerNorm_1/scale'], p[blk + 'LayerNorm_1/bias'])
-        mlp = blk + 'MlpBlock_0/'
-        y = gelu(y @ p[mlp + 'Dense_0/kernel'] + p[mlp + 'Dense_0/bias'])
-        x = x + y @ p[mlp + 'Dense_1/kernel'] + p[mlp + 'Dense_1/bias']
-    x = layer_norm(x, p['Transformer/encoder_norm/scale'], p['Transformer/encoder_norm/bias'])
+    x = numpy_encoder(p, x, depth, 'Transformer/')
     return x.mean(1)
 
 
@@ -86,7 +69,7 @@ def test_a_big_vision_npz_loads_into_the_vit_and_matches_numpy(tmp_path):
     images = np.random.RandomState(1).rand(3, 16, 16, 3).astype(np.float32)
     vit = encoders.ViT(**{k: v for k, v in VIT.items() if k != 'module'})
     got = vit.apply({'params': loaded['encoders']['image']}, images)
-    np.testing.assert_allclose(got, numpy_vit(arrays, images.astype(np.float64), 2, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_vit(arrays, images.astype(np.float64), 2), rtol=1e-5, atol=1e-5)
 
 
 def test_position_embeddings_are_resampled_to_another_grid(tmp_path):
@@ -134,6 +117,7 @@ def test_a_source_that_does_not_fit_is_named(tmp_path, source, message):
         pretrained.load_into(params, config)
 
 
+@pytest.mark.slow
 def test_an_orbax_checkpoint_and_a_refnet_workdir_are_sources(tmp_path, easy_vqa_dir):
     import orbax.checkpoint as ocp
     from helpers import tiny_config

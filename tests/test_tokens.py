@@ -14,7 +14,7 @@ FUSION_CASES = [
     ('mmft', dict(readout='mean', readout_layer=1)),
     pytest.param('mmft', dict(readout='cls', readout_layer=1), marks=pytest.mark.slow),
     pytest.param('mmft', dict(readout='mean', readout_layer=2), marks=pytest.mark.slow),
-    ('mbt', dict(fusion_layer=1)),
+    pytest.param('mbt', dict(fusion_layer=1), marks=pytest.mark.slow),
     pytest.param('mbt', dict(fusion_layer=0), marks=pytest.mark.slow),
     ('coupled_mamba', dict(state_size=4)),
 ]
