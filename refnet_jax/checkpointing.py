@@ -21,6 +21,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from refnet_jax import paths
+
 
 class ShapeMismatchError(ValueError):
     """A checkpoint does not fit the model of the current config."""
@@ -35,19 +37,8 @@ def abstract_like(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _path(keys) -> str:
-    """'params/image/Conv_0/kernel': the same for a NamedTuple field and the dict orbax's metadata makes of it."""
-    parts = []
-    for k in keys:
-        for attr in ('key', 'idx', 'name'):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return '/'.join(parts)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {paths.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_shapes(saved: Any, expected: Any, what: str) -> None:

@@ -117,15 +117,7 @@ class ViT(nn.Module):
             cls = layers.param(self, 'cls', nn.initializers.zeros, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = layers.Encoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dropout,
-            self.dtype,
-            self.param_dtype,
-            name='Transformer',
-        )(x, train=train)
+        x = layers.encoder_like(self, 'Transformer')(x, train=train)
         if self.embed_dim is not None:
             x = p.Dense(self.embed_dim, name='head')(x)
         if self.pooling == 'cls':
@@ -182,15 +174,7 @@ class TextTransformer(nn.Module):
         )
         x = jnp.where(mask[..., None], x + pos, 0)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = layers.Encoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dropout,
-            self.dtype,
-            self.param_dtype,
-            name='Encoder_0',
-        )(x, mask, train=train)
+        x = layers.encoder_like(self, 'Encoder_0')(x, mask, train=train)
         if self.embed_dim is not None:
             x = p.Dense(self.embed_dim, name='head')(x)
         out = layers.Tokens(x, mask).clean()

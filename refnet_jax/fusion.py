@@ -208,15 +208,7 @@ class MMFT(nn.Module):
             offset = 1
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.depth - self.readout_layer + 1):
-            block = layers.encoder_block(self.remat)(
-                self.num_heads,
-                self.mlp_dim,
-                self.dropout,
-                self.dtype,
-                self.param_dtype,
-                name=f'encoderblock_{i}',
-            )
-            x = block(x, mask, train)
+            x = layers.block_like(self, f'encoderblock_{i}')(x, mask, train)
         h = p.LayerNorm(name='readout_norm')(x)  # (B, [1 +] T, D)
         z = h[:, 0] if self.readout == 'cls' else layers.masked_mean(h, mask)
         readouts, start = {}, offset
@@ -282,17 +274,7 @@ class MBT(nn.Module):
         bottleneck = jnp.broadcast_to(init, (batch, self.num_bottlenecks, self.fused_dim))
         b_mask = jnp.ones((batch, self.num_bottlenecks), bool)
         for i in range(self.depth):
-            block = {
-                m: layers.encoder_block(self.remat)(
-                    self.num_heads,
-                    self.mlp_dim,
-                    self.dropout,
-                    self.dtype,
-                    self.param_dtype,
-                    name=f'{m}_encoderblock_{i}',
-                )
-                for m in names
-            }
+            block = {m: layers.block_like(self, f'{m}_encoderblock_{i}') for m in names}
             if i < self.fusion_layer:
                 x = {m: block[m](x[m], mask[m], train) for m in names}
                 continue

@@ -140,6 +140,27 @@ def encoder_block(remat: bool) -> type[nn.Module]:
     return nn.remat(EncoderBlock, static_argnums=(3,)) if remat else EncoderBlock
 
 
+def block_like(module: nn.Module, name: str) -> nn.Module:
+    """An `EncoderBlock` with `module`'s num_heads, mlp_dim, dropout, dtype, param_dtype and remat (a
+    transformer encoder's or fusion's own fields); call it as `block(x, mask, train)`."""
+    cls = encoder_block(getattr(module, 'remat', False))
+    return cls(module.num_heads, module.mlp_dim, module.dropout, module.dtype, module.param_dtype, name=name)
+
+
+def encoder_like(module: nn.Module, name: str) -> 'Encoder':
+    """An `Encoder` of `module`'s depth and block fields (see `block_like`)."""
+    return Encoder(
+        module.depth,
+        module.num_heads,
+        module.mlp_dim,
+        module.dropout,
+        module.dtype,
+        module.param_dtype,
+        getattr(module, 'remat', False),
+        name=name,
+    )
+
+
 class Encoder(nn.Module):
     """A stack of `EncoderBlock`s and a final LayerNorm (big_vision's `Encoder`: `encoderblock_{i}`,
     `encoder_norm`).
@@ -165,15 +186,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         for i in range(self.depth):
-            block = EncoderBlock(
-                self.num_heads,
-                self.mlp_dim,
-                self.dropout,
-                self.dtype,
-                self.param_dtype,
-                name=f'encoderblock_{i}',
-            )
-            x = block(x, mask, train=train)
+            x = block_like(self, f'encoderblock_{i}')(x, mask, train)
         return precision(self).LayerNorm(name='encoder_norm')(x)
 
 

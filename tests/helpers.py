@@ -31,3 +31,35 @@ def stored_records(data_config) -> dict[str, dict[str, np.ndarray]]:
         rows = [source[i] for i in range(len(source))]
         out[split] = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
     return out
+
+
+def run_readme_bash(code: str, cwd, *, tfds_dir=None, timeout: int = 900):
+    """Runs a README bash block as a new user would from the repository root: `python` is this interpreter,
+    `train.py` and `configs/` are linked into `cwd`, one CPU device. Fails the test with the block's output
+    when it fails; returns the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ('train.py', 'configs'):
+        if not os.path.lexists(os.path.join(cwd, name)):
+            os.symlink(os.path.join(root, name), os.path.join(cwd, name))
+    env = dict(
+        os.environ,
+        PATH=f'{os.path.dirname(sys.executable)}{os.pathsep}{os.environ["PATH"]}',  # `python` is this one
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS='',  # one device, for speed
+    )
+    if tfds_dir is not None:
+        env['TFDS_DATA_DIR'] = str(tfds_dir)
+    proc = subprocess.run(
+        ['bash', '-eo', 'pipefail', '-c', code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f'{code}\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}'
+    return proc

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
+from refnet_jax import config_lib, sharding, train_lib
 from refnet_jax import fusion as fusion_lib
 from refnet_jax import model as model_lib
-from refnet_jax import sharding, train_lib
 
 FUSIONS = sorted(fusion_lib.FUSIONS)
 
@@ -62,12 +62,15 @@ def test_a_bad_dtype_is_named(value):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('fusion', ['mmft', 'mbt'])
+@pytest.mark.parametrize('fusion', ['mmft', 'mbt', 'concat'])
 def test_remat_recomputes_blocks_and_changes_nothing_else(fusion):
     batch = toy_batch()
     out = {}
     for remat in (False, True):
-        config = toy_config(fusion, target='tokens')  # the question's text transformer, and the fusion
+        config = toy_config(fusion, target='tokens' if fusion != 'concat' else 'embedding')
+        if fusion == 'concat':  # the encoder's blocks alone: a text transformer under a pooled fusion
+            text = dict(module='text_transformer', width=16, depth=1, num_heads=2, pooling='gap')
+            config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': text})
         config.model.remat = remat
         run = train_lib.build(config, info=INFO, devices=jax.devices()[:1], init=False)
         model = run.model

@@ -4,6 +4,7 @@ written from big_vision's ViT definitions), from a refnet workdir or an orbax ch
 import jax
 import numpy as np
 import pytest
+from helpers import run_readme_bash
 from test_model import INFO, toy_batch, toy_config
 
 from refnet_jax import config_lib, encoders, paths, pretrained, train_lib
@@ -191,30 +192,12 @@ def test_readme_towers_example_runs_as_written(tmp_path):
     import json
     import os
     import re
-    import subprocess
-    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = open(os.path.join(root, 'README.md')).read()
     section = text.split('<!-- towers:begin -->')[1].split('<!-- towers:end -->')[0]
     (code,) = re.findall(r'```bash\n(.*?)```', section, flags=re.S)
-    for name in ('train.py', 'configs'):
-        (tmp_path / name).symlink_to(os.path.join(root, name))
-    env = dict(
-        os.environ,
-        PATH=f'{os.path.dirname(sys.executable)}{os.pathsep}{os.environ["PATH"]}',
-        JAX_PLATFORMS='cpu',
-        XLA_FLAGS='',
-    )
-    proc = subprocess.run(
-        ['bash', '-eo', 'pipefail', '-c', code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    run_readme_bash(code, tmp_path)
     from refnet_jax import checkpointing
 
     with np.load(tmp_path / 'vit.npz') as saved:

@@ -3,13 +3,12 @@
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
+from helpers import run_readme_bash
 from test_model import INFO, toy_batch, toy_config
 
 from refnet_jax import contract, encoders, modules, sharding, train_lib
@@ -119,25 +118,8 @@ def test_readme_example_runs_as_written(tmp_path, easy_vqa_dir):
     blocks = readme_blocks()
     assert [lang for lang, _ in blocks] == ['python', 'bash']
     (tmp_path / 'my_modules.py').write_text(blocks[0][1])
-    for name in ('train.py', 'configs'):
-        (tmp_path / name).symlink_to(os.path.join(ROOT, name))
-    env = dict(
-        os.environ,
-        PATH=f'{os.path.dirname(sys.executable)}{os.pathsep}{os.environ["PATH"]}',  # `python` is this one
-        JAX_PLATFORMS='cpu',
-        XLA_FLAGS='',  # one device, for speed
-        TFDS_DATA_DIR=str(easy_vqa_dir),
-    )
     code = blocks[1][1]
-    proc = subprocess.run(
-        ['bash', '-eo', 'pipefail', '-c', code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f'{code}\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}'
+    run_readme_bash(code, tmp_path, tfds_dir=easy_vqa_dir)
     workdir = re.search(r'--workdir (\S+)', code).group(1)
     results = json.loads((tmp_path / workdir / 'results.json').read_text())
     saved = json.loads((tmp_path / workdir / 'config.json').read_text())
