@@ -5,7 +5,7 @@ call `run_experiment` with the function they run. This package reports a wrong c
 workdir as a ValueError, an OSError (FileNotFoundError: a missing file, a config file that does not load)
 or a FloatingPointError (`train_lib.NonFiniteLossError`); those, a flag that does not parse, an unknown
 config field and an `app.UsageError` print `error: <message>` on stderr and exit with status 2. A run
-stopped on purpose (SIGTERM: `train_lib.Interrupted`, an exception with an `exit_code`) prints
+stopped on purpose (SIGTERM: `preemption.Interrupted`, an exception with an `exit_code`) prints
 `stopped: <message>` and exits with that code (143). Any other exception is a bug and shows its
 traceback; with `--debug` (or REFNET_DEBUG=1 in the environment) every one does.
 """
@@ -41,7 +41,7 @@ def run(main: Callable[[list[str]], object]) -> None:
                 raise
             _fail(str(e) or type(e).__name__)
         except Exception as e:
-            code = getattr(e, 'exit_code', None)  # a run stopped on purpose (train_lib.Interrupted)
+            code = getattr(e, 'exit_code', None)  # a run stopped on purpose (preemption.Interrupted)
             if code is None or _debugging():
                 raise
             print(f'stopped: {e}', file=sys.stderr)

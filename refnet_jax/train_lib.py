@@ -11,9 +11,7 @@ import dataclasses
 import functools
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -35,6 +33,7 @@ from refnet_jax import (
     contract,
     input_pipeline,
     optim,
+    preemption,
     pretrained,
     profiling,
     sharding,
@@ -49,43 +48,6 @@ TrainState = train_state.TrainState
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class Interrupted(Exception):
-    """SIGTERM (a preemption, a scheduler's time limit) stopped training after saving a checkpoint of the
-    step it had reached; the same command resumes there. `exit_code`: what the command line exits with."""
-
-    exit_code = 128 + signal.SIGTERM
-
-
-class _SigtermFlag:
-    """Records SIGTERM instead of dying of it, while training runs (in the main thread only)."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def install(self) -> '_SigtermFlag':
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning('SIGTERM: saving a checkpoint at the next step, then stopping.')
-        self.received = True
-
-    def restore(self) -> None:
-        """Puts back the handler that was there before `install`."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def any_process(self) -> bool:
-        """Whether some process received it (all processes must stop at the same step)."""
-        if jax.process_count() == 1:
-            return self.received
-        return bool(multihost_utils.process_allgather(np.asarray(self.received)).any())
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -372,7 +334,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         state = ckpt.restore_or_init(state, train_iter)
         start = int(state.step)
         writer = MetricWriter(workdir)
-        sigterm = _SigtermFlag().install()
+        sigterm = preemption.SigtermFlag().install()
         profiler = profiling.StepProfiler(config, workdir)
 
         def consider(state, val):
@@ -466,7 +428,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
                         ckpt.save(state, train_iter, selection=extra)
                         last_saved = done
                     if stop:
-                        raise Interrupted(
+                        raise preemption.Interrupted(
                             f'SIGTERM at step {done} of {num_steps}; its checkpoint is in '
                             f'{ckpt.directory}: the same command resumes there'
                         )
