@@ -316,13 +316,10 @@ def report() -> str:
             '',
         ]
     text = '\n'.join(parts)
-    os.makedirs(os.path.join(ROOT, 'docs'), exist_ok=True)
-    with open(os.path.join(ROOT, 'docs', 'label_efficiency.md'), 'w') as f:
-        f.write(text)
-    try:
-        plot(os.path.join(ROOT, 'docs', 'label_efficiency.png'))
-    except ImportError:
-        print('matplotlib is not installed (pip install -e ".[analysis]"): no plot.', file=sys.stderr)
+    docs = os.path.join(ROOT, 'docs')
+    report_lib.write_doc(
+        os.path.join(docs, 'label_efficiency.md'), text, plot, os.path.join(docs, 'label_efficiency.png')
+    )
     return text
 
 

@@ -299,12 +299,9 @@ def write_report(dataset: str) -> str:
             'other one absent) against its own unimodal baseline (`only=<m>`, the README tables), and every '
             'modality present against the same variant trained without dropout.\n\n' + dropout + '\n'
         )
-    with open(doc, 'w') as f:
-        f.write(text)
-    try:
-        plot(dataset, os.path.join(ROOT, 'docs', f'robustness_{dataset}.png'))
-    except ImportError:
-        print('matplotlib is not installed (pip install -e ".[analysis]"): no plot.', file=sys.stderr)
+    report_lib.write_doc(
+        doc, text, lambda path: plot(dataset, path), os.path.join(ROOT, 'docs', f'robustness_{dataset}.png')
+    )
     return table
 
 

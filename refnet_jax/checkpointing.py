@@ -112,15 +112,13 @@ class Checkpointer:
         directory = str(directory)
         # orbax wants absolute paths; a relative local workdir is relative to the current directory.
         self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        if best_mode is not None:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=1,
-                create=True,
-                best_fn=lambda metrics: metrics['value'],
-                best_mode=best_mode,
-                keep_checkpoints_without_metrics=False,
+        best = {}
+        if best_mode is not None:  # one checkpoint, the best by metrics['value']
+            max_to_keep = 1
+            best = dict(
+                best_fn=lambda m: m['value'], best_mode=best_mode, keep_checkpoints_without_metrics=False
             )
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **best)
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={

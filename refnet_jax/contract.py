@@ -166,13 +166,12 @@ def drop_modalities(
 
 
 def _num_examples(batch: Mapping[str, Any], names) -> int:
-    for key in ('label', 'mask', *(present_key(m) for m in names)):
-        if key in batch:
-            return batch[key].shape[0]
-    for m in names:
-        key = index_key(m) if index_key(m) in batch else m
-        return batch[key].shape[0]
-    raise ValueError('batch has no modality')
+    """B: the rows of the first per-example key (a shared modality counts through its index)."""
+    keys = ('label', 'mask', *(present_key(m) for m in names), *(index_key(m) for m in names), *names)
+    key = next((k for k in keys if k in batch and not (k in names and index_key(k) in batch)), None)
+    if key is None:
+        raise ValueError('batch has no modality')
+    return batch[key].shape[0]
 
 
 def _presence(batch: Mapping[str, Any], m: str, n: int) -> jax.Array:

@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,3 +178,19 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     lines = ['| ' + ' | '.join(headers) + ' |', '|' + ''.join('---|' if a == 'l' else '---:|' for a in align)]
     lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+def write_doc(
+    path: str, text: str, plot: Callable[[str], None] | None = None, plot_path: str | None = None
+) -> None:
+    """Writes a markdown report to `path` and, when given, draws `plot(plot_path)`; without matplotlib (the
+    `analysis` extra) the plot is skipped with a line on stderr."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(text)
+    if plot is None:
+        return
+    try:
+        plot(plot_path)
+    except ImportError:
+        print('matplotlib is not installed (pip install -e ".[analysis]"): no plot.', file=sys.stderr)

@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from refnet_jax import contract
+from refnet_jax import contract, paths
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -81,7 +81,7 @@ def param_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Sequence[str] = (
 
     def choose(path, leaf):
         shape = tuple(getattr(leaf, 'shape', ()))
-        name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+        name = paths.path_str(path)
         spec = [None] * len(shape)
         if size > 1 and any(p.search(name) for p in patterns):
             dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % size == 0]
