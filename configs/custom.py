@@ -16,7 +16,7 @@ reuses that copy, and editing either prepares a new one.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/custom.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|mmft|mbt|coupled_mamba,
+  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
   variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny,
   kinds=NAME:KIND[+NAME:KIND...] (your modalities without editing MODALITIES, e.g. as features.py prints them).
 """

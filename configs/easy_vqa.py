@@ -9,7 +9,7 @@ Expected: test accuracy >= 0.99 in under 5 minutes on 2 CPU cores, data preparat
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/easy_vqa.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|mmft|mbt|coupled_mamba,
+  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
   variant=baseline|refiner|refnet|pretrain, tiny.
 With a token-level fusion (mmft, mbt) the image CNN gives its 4x4 grid as tokens, the question goes through
 a transformer encoder, and the refiner's targets are `tokens`.

@@ -8,7 +8,7 @@ Expected: test accuracy >= 0.93 (2,874 windows of 9 unseen subjects).
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/hapt.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|mmft|mbt|coupled_mamba,
+  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
   variant=baseline|refiner|refnet|pretrain, only=acc|gyro, tiny.
 """
 

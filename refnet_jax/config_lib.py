@@ -23,7 +23,8 @@ from refnet_jax import fusion, modules, optim
 VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
 ARG_HELP = """The argument picks a variant, as comma-separated tokens:
   fusion=KIND                               the fusion module: a name in refnet_jax/fusion.py FUSIONS
-                                            (concat, transformer, lowrank, gated; token-level: mmft, mbt)
+                                            (concat, transformer, lowrank, gated, deq, progressive;
+                                            token-level: mmft, mbt, coupled_mamba)
   variant=baseline                          the plain fusion network: no refiner, no MS loss
   variant=refiner                           + the refiner loss
   variant=refnet                            + the refiner loss + the Multi-Similarity loss (default)

@@ -3,6 +3,9 @@
 `ENCODERS` names the built-in ones for `config.model.encoders.<m>.module` (None picks the modality kind's
 default, `contract.KINDS`); the entry's other fields are the module's fields. Any Linen module with the call
 signature `(x, *, train) -> (B, D) | Tokens` can be named instead (`FILE.py:Class`, `package.module:Class`).
+An encoder that also takes `context=` (B, D_c), a feedback vector from the fusion, adds its projection to
+an early layer (`layers.add_context`; every built-in one does, after its first layer): what Progressive
+Fusion needs. With `context=None` (the default, and every fusion but `progressive`) nothing changes.
 A token-level encoder returns (B, T, D) tokens and their (B, T) mask; a pooled fusion mask-mean pools them,
 and a token fusion takes a pooled vector as one token.
 """
@@ -47,14 +50,18 @@ class ImageCNN(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, context: jax.Array | None = None
+    ) -> jax.Array | layers.Tokens:
         p = layers.precision(self)
         del train
         if self.pooling not in POOLINGS:
             raise ValueError(f'ImageCNN.pooling is {self.pooling!r}; expected one of {POOLINGS}')
         x = _to_float_image(x, self.dtype)  # uint8 pixels -> [0, 1]
-        for f in self.features:
+        for i, f in enumerate(self.features):
             x = nn.relu(p.Conv(f, (3, 3))(x))
+            if i == 0:
+                x = layers.add_context(self, x, context)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         if self.pooling == 'tokens':
             grid = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H' W', C')
@@ -100,7 +107,9 @@ class ViT(nn.Module):
     remat: bool = False  # rematerialize each block (config.model.remat)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, context: jax.Array | None = None
+    ) -> jax.Array | layers.Tokens:
         p = layers.precision(self)
         if self.pooling not in ('tokens', 'gap', 'cls'):
             raise ValueError(f"ViT.pooling is {self.pooling!r}; expected 'tokens', 'gap' or 'cls'")
@@ -112,7 +121,7 @@ class ViT(nn.Module):
         pos = layers.param(
             self, 'pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:])
         )
-        x = x + pos
+        x = layers.add_context(self, x + pos, context)
         if self.pooling == 'cls':
             cls = layers.param(self, 'cls', nn.initializers.zeros, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
@@ -161,7 +170,9 @@ class TextTransformer(nn.Module):
     remat: bool = False  # rematerialize each block (config.model.remat)
 
     @nn.compact
-    def __call__(self, ids: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+    def __call__(
+        self, ids: jax.Array, *, train: bool = False, context: jax.Array | None = None
+    ) -> jax.Array | layers.Tokens:
         p = layers.precision(self)
         if self.pooling not in ('tokens', 'gap', 'first', 'last'):
             raise ValueError(
@@ -172,7 +183,7 @@ class TextTransformer(nn.Module):
         pos = layers.param(
             self, 'pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:])
         )
-        x = jnp.where(mask[..., None], x + pos, 0)
+        x = jnp.where(mask[..., None], layers.add_context(self, x + pos, context), 0)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = layers.encoder_like(self, 'Encoder_0')(x, mask, train=train)
         if self.embed_dim is not None:
@@ -206,7 +217,9 @@ class TokenEncoder(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, *, train: bool = False, context: jax.Array | None = None
+    ) -> jax.Array:
         p = layers.precision(self)
         del train
         x = p.Embed(self.vocab_size, self.embed_dim)(tokens)  # (B, L, D)
@@ -215,7 +228,7 @@ class TokenEncoder(nn.Module):
                 self, 'positions', nn.initializers.normal(0.02), tokens.shape[-1:] + (self.embed_dim,)
             )
             x = x + pos
-        x = layers.masked_mean(x, tokens != 0)  # (B, D)
+        x = layers.masked_mean(layers.add_context(self, x, context), tokens != 0)  # (B, D)
         return p.Dense(self.embed_dim)(nn.relu(p.Dense(self.embed_dim)(x)))
 
 
@@ -236,7 +249,9 @@ class SeriesEncoder(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array | layers.Tokens:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, context: jax.Array | None = None
+    ) -> jax.Array | layers.Tokens:
         p = layers.precision(self)
         del train
         if self.pooling not in ('mean', 'tokens'):
@@ -244,6 +259,8 @@ class SeriesEncoder(nn.Module):
         x = x.astype(self.dtype)
         for i, f in enumerate(self.features):
             x = nn.relu(p.Conv(f, (5,))(x))
+            if i == 0:
+                x = layers.add_context(self, x, context)
             if i < len(self.features) - 1:
                 x = nn.max_pool(x, (2,), strides=(2,))
         if self.pooling == 'mean':
@@ -267,13 +284,18 @@ class FeatureMLP(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, context: jax.Array | None = None
+    ) -> jax.Array:
         p = layers.precision(self)
         del train
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
-        for h in self.hidden:
+        for i, h in enumerate(self.hidden):
             x = nn.relu(p.Dense(h)(x))
-        return p.Dense(self.embed_dim)(x)
+            if i == 0:
+                x = layers.add_context(self, x, context)
+        x = p.Dense(self.embed_dim)(x)
+        return x if self.hidden else layers.add_context(self, x, context)
 
 
 ENCODERS: dict[str, type[nn.Module]] = {

@@ -4,13 +4,15 @@ Pooled fusions (concat, transformer, lowrank, gated) see one vector per modality
 are mask-mean pooled for them. Token fusions (`TOKEN_LEVEL = True`: mmft, mbt) see `layers.Tokens` for every
 modality (a pooled encoder's output is one token) and return `(z, readouts)`, where `readouts[m]` (B, D) is
 the masked mean of modality m's own tokens at the layer z is read from: the `tokens` refiner target.
+A fusion with `FEEDBACK = True` (progressive) also gets `encode=`, to run the encoders again with a context;
+one with `STATS = True` (deq) returns `(z, stats)`, which the training metrics report as `fusion/<stat>`.
 
 Every module takes the modalities in sorted-name order, so that the result does not depend on the order of
 a dict. `FUSIONS` maps `config.model.fusion.kind` to a module; the other fields of `config.model.fusion` are
 that module's attributes, with the dataclass defaults as their defaults.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -46,6 +48,54 @@ class ConcatMLP(nn.Module):
         for h in self.hidden:
             x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(p.Dense(h)(x)))
         return p.Dense(self.fused_dim)(x)
+
+
+class ProgressiveFusion(nn.Module):
+    """Progressive Fusion (Shankar, Thompson, Fiterau, 2022): late fusion whose output is fed back, through
+    backward connections, into the encoders' early layers, for `rounds` rounds.
+
+    Round 1 is plain late fusion (`ConcatMLP`, under `late`): z_1 = F(e_1, ..., e_M). Each further round
+    re-runs every encoder with z_{r-1} as its context, which the encoder projects into its first layer
+    (`layers.add_context`: the backward connection, one projection per encoder), and fuses again with the
+    same F: z_r = F(E_1(x_1; z_{r-1}), ..., E_M(x_M; z_{r-1})). z_R is the output, and the encodings of
+    round R are the embeddings the refiner and the MS loss see. Gradients flow through every round (the
+    rounds are unrolled). With `rounds=1` the module is `ConcatMLP` with the same parameters.
+
+    The model calls a fusion that declares `FEEDBACK = True` as `fusion(embeddings, encode=..., train=...)`:
+    `encode(context)` runs every encoder again with `context` (B, D_c) and returns their pooled outputs
+    {m: (B, D_m)}. So any such fusion can run encoders for several rounds without the model knowing how,
+    and any encoder that takes `context=` works under it (the built-in ones all do).
+
+    Attributes:
+      rounds: fusion rounds R (1: plain late fusion).
+      hidden: widths of the late-fusion MLP's hidden layers.
+      fused_dim: size of z (and of the context the encoders get).
+      dropout: dropout rate on the hidden layers.
+    """
+
+    FEEDBACK: ClassVar[bool] = True
+    rounds: int = 2
+    hidden: Sequence[int] = (256,)
+    fused_dim: int = 128
+    dropout: float = 0.0
+    dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
+    param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
+
+    @nn.compact
+    def __call__(
+        self,
+        embeddings: Mapping[str, jax.Array],
+        *,
+        encode: Callable[[jax.Array], Mapping[str, jax.Array]],
+        train: bool = False,
+    ) -> jax.Array:
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f'config.model.fusion.rounds is {self.rounds!r}; expected an integer >= 1')
+        late = ConcatMLP(self.hidden, self.fused_dim, self.dropout, self.dtype, self.param_dtype, name='late')
+        z = late(embeddings, train=train)  # (B, fused_dim)
+        for _ in range(self.rounds - 1):
+            z = late(encode(z), train=train)
+        return z
 
 
 class TransformerFusion(nn.Module):
@@ -296,6 +346,7 @@ class MBT(nn.Module):
 
 FUSIONS: dict[str, type[nn.Module]] = {
     'concat': ConcatMLP,
+    'progressive': ProgressiveFusion,
     'transformer': TransformerFusion,
     'lowrank': LowRankTensorFusion,
     'gated': GatedFusion,
@@ -305,6 +356,12 @@ FUSIONS: dict[str, type[nn.Module]] = {
     'coupled_mamba': coupled_mamba.CoupledMamba,
 }
 """Built-in fusion modules by `config.model.fusion.kind`; a new one is its class and one line here."""
+
+
+def takes_feedback(cls: type[nn.Module]) -> bool:
+    """Whether a fusion class re-runs the encoders with a context (its `FEEDBACK` class variable): it is
+    called with `encode=` (`ProgressiveFusion`)."""
+    return bool(getattr(cls, 'FEEDBACK', False))
 
 
 def is_token_level(cls: type[nn.Module]) -> bool:

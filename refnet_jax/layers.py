@@ -72,6 +72,16 @@ def precision(module: nn.Module) -> types.SimpleNamespace:
     )
 
 
+def add_context(module: nn.Module, x: jax.Array, context: jax.Array | None) -> jax.Array:
+    """x (B, ..., C) plus a learned projection of a feedback context (B, D_c), broadcast over the middle
+    axes: how an encoder takes a fusion's feedback into an early layer (`fusion.ProgressiveFusion`). With
+    no context, x unchanged and no parameter: the encoder is exactly its feed-forward self."""
+    if context is None:
+        return x
+    c = precision(module).Dense(x.shape[-1], name='context')(context.astype(module.dtype))  # (B, C)
+    return x + c.reshape((c.shape[0],) + (1,) * (x.ndim - 2) + (c.shape[-1],)).astype(x.dtype)
+
+
 def param(module: nn.Module, name: str, init, shape) -> jax.Array:
     """`module.param(name, init, shape)` kept in `module.param_dtype`, used in `module.dtype`."""
     return module.param(name, init, shape, module.param_dtype).astype(module.dtype)

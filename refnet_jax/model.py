@@ -9,6 +9,7 @@ the modalities absent somewhere in the batch, and, when the refiner is on, `reco
 `targets` {m: t_m}. No loss reaches into the model.
 """
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,8 +28,11 @@ class _Encoders(nn.Module):
     members: tuple[tuple[str, nn.Module], ...]
 
     @nn.compact
-    def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> dict[str, Any]:
-        return {m: enc.clone(parent=self, name=m)(batch[m], train=train) for m, enc in self.members}
+    def __call__(
+        self, batch: Mapping[str, jax.Array], *, train: bool, context: jax.Array | None = None
+    ) -> dict[str, Any]:
+        feedback = {} if context is None else {'context': context}  # encoders that never get one need not take it
+        return {m: enc.clone(parent=self, name=m)(batch[m], train=train, **feedback) for m, enc in self.members}
 
 
 class _StandIns(nn.Module):
@@ -128,22 +132,45 @@ class ReFNet(nn.Module):
             batch[m] = _hide_absent(
                 batch[m], p, batch.get(contract.index_key(m)) if infos[m].shared else None
             )
-        outputs = _Encoders(self.encoders, name='encoders')(batch, train=train)
-        encoded, inputs = {}, {}
+        run_encoders = _Encoders(self.encoders, name='encoders')
+        stand_ins = _StandIns(self.dtype, self.param_dtype, name='missing')
+        inputs = {m: batch[m] for m in infos}  # per example: the refiner's `input` targets
         for m, info in self.modalities:
-            e, x = outputs[m], batch[m]
-            if info.shared:
-                idx = batch[contract.index_key(m)]  # (B,)
-                e = jax.tree.map(lambda a, idx=idx: jnp.take(a, idx, axis=0), e)
-                x = jnp.take(x, idx, axis=0) if refine and self.refiner_target == 'input' else x
-            encoded[m], inputs[m] = e, x
-        encoded = _StandIns(self.dtype, self.param_dtype, name='missing')(encoded, present)
+            if info.shared and (
+                (refine and self.refiner_target == 'input') or fusion.takes_feedback(type(self.fusion))
+            ):
+                inputs[m] = jnp.take(batch[m], batch[contract.index_key(m)], axis=0)
+
+        def encode(context: jax.Array | None = None) -> dict[str, Any]:
+            """Every encoder's output per example, stand-ins where absent. With a context (B, D_c) from a
+            feedback fusion, a shared modality's rows are gathered to the examples first: each example
+            gets its own context."""
+            rows = dict(batch)
+            if context is not None:
+                rows.update({m: inputs[m] for m in infos if infos[m].shared})
+            outputs = run_encoders(rows, train=train, context=context)
+            if context is None:
+                for m in infos:
+                    if infos[m].shared:
+                        idx = batch[contract.index_key(m)]  # (B,)
+                        outputs[m] = jax.tree.map(lambda a, idx=idx: jnp.take(a, idx, axis=0), outputs[m])
+            return stand_ins(outputs, present)
+
+        encoded = encode()
         embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
         readouts = None
         stats = {}
         if fusion.is_token_level(type(self.fusion)):
             z, readouts = self.fusion(encoded, train=train)
+        elif fusion.takes_feedback(type(self.fusion)):  # runs the encoders again with its context
+
+            def encode_again(context: jax.Array) -> dict[str, jax.Array]:
+                # `embeddings` become the last round's: those the refiner and the MS loss see.
+                embeddings.update({m: layers.pooled(e) for m, e in encode(context).items()})
+                return dict(embeddings)
+
+            z = self.fusion(dict(embeddings), encode=encode_again, train=train)
         elif getattr(type(self.fusion), 'STATS', False):  # a fusion that reports how it went (DEQ)
             z, stats = self.fusion(embeddings, train=train)
         else:
@@ -220,6 +247,15 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
     fusion_module = modules.instantiate(
         cls, fields, 'config.model.fusion', builtins=fusion.FUSIONS.values(), **precision
     )
+
+    if fusion.takes_feedback(cls):
+        for m, enc in built:
+            if 'context' not in inspect.signature(type(enc).__call__).parameters:
+                raise ValueError(
+                    f'config.model.fusion.kind is {config.model.fusion.kind!r}, which feeds the fused embedding '
+                    f'back into every encoder, but the encoder of {m!r} ({type(enc).__name__}, '
+                    f'config.model.encoders.{m}.module) takes no `context=` keyword (encoders.py says how)'
+                )
 
     rcfg = config.model.refiner
     if rcfg.target not in refiner.TARGETS:

@@ -149,3 +149,19 @@ def test_encoder_runs_alone(name, pooling):
         if not np.abs(np.asarray(g)).max() > 0 and jax.tree_util.keystr(path[-2:]) != "['key']['bias']"
     ]
     assert not zero, f'{name} (pooling={pooling}): parameters without gradient: {zero}'
+
+
+@pytest.mark.parametrize('name', list(encoders.ENCODERS))
+def test_every_encoder_takes_a_feedback_context_in_an_early_layer(name):
+    """Progressive Fusion's backward connection: `context=` adds one projection (`context`) and changes the
+    output; without it the encoder has no such parameter."""
+    module, x = make(name, poolings(name)[0])
+    key = jax.random.key(0, impl='rbg')
+    context = np.random.default_rng(2).normal(size=(BATCH, 5)).astype(np.float32)
+    plain = module.init(key, x)['params']
+    fed = module.init(key, x, context=context)['params']
+    assert 'context' not in plain and set(fed) == set(plain) | {'context'}
+    without = layers.pooled(module.apply({'params': fed}, x))
+    with_context = layers.pooled(module.apply({'params': fed}, x, context=context))
+    assert not np.allclose(without, with_context)
+    np.testing.assert_array_equal(without, layers.pooled(module.apply({'params': plain}, x)))
