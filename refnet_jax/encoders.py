@@ -284,9 +284,7 @@ class FeatureMLP(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, *, train: bool = False, context: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, context: jax.Array | None = None) -> jax.Array:
         p = layers.precision(self)
         del train
         x = x.reshape(x.shape[0], -1).astype(self.dtype)

@@ -31,8 +31,11 @@ class _Encoders(nn.Module):
     def __call__(
         self, batch: Mapping[str, jax.Array], *, train: bool, context: jax.Array | None = None
     ) -> dict[str, Any]:
-        feedback = {} if context is None else {'context': context}  # encoders that never get one need not take it
-        return {m: enc.clone(parent=self, name=m)(batch[m], train=train, **feedback) for m, enc in self.members}
+        # Encoders that never get a context (every fusion but a feedback one) need not take the keyword.
+        feedback = {} if context is None else {'context': context}
+        return {
+            m: enc.clone(parent=self, name=m)(batch[m], train=train, **feedback) for m, enc in self.members
+        }
 
 
 class _StandIns(nn.Module):

@@ -71,7 +71,10 @@ def test_a_shared_modality_is_encoded_per_example_after_the_first_round():
     model, params = init(progressive_config(2, 'baseline'), batch)
     flat = dict(batch, image=batch['image'][batch['image_index']], image_index=np.arange(8, dtype=np.int32))
     np.testing.assert_allclose(
-        model.apply({'params': params}, batch)[0], model.apply({'params': params}, flat)[0], rtol=1e-5, atol=1e-6
+        model.apply({'params': params}, batch)[0],
+        model.apply({'params': params}, flat)[0],
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
