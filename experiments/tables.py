@@ -5,9 +5,11 @@ r"""The README's result tables, one `train.py` run per cell: rows (a config vari
   python experiments/tables.py uci_mfeat --rows fused-refnet --seeds 0   # a subset of the cells
 
 Tables:
-  easy_vqa    {lowrank (the default), concat, transformer, mmft, mbt} fusion x {baseline, refiner, refnet}
+  easy_vqa    {lowrank (the default), concat, transformer, mmft, mbt} fusion x {baseline, refiner, refnet};
+              the later fusions {deq, progressive, coupled_mamba} x the same; the default config in
+              bfloat16 (`lowrank-refnet-bf16`: --config.model.dtype=bfloat16)
   hapt        accelerometer alone, gyroscope alone, both fused: baseline, +refiner, +refiner+MS (concat);
-              the token-level fusions mmft and mbt x {baseline, refiner, refnet}
+              the token-level fusions mmft and mbt, and the later fusions, x {baseline, refiner, refnet}
   uci_mfeat   each of the six views alone, all six fused and the three weakest fused: baseline, +refiner,
               +refiner+MS (concat)
 
@@ -19,6 +21,7 @@ interrupted grid resumes where it was. Run it with `nice` when the machine is sh
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 from refnet_jax import report as report_lib
 
@@ -29,37 +32,48 @@ SEEDS = (0, 1, 2)
 PINNED = ("--config.train.decay_mask=('.*',)",)
 
 
-def _easy_vqa_rows() -> dict[str, str]:
+class Row(NamedTuple):
+    """A table row: the config argument (`configs/<dataset>.py:<arg>`) and any further train.py flags."""
+
+    arg: str
+    flags: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return ' '.join((f'`{self.arg}`', *(f'`{f}`' for f in self.flags)))
+
+
+LATER_FUSIONS = ('deq', 'progressive', 'coupled_mamba')  # issue 18: the fusions that came after ReFNet
+
+
+def _fusion_rows(fusions: tuple[str, ...]) -> dict[str, Row]:
+    """Each fusion as baseline, +refiner and +refiner+MS (token-level ones with `tokens` targets)."""
     return {
-        f'{fusion}-{variant}': f'fusion={fusion},variant={variant}'
-        for fusion in ('lowrank', 'concat', 'transformer', 'mmft', 'mbt')
+        f'{fusion}-{variant}': Row(f'fusion={fusion},variant={variant}')
+        for fusion in fusions
         for variant in ('baseline', 'refiner', 'refnet')
     }
 
 
-def _unimodal_and_fused_rows(modalities: tuple[str, ...]) -> dict[str, str]:
-    rows = {f'{m}-only': f'only={m},variant=baseline' for m in modalities}
-    rows.update({f'fused-{v}': f'variant={v}' for v in ('baseline', 'refiner', 'refnet')})
+def _unimodal_and_fused_rows(modalities: tuple[str, ...]) -> dict[str, Row]:
+    rows = {f'{m}-only': Row(f'only={m},variant=baseline') for m in modalities}
+    rows.update({f'fused-{v}': Row(f'variant={v}') for v in ('baseline', 'refiner', 'refnet')})
     return rows
 
 
-def _token_fusion_rows() -> dict[str, str]:
-    """Token-level fusions (their refiner targets are `tokens`): baseline, +refiner, +refiner+MS."""
-    return {
-        f'{fusion}-{variant}': f'fusion={fusion},variant={variant}'
-        for fusion in ('mmft', 'mbt')
-        for variant in ('baseline', 'refiner', 'refnet')
-    }
-
-
-# dataset -> {row name: config argument}; the row name is the results file's prefix.
+# dataset -> {row name: Row}; the row name is the results file's prefix.
 TABLES = {
-    'easy_vqa': _easy_vqa_rows(),
-    'hapt': {**_unimodal_and_fused_rows(('acc', 'gyro')), **_token_fusion_rows()},
+    'easy_vqa': {
+        **_fusion_rows(('lowrank', 'concat', 'transformer', 'mmft', 'mbt', *LATER_FUSIONS)),
+        'lowrank-refnet-bf16': Row('fusion=lowrank,variant=refnet', ('--config.model.dtype=bfloat16',)),
+    },
+    'hapt': {
+        **_unimodal_and_fused_rows(('acc', 'gyro')),
+        **_fusion_rows(('mmft', 'mbt', *LATER_FUSIONS)),
+    },
     'uci_mfeat': {
         **_unimodal_and_fused_rows(('fac', 'fou', 'kar', 'mor', 'pix', 'zer')),
         # The three weakest views alone (fou, mor, zer: 0.77-0.82 each) fused, away from the ceiling.
-        **{f'weakest3-{v}': f'only=fou+mor+zer,variant={v}' for v in ('baseline', 'refiner', 'refnet')},
+        **{f'weakest3-{v}': Row(f'only=fou+mor+zer,variant={v}') for v in ('baseline', 'refiner', 'refnet')},
     },
 }
 
@@ -69,11 +83,12 @@ def cell_command(dataset: str, row: str, seed: int | str, workdir: str) -> list[
         'python',
         'train.py',
         '--config',
-        f'configs/{dataset}.py:{TABLES[dataset][row]}',
+        f'configs/{dataset}.py:{TABLES[dataset][row].arg}',
         '--workdir',
         workdir,
         f'--config.seed={seed}',
         *PINNED,
+        *TABLES[dataset][row].flags,
     ]
 
 
@@ -100,7 +115,7 @@ def run_missing(dataset: str, rows: list[str], seeds: list[int], runs_dir: str) 
 def report(dataset: str) -> str:
     """The table of `dataset`: per row, mean ± std over the seeds recorded so far."""
     rows = []
-    for row, arg in TABLES[dataset].items():
+    for row, spec in TABLES[dataset].items():
         seeds = [s for s in SEEDS if os.path.exists(cell_path(dataset, row, s))]
         if not seeds:
             continue
@@ -108,7 +123,7 @@ def report(dataset: str) -> str:
         rows.append(
             [
                 row,
-                f'`{arg}`',
+                spec.describe(),
                 report_lib.mean_std([r['results']['test']['accuracy'] for r in recs]),
                 report_lib.mean_std([r['results']['val']['accuracy'] for r in recs]),
                 report_lib.mean_std([r['wall_seconds'] for r in recs], digits=0),
@@ -118,7 +133,7 @@ def report(dataset: str) -> str:
     headers = ['row', 'config argument', 'test accuracy', 'validation accuracy', 'wall time (s)', 'seeds']
     note = (
         f'Each cell: `python train.py --config configs/{dataset}.py:<config argument> '
-        '--workdir runs/<row>-S --config.seed=S`.'
+        '--workdir runs/<row>-S --config.seed=S` (plus the flags shown after the argument).'
     )
     return report_lib.markdown_table(headers, rows) + '\n\n' + note
 
