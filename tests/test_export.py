@@ -170,9 +170,11 @@ def test_export_of_a_checkpoint_that_does_not_fit_its_config_names_the_parameter
 
 
 @pytest.mark.slow(seconds=30)
-def test_exported_mmft_model_runs_in_a_fresh_process(tmp_path, easy_vqa_dir):
-    """A token-level fusion exports like the others: symbolic batch, no model code in the loading process."""
-    config = easy_vqa.get_config('tiny,fusion=mmft')
+@pytest.mark.parametrize('fusion', ['mmft', 'deq', 'progressive', 'coupled_mamba'])
+def test_exported_later_fusion_model_runs_in_a_fresh_process(tmp_path, easy_vqa_dir, fusion):
+    """Token-level and later fusions (a fixed point, feedback rounds, a scan) export like the others: symbolic
+    batch, no model code in the loading process, the training code's logits."""
+    config = easy_vqa.get_config(f'tiny,fusion={fusion}')
     config.data.data_dir = str(easy_vqa_dir)
     config.train.num_steps = 2
     workdir = tmp_path / 'run'
