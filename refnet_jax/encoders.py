@@ -62,7 +62,7 @@ class ImageCNN(nn.Module):
             x = nn.relu(p.Conv(f, (3, 3))(x))
             if i == 0:
                 x = layers.add_context(self, x, context)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = layers.max_pool(x, (2, 2))
         if self.pooling == 'tokens':
             grid = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H' W', C')
             grid = p.Dense(self.embed_dim)(grid)
@@ -262,7 +262,7 @@ class SeriesEncoder(nn.Module):
             if i == 0:
                 x = layers.add_context(self, x, context)
             if i < len(self.features) - 1:
-                x = nn.max_pool(x, (2,), strides=(2,))
+                x = layers.max_pool(x, (2,))
         if self.pooling == 'mean':
             return p.Dense(self.embed_dim)(x.mean(axis=-2))
         x = p.Dense(self.embed_dim)(x)  # (B, T', D)
