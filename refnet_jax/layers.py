@@ -59,21 +59,50 @@ def as_tokens(x: jax.Array | Tokens) -> Tokens:
 
 def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
     """Non-overlapping max pooling over the spatial axes of x (B, *spatial, C): what
-    `nn.max_pool(x, window, strides=window)` computes ('VALID': a remainder is dropped), as a reshape and a max.
+    `nn.max_pool(x, window, strides=window)` computes ('VALID': a remainder is dropped).
 
-    The same values; the gradient is a compare and a select (an exact tie shares it where `nn.max_pool` gives
-    it to one position), where `nn.max_pool`'s gradient is XLA's select_and_scatter, several times slower on
-    CPU: on the default easy-VQA image CNN, 112 -> 72 ms for forward and backward (docs/BENCHMARKS.md).
+    The same values, written as a reshape and a max, with its own backward pass: the gradient goes to the
+    positions that hold their window's maximum (an exact tie shares it equally, as `jax.grad` of the max
+    would; `nn.max_pool` gives it to one). `nn.max_pool`'s backward pass is XLA's select_and_scatter, and
+    autodiff of the reshape-max builds the same mask less directly; on CPU the default easy-VQA image CNN's
+    forward and backward take 112, 50 and 37 ms with the three (docs/BENCHMARKS.md).
     """
     window = tuple(window)
     spatial = x.shape[1:-1]
     if len(window) != len(spatial):
         raise ValueError(f'max_pool window {window} for {len(spatial)} spatial axes of {x.shape}')
     x = x[(slice(None), *(slice(0, s - s % w) for s, w in zip(spatial, window, strict=True)), slice(None))]
+    return _pool(x, window)
+
+
+def _windows(x: jax.Array, window: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+    """x (B, *spatial, C) viewed as (B, s_1 / w_1, w_1, ..., C), and the axes of the w_i."""
     split = [x.shape[0]]
     for s, w in zip(x.shape[1:-1], window, strict=True):
         split += [s // w, w]
-    return x.reshape(*split, x.shape[-1]).max(axis=tuple(2 + 2 * i for i in range(len(window))))
+    return x.reshape(*split, x.shape[-1]), tuple(2 + 2 * i for i in range(len(window)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    view, axes = _windows(x, window)
+    return view.max(axis=axes)
+
+
+def _pool_fwd(x, window):
+    y = _pool(x, window)
+    return y, (x, y)
+
+
+def _pool_bwd(window, saved, g):
+    x, y = saved
+    view, axes = _windows(x, window)
+    hit = view == jnp.expand_dims(y, axes)  # where each window's maximum is
+    share = g / hit.sum(axis=axes).astype(g.dtype)
+    return (jnp.where(hit, jnp.expand_dims(share, axes), 0).reshape(x.shape),)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 def precision(module: nn.Module) -> types.SimpleNamespace:
