@@ -346,13 +346,13 @@ class MBT(nn.Module):
 
 FUSIONS: dict[str, type[nn.Module]] = {
     'concat': ConcatMLP,
-    'progressive': ProgressiveFusion,
     'transformer': TransformerFusion,
     'lowrank': LowRankTensorFusion,
     'gated': GatedFusion,
     'mmft': MMFT,
     'mbt': MBT,
     'deq': deq.DEQFusion,
+    'progressive': ProgressiveFusion,
     'coupled_mamba': coupled_mamba.CoupledMamba,
 }
 """Built-in fusion modules by `config.model.fusion.kind`; a new one is its class and one line here."""
