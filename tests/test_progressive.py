@@ -100,7 +100,7 @@ def test_rounds_below_one_are_refused():
     config = progressive_config(0)
     model = model_lib.create_model(config, INFO)
     with pytest.raises(ValueError, match='config.model.fusion.rounds is 0'):
-        model.init(jax.random.key(0), toy_batch())
+        jax.eval_shape(model.init, jax.random.key(0), toy_batch())
 
 
 def test_progressive_is_registered_as_a_feedback_fusion():
