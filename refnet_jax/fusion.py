@@ -59,7 +59,10 @@ class ProgressiveFusion(nn.Module):
     (`layers.add_context`: the backward connection, one projection per encoder), and fuses again with the
     same F: z_r = F(E_1(x_1; z_{r-1}), ..., E_M(x_M; z_{r-1})). z_R is the output, and the encodings of
     round R are the embeddings the refiner and the MS loss see. Gradients flow through every round (the
-    rounds are unrolled). With `rounds=1` the module is `ConcatMLP` with the same parameters.
+    rounds are unrolled). With `rounds=1` the module is `ConcatMLP` with the same parameters. (Built from
+    the paper's description, backward connections that bring the late-fused representation to the encoders'
+    early layers for a few rounds; the authors' code was not at hand: where the context enters each built-in
+    encoder, and that it is added rather than concatenated, are this library's choices.)
 
     The model calls a fusion that declares `FEEDBACK = True` as `fusion(embeddings, encode=..., train=...)`:
     `encode(context)` runs every encoder again with `context` (B, D_c) and returns their pooled outputs
