@@ -95,3 +95,23 @@ def test_grid_runs_only_the_missing_cells(tmp_path, monkeypatch):
     # A grid without the pre-trained method does not pre-train.
     label_efficiency.run_missing(['hapt'], [1], 'runs', methods=('refnet_input',), fractions=(0.01,))
     assert ran == [os.path.join('hapt', 'refnet_input-f0.01-seed1.json')]
+
+
+def test_table_rows_build_train_commands_that_configs_accept():
+    """Every row of every result table names a config argument its config file takes, and its extra flags
+    follow the seed and the pinned decay mask (the bfloat16 row)."""
+    from experiments import tables
+    from refnet_jax import config_lib
+
+    for dataset, rows in tables.TABLES.items():
+        for row, spec in rows.items():
+            config_lib.load_file(
+                os.path.join(tables.ROOT, 'configs', f'{dataset}.py:{spec.arg}')
+            )  # argument ok
+            cmd = tables.cell_command(dataset, row, 0, 'runs/x')
+            if spec.flags:
+                assert cmd[-len(spec.flags) :] == list(spec.flags)
+            assert '--config.seed=0' in cmd and tables.PINNED[0] in cmd
+    assert tables.TABLES['easy_vqa']['lowrank-refnet-bf16'].flags == ('--config.model.dtype=bfloat16',)
+    later = {f'{k}-{v}' for k in tables.LATER_FUSIONS for v in ('baseline', 'refiner', 'refnet')}
+    assert later <= set(tables.TABLES['easy_vqa']) and later <= set(tables.TABLES['hapt'])
