@@ -34,6 +34,7 @@ def test_one_round_equals_plain_late_fusion_with_the_same_parameters():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
 
 
+@pytest.mark.slow
 def test_more_rounds_feed_the_fused_embedding_back_and_change_the_output():
     batch = toy_batch()
     two, params = init(progressive_config(2), batch)
@@ -56,6 +57,7 @@ def test_more_rounds_feed_the_fused_embedding_back_and_change_the_output():
     assert not np.allclose(logits2, logits3)
 
 
+@pytest.mark.slow
 def test_the_context_reaches_the_parameters_of_the_backward_connections():
     batch = toy_batch()
     model, params = init(progressive_config(2), batch)
@@ -64,6 +66,7 @@ def test_the_context_reaches_the_parameters_of_the_backward_connections():
         assert float(np.abs(grads['encoders'][m]['context']['kernel']).sum()) > 0
 
 
+@pytest.mark.slow
 def test_a_shared_modality_is_encoded_per_example_after_the_first_round():
     """easy-VQA stores each image once for several questions; from round 2 on each question's context
     differs, so the image is encoded per example: the same as a batch with the images repeated."""
