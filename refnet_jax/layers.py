@@ -64,8 +64,9 @@ def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
     The same values, written as a reshape and a max, with its own backward pass: the gradient goes to the
     positions that hold their window's maximum (an exact tie shares it equally, as `jax.grad` of the max
     would; `nn.max_pool` gives it to one). `nn.max_pool`'s backward pass is XLA's select_and_scatter, and
-    autodiff of the reshape-max builds the same mask less directly; on CPU the default easy-VQA image CNN's
-    forward and backward take 112, 50 and 37 ms with the three (docs/BENCHMARKS.md).
+    autodiff of the reshape-max builds the same mask less directly. On 2 idle CPU cores the default easy-VQA
+    image CNN's forward and backward take 50 ms with autodiff of the reshape-max and 37 ms with this; on a
+    loaded machine, `nn.max_pool` took 1.6x the reshape-max (docs/BENCHMARKS.md).
     """
     window = tuple(window)
     spatial = x.shape[1:-1]
