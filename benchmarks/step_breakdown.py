@@ -4,7 +4,7 @@ gradient), each jitted and timed on its own.
 
   python benchmarks/step_breakdown.py [--config configs/easy_vqa.py] [--repeats 20] [--json PATH]
 
-Each figure is the median of 5 windows of `--repeats` calls after one untimed call, ending with
+Each figure is the median of 5 windows of `--repeats` calls after one untimed window, each ending with
 `block_until_ready`. The step and the loss use a real training batch (`input_pipeline.make_train_iterator`);
 the convolutions random inputs of the shapes the CNN sees (its images: batch_size / questions_per_image).
 The loss here is a plain `jax.value_and_grad`: the step adds the optimizer update and the metrics.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import benchlib
 import jax
@@ -23,17 +22,16 @@ import numpy as np
 from refnet_jax import encoders, input_pipeline, report, sharding, train_lib
 
 
+def window_ms(run_window, repeats: int) -> float:
+    """Median ms per call over 5 timed windows, after one untimed window: `run_window()` makes `repeats`
+    calls and returns their outputs (blocked on before the clock stops)."""
+    times, _ = benchlib.time_calls(lambda: jax.block_until_ready(run_window()), warmup=1, repeats=5)
+    return statistics.median(times) / repeats * 1e3
+
+
 def timed(fn, *args, repeats: int) -> float:
-    """Median ms per call over 5 windows of `repeats` calls."""
-    jax.block_until_ready(fn(*args))
-    windows = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        windows.append((time.perf_counter() - start) / repeats * 1e3)
-    return statistics.median(windows)
+    """Median ms per call of `fn(*args)`."""
+    return window_ms(lambda: [fn(*args) for _ in range(repeats)], repeats)
 
 
 def conv_rows(image_shape, features, repeats: int) -> list[list]:
@@ -75,18 +73,13 @@ def main(argv=None) -> None:
         step = run.train_step.lower(run.state, batch, rng).compile()
         state = run.state
 
-        def steps(n=args.repeats):
+        def steps():
             nonlocal state
-            for _ in range(n):
+            for _ in range(args.repeats):
                 state, metrics = step(state, batch, rng)
             return state, metrics
 
-        jax.block_until_ready(steps(1))
-        windows = []
-        for _ in range(5):
-            start = time.perf_counter()
-            jax.block_until_ready(steps())
-            windows.append((time.perf_counter() - start) / args.repeats * 1e3)
+        step_ms = window_ms(steps, args.repeats)
         params = state.params
 
         def loss(p):
@@ -101,7 +94,7 @@ def main(argv=None) -> None:
         rows = [
             [
                 'train step (jitted, donating; optimizer and metrics included)',
-                f'{statistics.median(windows):.2f}',
+                f'{step_ms:.2f}',
             ],
             ['loss forward', f'{timed(jax.jit(loss), params, repeats=args.repeats):.2f}'],
             [
