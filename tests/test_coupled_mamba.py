@@ -1,5 +1,5 @@
-"""Coupled Mamba: the parallel associative scan equals the sequential recurrence (values and gradients),
-padded steps leave the states as they were, and the chains are coupled."""
+"""Coupled Mamba: the parallel associative scan equals the sequential recurrence (values and gradients, the
+scan's own backward pass included), padded steps leave the states as they were, and the chains are coupled."""
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,31 @@ def test_the_parallel_scan_equals_the_sequential_one_in_values_and_gradients():
     got = jax.grad(loss, argnums=(0, 1, 2))(*args[:3], True)
     want = jax.grad(loss, argnums=(0, 1, 2))(*args[:3], False)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_linear_recurrence_and_its_backward_pass_equal_autodiff_of_a_sequential_scan():
+    rs = np.random.RandomState(1)
+    a = jnp.asarray(rs.uniform(-0.6, 0.6, (2, 9, 3, 2, 2)), jnp.float32)  # general transitions, not only
+    b = jnp.asarray(rs.randn(2, 9, 3, 2), jnp.float32)  # the coupled ones
+    weights = jnp.asarray(rs.randn(2, 9, 3, 2), jnp.float32)
+
+    def sequential(a, b):
+        def step(h, ab):
+            h = jnp.einsum('...ij,...j->...i', ab[0], h) + ab[1]
+            return h, h
+
+        return jnp.moveaxis(
+            jax.lax.scan(step, jnp.zeros_like(b[:, 0]), (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)))[1],
+            0,
+            1,
+        )
+
+    np.testing.assert_allclose(coupled_mamba.linear_recurrence(a, b), sequential(a, b), rtol=1e-5, atol=1e-6)
+    got = jax.grad(lambda a, b: jnp.sum(weights * coupled_mamba.linear_recurrence(a, b)), argnums=(0, 1))(
+        a, b
+    )
+    want = jax.grad(lambda a, b: jnp.sum(weights * sequential(a, b)), argnums=(0, 1))(a, b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got, want)
 
 
 def test_padded_steps_keep_the_state_and_the_chains_are_coupled():
