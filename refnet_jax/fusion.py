@@ -5,7 +5,9 @@ are mask-mean pooled for them. Token fusions (`TOKEN_LEVEL = True`: mmft, mbt) s
 modality (a pooled encoder's output is one token) and return `(z, readouts)`, where `readouts[m]` (B, D) is
 the masked mean of modality m's own tokens at the layer z is read from: the `tokens` refiner target.
 A fusion with `FEEDBACK = True` (progressive) also gets `encode=`, to run the encoders again with a context;
-one with `STATS = True` (deq) returns `(z, stats)`, which the training metrics report as `fusion/<stat>`.
+one with `STATS = True` (deq) returns its stats dict after its other outputs (`(z, stats)`, or
+`(z, readouts, stats)` when token-level), which the training metrics report as `fusion/<stat>`. The three
+class variables combine freely.
 
 Every module takes the modalities in sorted-name order, so that the result does not depend on the order of
 a dict. `FUSIONS` maps `config.model.fusion.kind` to a module; the other fields of `config.model.fusion` are
@@ -371,3 +373,9 @@ def is_token_level(cls: type[nn.Module]) -> bool:
     """Whether a fusion class takes `Tokens` and returns `(z, readouts)` (its `TOKEN_LEVEL` class variable;
     False for any module that does not declare it)."""
     return bool(getattr(cls, 'TOKEN_LEVEL', False))
+
+
+def reports_stats(cls: type[nn.Module]) -> bool:
+    """Whether a fusion class returns a dict of scalars after its other outputs (its `STATS` class variable:
+    `(z, stats)`, or `(z, readouts, stats)` when also token-level), logged as `fusion/<name>` (`DEQFusion`)."""
+    return bool(getattr(cls, 'STATS', False))

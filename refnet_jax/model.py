@@ -83,8 +83,9 @@ class ReFNet(nn.Module):
       modalities: (name, ModalityInfo) pairs of the dataset, in sorted-name order.
       encoders: (name, encoder module) pairs, one per modality; each maps the modality's batch to
         (B, D) or `layers.Tokens`.
-      fusion: the fusion module; token-level ones (`fusion.is_token_level`) take Tokens and return
-        `(z, readouts)`, pooled ones take {m: (B, D)} and return z.
+      fusion: the fusion module; token-level ones (`fusion.is_token_level`) take {m: Tokens} (a pooled
+        encoder's output as one token) and return `(z, readouts)`, pooled ones take {m: (B, D)} and return z;
+        `fusion.takes_feedback` ones also get `encode=`, `fusion.reports_stats` ones return stats last.
       num_classes: outputs of the task head.
       refiner_modalities: the modalities that get a refiner decoder (those with a non-zero refiner weight);
         empty for the plain fusion baseline, which then has no refiner parameters at all.
@@ -162,22 +163,30 @@ class ReFNet(nn.Module):
         encoded = encode()
         embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
-        readouts = None
-        stats = {}
-        if fusion.is_token_level(type(self.fusion)):
-            z, readouts = self.fusion(encoded, train=train)
-        elif fusion.takes_feedback(type(self.fusion)):  # runs the encoders again with its context
+        kind = type(self.fusion)
+        token_level = fusion.is_token_level(kind)
 
-            def encode_again(context: jax.Array) -> dict[str, jax.Array]:
+        def fusion_inputs(outputs: dict[str, Any]) -> dict[str, Any]:
+            """What the fusion sees: Tokens for a token-level one (a pooled output is one token), else (B, D)."""
+            convert = layers.as_tokens if token_level else layers.pooled
+            return {m: convert(e) for m, e in outputs.items()}
+
+        extra = {}
+        if fusion.takes_feedback(kind):  # it runs the encoders again with its context
+
+            def encode_again(context: jax.Array) -> dict[str, Any]:
+                outputs = encode(context)
                 # `embeddings` become the last round's: those the refiner and the MS loss see.
-                embeddings.update({m: layers.pooled(e) for m, e in encode(context).items()})
-                return dict(embeddings)
+                embeddings.update({m: layers.pooled(e) for m, e in outputs.items()})
+                return fusion_inputs(outputs)
 
-            z = self.fusion(dict(embeddings), encode=encode_again, train=train)
-        elif getattr(type(self.fusion), 'STATS', False):  # a fusion that reports how it went (DEQ)
-            z, stats = self.fusion(embeddings, train=train)
-        else:
-            z = self.fusion(embeddings, train=train)
+            extra['encode'] = encode_again
+        outputs = self.fusion(fusion_inputs(encoded), train=train, **extra)
+        stats = {}
+        if fusion.reports_stats(kind):  # a fusion that reports how it went (DEQ): its stats come last
+            *outputs, stats = outputs
+            outputs = tuple(outputs) if len(outputs) > 1 else outputs[0]
+        z, readouts = outputs if token_level else (outputs, None)
         logits = layers.precision(self).Dense(self.num_classes, name='head')(z)  # (B, C)
         aux = {'embeddings': embeddings, 'fused': z, 'present': present}
         if stats:

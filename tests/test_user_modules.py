@@ -134,3 +134,60 @@ def test_readme_example_is_what_the_fast_test_runs():
     assert '--config.model.encoders.question.module=my_modules.py:MyEncoder' in command
     assert '--config.model.fusion.kind=my_modules.py:MyFusion' in command
     textwrap.dedent(blocks[0][1])  # a complete file
+
+
+FLAGGED_FUSIONS = '''
+import flax.linen as nn
+import jax.numpy as jnp
+from refnet_jax import layers
+
+
+class TokenStats(nn.Module):
+    """Token-level and reporting stats: gets Tokens for every modality, returns (z, readouts, stats)."""
+
+    TOKEN_LEVEL = True
+    STATS = True
+    fused_dim: int = 16
+
+    @nn.compact
+    def __call__(self, inputs, *, train=False):
+        assert all(isinstance(t, layers.Tokens) for t in inputs.values()), inputs
+        readouts = {m: nn.Dense(self.fused_dim, name=f'proj_{m}')(layers.pooled(t)) for m, t in inputs.items()}
+        z = sum(readouts[m] for m in sorted(readouts))
+        return z, readouts, {'tokens_seen': jnp.mean(jnp.asarray([t.mask.sum(1).mean() for t in inputs.values()]))}
+
+
+class FeedbackStats(nn.Module):
+    """Feeding back and reporting stats: gets encode=, returns (z, stats)."""
+
+    FEEDBACK = True
+    STATS = True
+    fused_dim: int = 16
+
+    @nn.compact
+    def __call__(self, embeddings, *, encode, train=False):
+        z = nn.Dense(self.fused_dim, name='first')(jnp.concatenate([embeddings[m] for m in sorted(embeddings)], -1))
+        again = encode(z)
+        z2 = nn.Dense(self.fused_dim, name='second')(jnp.concatenate([again[m] for m in sorted(again)], -1))
+        return z2, {'change': jnp.mean(jnp.abs(z2 - z))}
+'''
+
+
+@pytest.mark.parametrize(
+    'fusion_class, target, stat',
+    [('TokenStats', 'tokens', 'tokens_seen'), ('FeedbackStats', 'embedding', 'change')],
+)
+def test_the_fusion_class_variables_combine(tmp_path, fusion_class, target, stat):
+    """TOKEN_LEVEL, FEEDBACK and STATS are independent: a token-level fusion that reports stats, and a
+    feedback one that does, train a step with their stats in the metrics; a token-level fusion gets Tokens
+    for a pooled encoder's output too (`bow`: one token)."""
+    path = tmp_path / 'flagged.py'
+    path.write_text(FLAGGED_FUSIONS)
+    config = toy_config('lowrank', target=target)  # its tiny fields are MyFusion's: fused_dim only
+    config.model.fusion.kind = f'{path}:{fusion_class}'
+    config.model.encoders.question.module = 'bow'
+    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    with jax.set_mesh(run.mesh):
+        _, metrics = run.train_step(run.state, sharding.shard_batch(toy_batch(), run.mesh), jax.random.key(0))
+    assert np.isfinite(float(metrics['loss']))
+    assert np.isfinite(float(metrics[f'fusion/{stat}']))
