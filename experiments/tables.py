@@ -133,7 +133,8 @@ def report(dataset: str) -> str:
     headers = ['row', 'config argument', 'test accuracy', 'validation accuracy', 'wall time (s)', 'seeds']
     note = (
         f'Each cell: `python train.py --config configs/{dataset}.py:<config argument> '
-        '--workdir runs/<row>-S --config.seed=S` (plus the flags shown after the argument).'
+        f'--workdir runs/<row>-S --config.seed=S {report_lib.shell_join(PINNED)}` (plus the flags shown after the '
+        'argument).'
     )
     return report_lib.markdown_table(headers, rows) + '\n\n' + note
 

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -112,6 +113,18 @@ def load_record(path: str | os.PathLike) -> dict | None:
         return json.load(f)
 
 
+def shell_join(cmd: Sequence[str]) -> str:
+    """`cmd` as one line a POSIX shell reads back as the same words: an argument with shell characters is
+    double-quoted where that is enough (`"--config.train.decay_mask=('.*',)"`), else `shlex.quote`d."""
+
+    def quote(arg: str) -> str:
+        if shlex.quote(arg) == arg:
+            return arg
+        return f'"{arg}"' if not any(c in arg for c in '"$`\\!') else shlex.quote(arg)
+
+    return ' '.join(quote(a) for a in cmd)
+
+
 def run_and_record(
     cmd: list[str], workdir: str, record_path: str, *, root: str, results_file: str = 'results.json'
 ) -> dict:
@@ -125,7 +138,7 @@ def run_and_record(
     Returns:
       The record.
     """
-    print(f'[{time.strftime("%H:%M:%S")}] {" ".join(cmd)}', flush=True)
+    print(f'[{time.strftime("%H:%M:%S")}] {shell_join(cmd)}', flush=True)
     start, load_before = time.time(), load_average()
     os.makedirs(os.path.join(root, workdir), exist_ok=True)
     with open(os.path.join(root, workdir, 'train.log'), 'a') as log:
@@ -135,7 +148,7 @@ def run_and_record(
     with open(os.path.join(root, workdir, results_file)) as f:
         results = json.load(f)
     record = {
-        'command': ' '.join(cmd),
+        'command': shell_join(cmd),
         'wall_seconds': wall,
         'machine': machine_summary(),
         # 1-minute load averages around the run: above the core count, other work slowed it.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 
 import pytest
 
@@ -69,3 +70,10 @@ def test_write_json_is_sorted_and_ends_with_a_newline(tmp_path):
     assert text.endswith('}\n') and text.index('"a"') < text.index('"b"')
     assert json.loads(text) == {'a': [1, 2], 'b': 1}
     assert os.listdir(tmp_path / 'sub') == ['figures.json']
+
+
+def test_shell_join_reads_back_as_the_same_words():
+    cmd = ['python', 'train.py', "--config.train.decay_mask=('.*',)", 'a b', 'say "hi"', '$HOME', 'plain=1']
+    line = report.shell_join(cmd)
+    assert shlex.split(line) == cmd
+    assert '"--config.train.decay_mask=(\'.*\',)"' in line  # readable: double quotes where they suffice
