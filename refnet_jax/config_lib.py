@@ -131,7 +131,7 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.model.refiner = ml_collections.ConfigDict()
     config.model.refiner.hidden = (256,)  # hidden widths of each modality's decoder
     # 'embedding' (e_m), 'input' (the modality's raw input; what pre-training needs, as it cannot collapse) or
-    # 'tokens' (the mean of m's own tokens at a token fusion's read-out layer; mmft, mbt)
+    # 'tokens' (the mean of m's own tokens at a token fusion's read-out layer; mmft, mbt, coupled_mamba)
     if variant == 'pretrain':
         config.model.refiner.target = 'input'
     else:
@@ -219,7 +219,9 @@ def make_tiny(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -> m
     config.model.fusion.fused_dim = 16
     if 'hidden' in config.model.fusion:
         config.model.fusion.hidden = (16,)
-    if 'depth' in config.model.fusion:  # token-level fusions: one block (MBT: fused through bottlenecks)
+    # Token-level fusions: one block. (MBT's one block is then late fusion, its modalities meeting only in z:
+    # the tests that need the bottleneck exchange build MBT with two.)
+    if 'depth' in config.model.fusion:
         config.model.fusion.depth = 1
         for field, value in (('num_heads', 2), ('fusion_layer', 0), ('state_size', 4)):
             if field in config.model.fusion:
