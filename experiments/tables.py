@@ -3,6 +3,8 @@ r"""The README's result tables, one `train.py` run per cell: rows (a config vari
   python experiments/tables.py easy_vqa          # runs every missing cell, one at a time, then prints the table
   python experiments/tables.py hapt --report     # only prints the table from results/hapt/
   python experiments/tables.py uci_mfeat --rows fused-refnet --seeds 0   # a subset of the cells
+  python experiments/tables.py easy_vqa hapt --rows 'mmft-*,mbt-*'       # the token-level fusions' tables
+  python experiments/tables.py easy_vqa hapt --rows 'deq-*,progressive-*,coupled_mamba-*'   # the later ones
 
 Tables:
   easy_vqa    {lowrank (the default), concat, transformer, mmft, mbt} fusion x {baseline, refiner, refnet};
@@ -19,6 +21,7 @@ interrupted grid resumes where it was. Run it with `nice` when the machine is sh
 """
 
 import argparse
+import fnmatch
 import os
 import sys
 from typing import NamedTuple
@@ -112,15 +115,16 @@ def run_missing(dataset: str, rows: list[str], seeds: list[int], runs_dir: str) 
         )
 
 
-def report(dataset: str) -> str:
-    """The table of `dataset`: per row, mean ± std over the seeds recorded so far."""
-    rows = []
-    for row, spec in TABLES[dataset].items():
+def report(dataset: str, rows: list[str] | None = None) -> str:
+    """The table of `dataset` (`rows` of it; default all): per row, mean ± std over the seeds recorded so far."""
+    lines = []
+    for row in TABLES[dataset] if rows is None else rows:
+        spec = TABLES[dataset][row]
         seeds = [s for s in SEEDS if os.path.exists(cell_path(dataset, row, s))]
         if not seeds:
             continue
         recs = [report_lib.load_record(cell_path(dataset, row, seed)) for seed in seeds]
-        rows.append(
+        lines.append(
             [
                 row,
                 spec.describe(),
@@ -136,16 +140,36 @@ def report(dataset: str) -> str:
         f'--workdir runs/<row>-S --config.seed=S {report_lib.shell_join(PINNED)}` (plus the flags shown after the '
         'argument).'
     )
-    return report_lib.markdown_table(headers, rows) + '\n\n' + note
+    return report_lib.markdown_table(headers, lines) + '\n\n' + note
+
+
+def select_rows(datasets: list[str], patterns: list[str]) -> dict[str, list[str]]:
+    """Each dataset's rows that match any of `patterns` (shell patterns: `mmft-*`; none: every row), in table
+    order. A pattern that matches no row of any of the datasets is an error naming it."""
+    selected = {
+        d: [r for r in TABLES[d] if not patterns or any(fnmatch.fnmatchcase(r, p) for p in patterns)]
+        for d in datasets
+    }
+    unmatched = [
+        p for p in patterns if not any(fnmatch.fnmatchcase(r, p) for d in datasets for r in TABLES[d])
+    ]
+    if unmatched:
+        raise ValueError(
+            f'--rows {unmatched} match no row of {datasets}: '
+            + '; '.join(f'{d}: {list(TABLES[d])}' for d in datasets)
+        )
+    return selected
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument('dataset', choices=sorted(TABLES))
-    parser.add_argument('--report', action='store_true', help='only print the table')
-    parser.add_argument('--rows', default='', help='comma-separated row names (default: all)')
+    parser.add_argument('datasets', nargs='+', choices=sorted(TABLES), metavar='dataset')
+    parser.add_argument('--report', action='store_true', help='only print the tables')
+    parser.add_argument(
+        '--rows', default='', help="comma-separated row names or shell patterns ('mmft-*'; default: all)"
+    )
     parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated seeds')
     parser.add_argument(
         '--runs_dir',
@@ -153,14 +177,16 @@ def main() -> None:
         help='where the cells keep their workdirs (relative to the repository root)',
     )
     args = parser.parse_args()
-    rows = [r for r in args.rows.split(',') if r] or list(TABLES[args.dataset])
-    unknown = [r for r in rows if r not in TABLES[args.dataset]]
-    if unknown:
-        parser.error(f'--rows {unknown} not in the {args.dataset} table: {list(TABLES[args.dataset])}')
+    try:
+        selected = select_rows(args.datasets, [r for r in args.rows.split(',') if r])
+    except ValueError as e:
+        parser.error(str(e))
     seeds = [int(s) for s in args.seeds.split(',') if s]
     if not args.report:
-        run_missing(args.dataset, rows, seeds, args.runs_dir)
-    print(report(args.dataset))
+        for dataset, rows in selected.items():
+            run_missing(dataset, rows, seeds, args.runs_dir)
+    for dataset, rows in selected.items():
+        print(f'## {dataset}\n\n{report(dataset, rows)}\n')
 
 
 if __name__ == '__main__':

@@ -115,3 +115,19 @@ def test_table_rows_build_train_commands_that_configs_accept():
     assert tables.TABLES['easy_vqa']['lowrank-refnet-bf16'].flags == ('--config.model.dtype=bfloat16',)
     later = {f'{k}-{v}' for k in tables.LATER_FUSIONS for v in ('baseline', 'refiner', 'refnet')}
     assert later <= set(tables.TABLES['easy_vqa']) and later <= set(tables.TABLES['hapt'])
+
+
+def test_rows_are_chosen_by_name_or_pattern_over_several_datasets():
+    from experiments import tables
+
+    selected = tables.select_rows(['easy_vqa', 'hapt'], ['deq-*', 'progressive-*', 'coupled_mamba-*'])
+    later = [f'{k}-{v}' for k in tables.LATER_FUSIONS for v in ('baseline', 'refiner', 'refnet')]
+    assert selected == {'easy_vqa': later, 'hapt': later}  # table order
+    assert tables.select_rows(['hapt'], ['acc-only', 'fused-refnet']) == {
+        'hapt': ['acc-only', 'fused-refnet']
+    }
+    assert tables.select_rows(['uci_mfeat'], [])['uci_mfeat'] == list(tables.TABLES['uci_mfeat'])
+    # A pattern must match a row of one of the datasets, at least: 'acc-only' is HAPT's alone.
+    assert tables.select_rows(['easy_vqa', 'hapt'], ['acc-only']) == {'easy_vqa': [], 'hapt': ['acc-only']}
+    with pytest.raises(ValueError, match=r"--rows \['mmft-baselin'\] match no row"):
+        tables.select_rows(['easy_vqa', 'hapt'], ['mmft-baselin', 'mmft-*'])
