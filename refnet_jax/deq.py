@@ -7,6 +7,12 @@ same iteration (the implicit function theorem), then takes one vector-Jacobian p
 and inputs. Nothing of the forward iterations is kept, so memory does not grow with their number. (Our own
 `custom_vjp` rather than optimistix: a plain fixed-point iteration is all the block needs, and it keeps the
 dependency list short; `tests/test_deq.py` checks the implicit gradient against the unrolled one.)
+
+Two limits, known and left as they are: the stopping test is one relative norm over the whole batch, so an
+example's z* depends on the rest of its batch within `tol` (gradient accumulation, which splits the batch,
+is exact for this fusion only to that tolerance); and the backward solve's iterations are not reported (a
+custom VJP returns cotangents only): it converges where the forward one does, as both iterate the same
+contraction, but one that stops at `max_iter` does so silently.
 """
 
 import functools
