@@ -209,3 +209,26 @@ def test_vit_pooled_outputs(pooling):
     params = jax.jit(module.init)(jax.random.key(0), IMAGES)
     assert module.apply(params, IMAGES).shape == (2, 5)
     assert ('cls' in params['params']) == (pooling == 'cls')
+
+
+@pytest.mark.parametrize('kind', ['concat', 'transformer', 'lowrank', 'gated', 'deq', 'progressive'])
+def test_pooled_fusion_does_not_depend_on_modality_order(kind):
+    cls = fusion.FUSIONS[kind]
+    fields = {
+        k: v
+        for k, v in dict(fused_dim=8, hidden=(8,), num_heads=2).items()
+        if k in modules.module_fields(cls)
+    }
+    module = cls(**fields)
+    rs = np.random.RandomState(0)
+    inputs = {m: jnp.asarray(rs.randn(3, d), jnp.float32) for m, d in (('b', 5), ('a', 4), ('c', 6))}
+    extra = {}
+    if fusion.takes_feedback(cls):  # a stand-in for the encoders: the context shifts every modality
+        extra['encode'] = lambda context: {m: x + context.mean(-1, keepdims=True) for m, x in inputs.items()}
+    params = jax.jit(lambda key, x: module.init(key, x, **extra))(jax.random.key(0), inputs)
+    reverse = {m: inputs[m] for m in reversed(list(inputs))}
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(x, y),
+        module.apply(params, inputs, **extra),
+        module.apply(params, reverse, **extra),
+    )
