@@ -62,8 +62,8 @@ def one_step(config, batch, with_grads=False):
     return model, params0, grads, jax.device_get(state.params), jax.device_get(metrics)
 
 
-def check_one_step(fusion, variant):
-    config = toy_config(fusion, variant)
+def check_one_step(fusion, variant, target='embedding'):
+    config = toy_config(fusion, variant, target)
     model, params0, _, params1, metrics = one_step(config, toy_batch())
     assert np.isfinite(metrics['loss'])
     assert ('refiner' in params0) == (variant != 'baseline')
@@ -85,6 +85,15 @@ CASES += [('concat', v) for v in config_lib.VARIANTS if v not in ('refnet', 'pre
 @pytest.mark.parametrize('fusion,variant', CASES, ids=[f'{f}-{v}' for f, v in CASES])
 def test_fusion_and_variant_trains_a_step(fusion, variant):
     check_one_step(fusion, variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    'fusion', sorted(f for f, c in fusion_lib.FUSIONS.items() if fusion_lib.is_token_level(c))
+)
+def test_token_fusion_trains_a_step_with_tokens_targets(fusion):
+    """The author's scheme on every token-level fusion: `tokens` targets, the MS loss on top."""
+    check_one_step(fusion, 'refnet', target='tokens')
 
 
 @pytest.mark.parametrize(
