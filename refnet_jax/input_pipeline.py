@@ -31,8 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from refnet_jax import contract
-from refnet_jax.datasets import common
+from refnet_jax import contract, splits
 
 # Threads that read and transform records. Parsing holds the GIL: one thread already
 # gives ~38k easy-VQA questions/s on one core, and more threads add nothing.
@@ -74,10 +73,10 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
     Class ids (N,): stratified, round(fraction * n_c) examples of each class c (at least one), drawn without
     replacement. Multi-hot labels (N, C): a plain random round(fraction * N) (at least one), since label
-    combinations are too many to stratify on. (`datasets.common.stratified_split` with Python's rounding and
+    combinations are too many to stratify on. (`splits.stratified_split` with Python's rounding and
     `rng.choice`, the draw since the first label-efficiency results.)
     """
-    return common.stratified_split(
+    return splits.stratified_split(
         labels, seed, fractions={'subset': fraction}, rounding='half_even', at_least=1, draw='choice'
     )['subset']
 

@@ -19,8 +19,8 @@ from helpers import stored_records
 from PIL import Image
 
 from configs import custom as custom_config
-from refnet_jax import contract, input_pipeline, train_lib
-from refnet_jax.datasets import common, custom
+from refnet_jax import contract, input_pipeline, splits, train_lib
+from refnet_jax.datasets import custom
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KINDS = {'image': 'image', 'tokens': 'tokens', 'series': 'series', 'features': 'features'}
@@ -179,19 +179,19 @@ def test_drawn_split_is_stratified_seeded_and_deterministic():
     labels = np.repeat([0, 1, 2], [50, 30, 20])
     fractions = {'validation': 0.2, 'test': 0.1}
     # The draw of config.data.split for the splits not given (custom_values.fill_splits).
-    a = common.stratified_split(labels, 0, fractions=fractions, rest='train')
+    a = splits.stratified_split(labels, 0, fractions=fractions, rest='train')
     assert {k: np.bincount(labels[v], minlength=3).tolist() for k, v in a.items()} == {
         'train': [35, 21, 14],
         'validation': [10, 6, 4],
         'test': [5, 3, 2],
     }
     assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))  # disjoint, all rows
-    b = common.stratified_split(labels, 0, fractions=fractions, rest='train')
+    b = splits.stratified_split(labels, 0, fractions=fractions, rest='train')
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    c = common.stratified_split(labels, 1, fractions=fractions, rest='train')
+    c = splits.stratified_split(labels, 1, fractions=fractions, rest='train')
     assert not np.array_equal(a['test'], c['test'])
     # Multi-hot labels: unstratified, the same sizes.
-    d = common.stratified_split(np.zeros((100, 4), np.int32), 0, fractions=fractions, rest='train')
+    d = splits.stratified_split(np.zeros((100, 4), np.int32), 0, fractions=fractions, rest='train')
     assert {k: len(v) for k, v in d.items()} == {'train': 70, 'validation': 20, 'test': 10}
 
 

@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 from absl import logging
 
+from refnet_jax import splits
 from refnet_jax.datasets import common
 from refnet_jax.datasets.custom_spec import SPLITS, Spec, read_table
 
@@ -95,15 +96,15 @@ def read_table_parts(spec: Spec) -> dict[str, Part]:
             )
     if spec.split_column is None:
         return {'train': whole}
-    splits = np.asarray(column(spec.split_column))
-    bad = ~np.isin(splits, SPLITS)
+    row_split = np.asarray(column(spec.split_column))
+    bad = ~np.isin(row_split, SPLITS)
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(
-            f'{whole.where(i)}: column {spec.split_column!r} (config.data.split_column) is {str(splits[i])!r}; '
+            f'{whole.where(i)}: column {spec.split_column!r} (config.data.split_column) is {str(row_split[i])!r}; '
             f'expected one of {SPLITS}'
         )
-    parts = {s: whole.take(np.flatnonzero(splits == s)) for s in SPLITS if (splits == s).any()}
+    parts = {s: whole.take(np.flatnonzero(row_split == s)) for s in SPLITS if (row_split == s).any()}
     if 'train' not in parts:
         raise ValueError(f'{path}: no row has split train in column {spec.split_column!r}; expected some')
     return parts
@@ -237,7 +238,7 @@ def fill_splits(parts: dict[str, Part], spec: Spec) -> dict[str, str]:
         return origins
     train = parts['train']
     # Per class, round(n * fraction) rows half up, by permuting the class's rows (see the custom.py docstring).
-    rows = common.stratified_split(train.labels, spec.split_seed, fractions=fractions, rest='train')
+    rows = splits.stratified_split(train.labels, spec.split_seed, fractions=fractions, rest='train')
     for split, idx in rows.items():
         if not len(idx):
             raise ValueError(

