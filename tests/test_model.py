@@ -68,6 +68,8 @@ def check_one_step(fusion, variant, target='embedding'):
     assert np.isfinite(metrics['loss'])
     assert ('refiner' in params0) == (variant != 'baseline')
     assert ('ms_loss' in metrics) == (variant == 'refnet')
+    if fusion == 'deq':  # how the solver went, in the training metrics
+        assert {'fusion/deq_iterations', 'fusion/deq_residual'} <= set(metrics)
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), params0['fusion'], params1['fusion'])
     assert any(jax.tree.leaves(changed))
     logits, aux = jax.eval_shape(model.apply, {'params': params1}, toy_batch())
