@@ -5,8 +5,12 @@ z* = f(z*; x) of one weight-tied purify-then-combine block, found by iteration, 
 relative change is below `tol` or `max_iter` iterations; the backward pass solves u = g + (df/dz)^T u by the
 same iteration (the implicit function theorem), then takes one vector-Jacobian product into the parameters
 and inputs. Nothing of the forward iterations is kept, so memory does not grow with their number. (Our own
-`custom_vjp` rather than optimistix: a plain fixed-point iteration is all the block needs, and it keeps the
-dependency list short; `tests/test_deq.py` checks the implicit gradient against the unrolled one.)
+`custom_vjp` rather than optimistix: optimistix's default `ImplicitAdjoint` solves the backward system with
+`lineax.AutoLinearSolver`, which picks a direct solver (LU, QR) and so works on df/dz as a matrix: (B * D)^2
+entries, 4 GiB at B = 256, D = 128, though the block never mixes examples. A matrix-free solve there has to be
+chosen by hand (lineax's GMRES, say); the DEQ paper's own backward pass is the fixed-point iteration below,
+which needs only vector-Jacobian products, and it brings no new dependency (equinox, lineax).
+`tests/test_deq.py` checks the implicit gradient against the unrolled one.)
 
 Two limits, known and left as they are: the stopping test is one relative norm over the whole batch, so an
 example's z* depends on the rest of its batch within `tol` (gradient accumulation, which splits the batch,
