@@ -153,7 +153,7 @@ class TextTransformer(nn.Module):
       mlp_dim: MLP hidden width; None: 4 x width.
       dropout: dropout rate.
       pooling: 'tokens' (every real token, padding masked), 'gap' (their masked mean), 'first', or 'last'
-        (the last position, big_vision's SigLIP default for EOS-padded text).
+        (the last real token: the last position of EOS-padded text, big_vision's SigLIP default).
       embed_dim: when set, a final Dense to this size (`head`); None: outputs stay `width` wide.
     """
 
@@ -191,8 +191,9 @@ class TextTransformer(nn.Module):
         out = layers.Tokens(x, mask).clean()
         if self.pooling == 'gap':
             return layers.pooled(out)
-        if self.pooling == 'last':
-            return out.tokens[:, -1]
+        if self.pooling == 'last':  # the last real token (the last position of EOS-padded text, as big_vision)
+            last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)  # (B,)
+            return jnp.take_along_axis(out.tokens, last[:, None, None], axis=1)[:, 0]
         if self.pooling == 'first':
             return out.tokens[:, 0]
         return out

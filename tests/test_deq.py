@@ -52,3 +52,21 @@ def test_memory_does_not_grow_with_the_iterations_and_non_convergence_shows():
         _, stats = module.apply(params, embeddings)
         assert int(stats['deq_iterations']) == max_iter and float(stats['deq_residual']) > 0
     assert temps[50] == temps[5]
+
+
+def test_a_capped_solve_reports_its_last_relative_change():
+    """Stopped at max_iter = 3 short of tol: 3 iterations, and the residual is the relative change of the
+    third, recomputed here by unrolling the block; above tol, as the docstring says such a run shows."""
+    module, params, embeddings = setup(tol=1e-7, max_iter=3)
+    z, stats = module.apply(params, embeddings)
+    p = params['params']
+    xs = {m: e @ p[f'proj_{m}']['kernel'] + p[f'proj_{m}']['bias'] for m, e in embeddings.items()}
+    block = deq._PurifyCombine(('a', 'b'), 8, parent=None)
+    iterates = [jnp.zeros((4, 8))]
+    for _ in range(3):
+        iterates.append(block.apply({'params': p['block']}, iterates[-1], xs))
+    want = np.linalg.norm(iterates[3] - iterates[2]) / (np.linalg.norm(iterates[3]) + 1e-8)
+    assert int(stats['deq_iterations']) == 3
+    np.testing.assert_allclose(z, iterates[3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(stats['deq_residual']), want, rtol=1e-4)
+    assert float(stats['deq_residual']) > 1e-7

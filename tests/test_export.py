@@ -170,7 +170,7 @@ def test_export_of_a_checkpoint_that_does_not_fit_its_config_names_the_parameter
 
 
 @pytest.mark.slow(seconds=30)
-@pytest.mark.parametrize('fusion', ['mmft', 'deq', 'progressive', 'coupled_mamba'])
+@pytest.mark.parametrize('fusion', ['mmft', 'mbt', 'deq', 'progressive', 'coupled_mamba'])
 def test_exported_later_fusion_model_runs_in_a_fresh_process(tmp_path, easy_vqa_dir, fusion):
     """Token-level and later fusions (a fixed point, feedback rounds, a scan) export like the others: symbolic
     batch, no model code in the loading process, the training code's logits."""

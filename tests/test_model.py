@@ -201,3 +201,21 @@ def test_trivially_learnable_data_reaches_full_accuracy():
     logits, _ = model.apply({'params': state.params}, batch)
     assert (np.asarray(logits).argmax(-1) == batch['label']).all()
     assert float(metrics['task_loss']) < 0.05
+
+
+def test_tokens_targets_are_the_fusions_readouts():
+    """With `tokens` targets the refiner decodes the fusion's per-modality read-outs (not the encoders'
+    pooled embeddings, which have the same width here)."""
+    model = model_lib.create_model(toy_config(fusion='mmft', target='tokens'), INFO)
+    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
+    (_, aux), state = model.apply(
+        {'params': params},
+        toy_batch(),
+        capture_intermediates=lambda mdl, _: mdl.name == 'fusion',
+        mutable=['intermediates'],
+    )
+    z, readouts = state['intermediates']['fusion']['__call__'][0]
+    np.testing.assert_array_equal(aux['fused'], z)
+    for m in MODALITIES:
+        np.testing.assert_array_equal(aux['targets'][m], readouts[m])
+        assert not np.allclose(aux['targets'][m], aux['embeddings'][m])

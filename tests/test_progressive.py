@@ -109,3 +109,32 @@ def test_rounds_below_one_are_refused():
 def test_progressive_is_registered_as_a_feedback_fusion():
     assert fusion_lib.takes_feedback(fusion_lib.FUSIONS['progressive'])
     assert not any(fusion_lib.takes_feedback(c) for k, c in fusion_lib.FUSIONS.items() if k != 'progressive')
+
+
+def test_the_module_fuses_what_encode_returns_once_per_further_round():
+    """The module alone with a stand-in `encode` (the default run's check of the feedback loop; the model
+    level is in the slow tests above): rounds - 1 calls, each with the previous round's z, and the result is
+    the late fusion of the last call's embeddings."""
+    rs = np.random.RandomState(0)
+    embeddings = {m: jax.numpy.asarray(rs.randn(3, d), jax.numpy.float32) for m, d in (('a', 4), ('b', 5))}
+    calls = []
+
+    def encode(context):
+        calls.append(context)
+        return {m: e + context[:, :1] for m, e in embeddings.items()}
+
+    module = fusion_lib.ProgressiveFusion(rounds=3, hidden=(8,), fused_dim=6)
+    params = module.init(jax.random.key(0), embeddings, encode=encode)
+    late = fusion_lib.ConcatMLP(hidden=(8,), fused_dim=6)
+    late_params = {'params': params['params']['late']}
+    calls.clear()
+    z = module.apply(params, embeddings, encode=encode)
+    assert len(calls) == 2
+    z1 = late.apply(late_params, embeddings)
+    np.testing.assert_allclose(calls[0], z1, rtol=1e-6)
+    z2 = late.apply(late_params, {m: e + z1[:, :1] for m, e in embeddings.items()})
+    np.testing.assert_allclose(calls[1], z2, rtol=1e-6)
+    np.testing.assert_allclose(
+        z, late.apply(late_params, {m: e + z2[:, :1] for m, e in embeddings.items()}), rtol=1e-6
+    )
+    assert not np.allclose(z, z1)

@@ -1,6 +1,8 @@
 """Token-level encoders and fusions: masks (padding may hold anything, NaN included), modality order, the
 pooled <-> token adapters, and the `tokens` refiner target against a NumPy reference."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,12 +66,36 @@ def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
     (l0, out0), (g0, _) = value_and_grad(params, tokens(clean), clean)
     (l1, out1), (g1, grad_in) = value_and_grad(params, tokens(dirty), dirty)
     assert np.isfinite(l1)
+    # (assert_array_equal takes NaN == NaN: the values must also be finite.)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves((out1, g1)))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), out0, out1)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), g0, g1)
     # And the gradient with respect to the padded inputs themselves is zero, finite.
     for m in ('a', 'b'):
         g = np.asarray(grad_in[m])
         assert np.isfinite(g).all() and not g[~np.asarray(dirty[m].mask)].any()
+
+
+@pytest.mark.parametrize('kind,fields', FUSION_CASES)
+def test_token_fusion_masks_padded_positions_inside(kind, fields):
+    """More padded positions change nothing. Padding is zeroed on the way in (above), so this is what shows
+    that the attention, the bottlenecks and the scan mask them: a zero token is still a key, a step."""
+    module = make_fusion(kind, fields)
+    inputs = token_inputs()
+    a = inputs['a']
+    longer = dict(
+        inputs,
+        a=layers.Tokens(
+            jnp.concatenate([a.tokens, jnp.ones((3, 2, a.tokens.shape[2]))], 1),
+            jnp.concatenate([a.mask, jnp.zeros((3, 2), bool)], 1),
+        ),
+    )
+    params = jax.jit(module.init)(jax.random.key(0), inputs)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+        module.apply(params, inputs),
+        module.apply(params, longer),
+    )
 
 
 @pytest.mark.parametrize('kind,fields', FUSION_CASES)
@@ -85,17 +111,19 @@ def test_token_fusion_does_not_depend_on_modality_order(kind, fields):
     )
 
 
-def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer():
-    module = make_fusion('mmft', dict(readout='mean', readout_layer=2))
+@pytest.mark.parametrize('readout', ['mean', 'cls'])
+def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer(readout):
+    module = make_fusion('mmft', dict(readout=readout, readout_layer=2))
     inputs = token_inputs(pad_value=np.nan)
     params = jax.jit(module.init)(jax.random.key(0), inputs)
     (z, readouts), state = module.apply(
         params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
     )
-    h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, T, D)
-    # Sorted modalities a (5 tokens), b (4), c (1, pooled): their token slices in the concatenation.
+    h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, [1 +] T, D)
+    # Sorted modalities a (5 tokens), b (4), c (1, pooled): their token slices in the concatenation, after
+    # the class token with readout='cls'.
     masks = {m: np.asarray(inputs[m].mask) for m in ('a', 'b')} | {'c': np.ones((3, 1), bool)}
-    start = 0
+    start = int(readout == 'cls')
     all_rows = []
     for m in ('a', 'b', 'c'):
         size = masks[m].shape[1]
@@ -104,12 +132,28 @@ def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer():
         np.testing.assert_allclose(readouts[m], want, rtol=1e-5, atol=1e-6)
         all_rows.append((seg, masks[m]))
         start += size
+    assert h.shape[1] == start == 10 + (readout == 'cls')
+    if readout == 'cls':
+        np.testing.assert_allclose(z, h[:, 0], rtol=1e-6)
+        return
     full = np.concatenate([s for s, _ in all_rows], 1)
     mask = np.concatenate([k for _, k in all_rows], 1)
     np.testing.assert_allclose(
         z, np.stack([full[i][mask[i]].mean(0) for i in range(3)]), rtol=1e-5, atol=1e-6
     )
-    assert h.shape[1] == 10
+
+
+def test_mmft_reads_out_at_layer_k_from_the_last():
+    """readout_layer=2 of depth 2 is the output of the first block: a depth-1 MMFT with the same parameters."""
+    inputs = token_inputs()
+    deep = make_fusion('mmft', dict(readout='mean', readout_layer=2))
+    params = jax.jit(deep.init)(jax.random.key(0), inputs)
+    assert 'encoderblock_1' not in params['params']  # the blocks above the read-out are never built
+    shallow = fusion.MMFT(fused_dim=8, depth=1, num_heads=2, readout_layer=1)
+    jax.tree.map(np.testing.assert_array_equal, deep.apply(params, inputs), shallow.apply(params, inputs))
+    full = make_fusion('mmft', dict(readout='mean', readout_layer=1))
+    p_full = jax.jit(full.init)(jax.random.key(0), inputs)
+    assert not np.allclose(full.apply(p_full, inputs)[0], shallow.apply(p_full, inputs)[0])
 
 
 def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
@@ -203,6 +247,25 @@ def test_text_transformer_never_reads_padding():
     np.testing.assert_allclose(out_long.tokens[:, :6], out0.tokens, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('pooling', ['last', 'first', 'gap'])
+def test_text_transformer_pooled_outputs_read_real_tokens(pooling):
+    """'last' is each text's last real token (not a padded position), 'first' its first, 'gap' their mean."""
+    tokens = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
+    params = jax.jit(tokens.init)(jax.random.key(0), IDS)
+    out = tokens.apply(params, IDS)
+    got = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2, pooling=pooling).apply(
+        params, IDS
+    )
+    t, lengths = np.asarray(out.tokens), (IDS != 0).sum(1)
+    want = {
+        'last': t[np.arange(2), lengths - 1],
+        'first': t[:, 0],
+        'gap': np.stack([t[i, : lengths[i]].mean(0) for i in range(2)]),
+    }[pooling]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(want).min(axis=1).max() > 0 and np.abs(got).sum(1).min() > 0
+
+
 @pytest.mark.parametrize('pooling', ['gap', 'cls'])
 def test_vit_pooled_outputs(pooling):
     module = encoders.ViT(patch_size=(8, 8), width=8, depth=1, num_heads=2, pooling=pooling, embed_dim=5)
@@ -232,3 +295,45 @@ def test_pooled_fusion_does_not_depend_on_modality_order(kind):
         module.apply(params, inputs, **extra),
         module.apply(params, reverse, **extra),
     )
+
+
+def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
+    """The chains' scan gets each modality's mask, padded to the longest (a padded step keeps a chain's state:
+    tests/test_coupled_mamba.py), in every layer; and each readout is that modality's chain."""
+    from refnet_jax import coupled_mamba
+
+    seen = []
+    scan = coupled_mamba.coupled_scan
+    monkeypatch.setattr(coupled_mamba, 'coupled_scan', lambda *a, **k: seen.append(a[3]) or scan(*a, **k))
+    module = make_fusion('coupled_mamba', dict(state_size=4))
+    inputs = token_inputs()
+    params = module.init(jax.random.key(0), inputs)
+    seen.clear()
+    (z, readouts), state = module.apply(
+        params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
+    )
+    want = np.zeros((3, 5, 3), bool)  # (B, T_max, M): a (5 tokens), b (4), c (1, pooled)
+    want[:, :5, 0], want[:, :4, 1], want[:, :1, 2] = inputs['a'].mask, inputs['b'].mask, True
+    assert len(seen) == 2  # depth 2
+    for mask in seen:
+        np.testing.assert_array_equal(mask, want)
+    h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, T, M, D)
+    for j, m in enumerate(('a', 'b', 'c')):
+        expected = np.stack([h[i, want[i, :, j], j].mean(0) for i in range(3)])
+        np.testing.assert_allclose(readouts[m], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z, np.mean([readouts[m] for m in 'abc'], 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    'kind,fields,message',
+    [
+        ('mmft', dict(readout='max'), "MMFT.readout is 'max'; expected 'mean' or 'cls'"),
+        ('mmft', dict(readout_layer=3), 'MMFT.readout_layer is 3; expected 1..depth (2)'),
+        ('mmft', dict(readout_layer=0), 'MMFT.readout_layer is 0; expected 1..depth (2)'),
+        ('mbt', dict(fusion_layer=3), 'MBT.fusion_layer is 3; expected 0..depth (2)'),
+    ],
+)
+def test_token_fusion_fields_out_of_range_are_named(kind, fields, message):
+    module = make_fusion(kind, fields)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.init(jax.random.key(0), token_inputs())
