@@ -11,8 +11,8 @@ The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/easy_vqa.py:fusion=transformer,variant=baseline`:
   fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
   variant=baseline|refiner|refnet|pretrain, tiny.
-With a token-level fusion (mmft, mbt, coupled_mamba) the image CNN gives its 4x4 grid as tokens, the question goes through
-a transformer encoder, and the refiner's targets are `tokens`.
+With a token-level fusion (mmft, mbt, coupled_mamba) the image CNN gives its 4x4 grid as tokens, the question
+goes through a transformer encoder, and the refiner's targets are `tokens`.
 """
 
 import ml_collections
