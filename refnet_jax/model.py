@@ -166,22 +166,22 @@ class ReFNet(nn.Module):
         kind = type(self.fusion)
         token_level = fusion.is_token_level(kind)
 
-        def fusion_inputs(outputs: dict[str, Any]) -> dict[str, Any]:
-            """What the fusion sees: Tokens for a token-level one (a pooled output is one token), else (B, D)."""
-            convert = layers.as_tokens if token_level else layers.pooled
-            return {m: convert(e) for m, e in outputs.items()}
+        def fusion_inputs(outputs: dict[str, Any], pooled: dict[str, jax.Array]) -> dict[str, Any]:
+            """What the fusion sees: Tokens for a token-level one (a pooled output is one token), else the
+            pooled (B, D) embeddings."""
+            return {m: layers.as_tokens(e) for m, e in outputs.items()} if token_level else dict(pooled)
 
         extra = {}
         if fusion.takes_feedback(kind):  # it runs the encoders again with its context
 
             def encode_again(context: jax.Array) -> dict[str, Any]:
                 outputs = encode(context)
-                # `embeddings` become the last round's: those the refiner and the MS loss see.
-                embeddings.update({m: layers.pooled(e) for m, e in outputs.items()})
-                return fusion_inputs(outputs)
+                pooled = {m: layers.pooled(e) for m, e in outputs.items()}
+                embeddings.update(pooled)  # the last round's: those the refiner and the MS loss see
+                return fusion_inputs(outputs, pooled)
 
             extra['encode'] = encode_again
-        outputs = self.fusion(fusion_inputs(encoded), train=train, **extra)
+        outputs = self.fusion(fusion_inputs(encoded, embeddings), train=train, **extra)
         stats = {}
         if fusion.reports_stats(kind):  # a fusion that reports how it went (DEQ): its stats come last
             *outputs, stats = outputs

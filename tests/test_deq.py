@@ -19,6 +19,17 @@ def setup(tol=1e-7, max_iter=200):
     return module, params, embeddings
 
 
+def unrolled_iterates(params, embeddings, n):
+    """z_0 = 0, ..., z_n of z <- f(z; x), the block applied n times by hand (no solver)."""
+    p = params['params']
+    xs = {m: e @ p[f'proj_{m}']['kernel'] + p[f'proj_{m}']['bias'] for m, e in embeddings.items()}
+    block = deq._PurifyCombine(('a', 'b'), 8, parent=None)
+    iterates = [jnp.zeros((4, 8))]
+    for _ in range(n):
+        iterates.append(block.apply({'params': p['block']}, iterates[-1], xs))
+    return iterates
+
+
 def test_the_implicit_gradient_equals_the_unrolled_one():
     module, params, embeddings = setup()
     weights = jnp.asarray(np.random.RandomState(1).randn(4, 8), jnp.float32)
@@ -27,13 +38,7 @@ def test_the_implicit_gradient_equals_the_unrolled_one():
         return jnp.sum(weights * module.apply(params, embeddings)[0])
 
     def unrolled(params, embeddings):
-        p = params['params']
-        xs = {m: e @ p[f'proj_{m}']['kernel'] + p[f'proj_{m}']['bias'] for m, e in embeddings.items()}
-        block = deq._PurifyCombine(('a', 'b'), 8, parent=None)
-        z = jnp.zeros((4, 8))
-        for _ in range(100):
-            z = block.apply({'params': p['block']}, z, xs)
-        return jnp.sum(weights * z)
+        return jnp.sum(weights * unrolled_iterates(params, embeddings, 100)[-1])
 
     np.testing.assert_allclose(implicit(params, embeddings), unrolled(params, embeddings), rtol=1e-5)
     got = jax.grad(implicit, argnums=(0, 1))(params, embeddings)
@@ -59,12 +64,7 @@ def test_a_capped_solve_reports_its_last_relative_change():
     third, recomputed here by unrolling the block; above tol, as the docstring says such a run shows."""
     module, params, embeddings = setup(tol=1e-7, max_iter=3)
     z, stats = module.apply(params, embeddings)
-    p = params['params']
-    xs = {m: e @ p[f'proj_{m}']['kernel'] + p[f'proj_{m}']['bias'] for m, e in embeddings.items()}
-    block = deq._PurifyCombine(('a', 'b'), 8, parent=None)
-    iterates = [jnp.zeros((4, 8))]
-    for _ in range(3):
-        iterates.append(block.apply({'params': p['block']}, iterates[-1], xs))
+    iterates = unrolled_iterates(params, embeddings, 3)
     want = np.linalg.norm(iterates[3] - iterates[2]) / (np.linalg.norm(iterates[3]) + 1e-8)
     assert int(stats['deq_iterations']) == 3
     np.testing.assert_allclose(z, iterates[3], rtol=1e-5, atol=1e-6)
