@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refnet_jax import coupled_mamba
+from refnet_jax import coupled_mamba, layers
 
 
 def case(seed=0):
@@ -85,3 +85,13 @@ def test_padded_steps_keep_the_state_and_the_chains_are_coupled():
     np.testing.assert_allclose(
         alone[:, :, 0], coupled_mamba.coupled_scan(decay, inputs, jnp.eye(3), mask)[:, :, 0]
     )
+
+
+def test_step_sizes_start_as_mambas_between_one_thousandth_and_one_tenth():
+    tokens = {m: layers.Tokens(jnp.ones((2, 5, 8)), jnp.ones((2, 5), bool)) for m in ('a', 'b')}
+    module = coupled_mamba.CoupledMamba(fused_dim=8, depth=1, state_size=4)
+    params = module.init(jax.random.PRNGKey(0), tokens)['params']
+    step = np.asarray(jax.nn.softplus(params['delta_0']['bias']))  # the step size of a zero input
+    assert step.shape == (2, 8)
+    assert step.min() >= 1e-3 * (1 - 1e-5) and step.max() <= 0.1 * (1 + 1e-5)
+    assert step.max() / step.min() > 10  # spread over the range (log-uniform), not one value
