@@ -191,7 +191,8 @@ class TextTransformer(nn.Module):
         out = layers.Tokens(x, mask).clean()
         if self.pooling == 'gap':
             return layers.pooled(out)
-        if self.pooling == 'last':  # the last real token (the last position of EOS-padded text, as big_vision)
+        # 'last': the last real token (the last position of EOS-padded text, as big_vision)
+        if self.pooling == 'last':
             last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)  # (B,)
             return jnp.take_along_axis(out.tokens, last[:, None, None], axis=1)[:, 0]
         if self.pooling == 'first':
