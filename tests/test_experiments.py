@@ -131,3 +131,24 @@ def test_rows_are_chosen_by_name_or_pattern_over_several_datasets():
     assert tables.select_rows(['easy_vqa', 'hapt'], ['acc-only']) == {'easy_vqa': [], 'hapt': ['acc-only']}
     with pytest.raises(ValueError, match=r"--rows \['mmft-baselin'\] match no row"):
         tables.select_rows(['easy_vqa', 'hapt'], ['mmft-baselin', 'mmft-*'])
+
+
+def test_a_row_runs_only_for_its_own_seeds(tmp_path, monkeypatch):
+    """The grid asks for seeds 0-2; the one-seed check row runs for seed 2 alone, the others for all three."""
+    from experiments import tables
+
+    ran = []
+
+    def fake_run_cell(cmd, workdir, record_path, *, root):
+        ran.append(os.path.basename(record_path))
+        return {'results': {'test': {'accuracy': 0.5}}, 'wall_seconds': 1.0}
+
+    monkeypatch.setattr(tables, 'cell_path', lambda d, r, s: str(tmp_path / f'{r}-seed{s}.json'))
+    monkeypatch.setattr(tables.report_lib, 'run_and_record', fake_run_cell)
+    tables.run_missing(
+        'easy_vqa', ['coupled_mamba_4000steps-refnet', 'deq-baseline'], list(tables.SEEDS), 'runs'
+    )
+    assert ran == [
+        'coupled_mamba_4000steps-refnet-seed2.json',
+        *(f'deq-baseline-seed{s}.json' for s in tables.SEEDS),
+    ]
