@@ -4,10 +4,11 @@ r"""Self-supervised ReFNet pre-training: the refiner loss alone, on every traini
   python train.py --config configs/easy_vqa.py --workdir runs/vqa_finetune \
       --config.model.refiner.target=input --config.init_from=runs/vqa_pretrain
 
-Everything happens in `refnet_jax.train_lib.pretrain`; this file only names it.
+Everything happens in `refnet_jax.train.trainer.pretrain`; this file only names it.
 """
 
-from refnet_jax import cli, train_lib
+from refnet_jax import cli
+from refnet_jax.train import trainer
 
 if __name__ == '__main__':
-    cli.run_experiment(train_lib.pretrain)
+    cli.run_experiment(trainer.pretrain)

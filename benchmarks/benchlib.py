@@ -3,7 +3,7 @@
 Every benchmark runs each measured side in its own child process (`python benchmarks/<name>.py --worker ...`),
 so that sides neither share a heap nor warm each other's caches, and so that a child's peak memory is its own.
 A worker prints one line `RESULT {json}` last; the parent collects these and prints markdown tables
-(`refnet_jax.report`, which also describes the machine).
+(`refnet_jax.analysis.report`, which also describes the machine).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from refnet_jax import config_lib, report
+from refnet_jax import config_lib
+from refnet_jax.analysis import report
 
 RESULT_PREFIX = 'RESULT '
 MB = 1e6  # Memory is reported in MB (10^6 bytes), times in ms or s.

@@ -9,7 +9,7 @@ Three processes, one after another, on the same configuration (default: easy-VQA
                   (grain's reader threads and prefetch included; nothing else runs in the process).
   step            examples/s the train step consumes on prefetched device batches (benchmarks/train_step.py's
                   worker): the demand the pipeline has to meet.
-  step, live      the train step fed by the iterator, batch checks and sharding included, as in `train_lib`:
+  step, live      the train step fed by the iterator, batch checks and sharding included, as in `trainer`:
                   the rate training gets when the pipeline and the step share the CPUs.
 
 The ratio pipeline / step is the headroom: at 1 the pipeline would just keep up with the step, here it must be
@@ -28,13 +28,13 @@ import time
 import benchlib
 import train_step
 
-from refnet_jax import report
+from refnet_jax.analysis import report
 
 MIN_HEADROOM = 3.0  # the target for pipeline / step
 
 
 def worker(args) -> dict:
-    from refnet_jax import input_pipeline
+    from refnet_jax.data import input_pipeline
 
     config = benchlib.load_config(args.config)
     input_pipeline.get_dataset_info(config.data)  # prepares the data on first use (not timed)

@@ -37,7 +37,7 @@ import time
 import benchlib
 import numpy as np
 
-from refnet_jax import report
+from refnet_jax.analysis import report
 
 SIDES = ('jax-dense', 'jax-blocked', 'floor-dense', 'floor-blocked', 'pml')
 JAX_SIDES = ('jax-dense', 'jax-blocked')

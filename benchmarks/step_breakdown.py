@@ -19,7 +19,10 @@ import benchlib
 import jax
 import numpy as np
 
-from refnet_jax import encoders, input_pipeline, report, sharding, train_lib
+from refnet_jax.analysis import report
+from refnet_jax.data import input_pipeline
+from refnet_jax.models import encoders
+from refnet_jax.train import sharding, trainer
 
 
 def window_ms(run_window, repeats: int) -> float:
@@ -66,8 +69,8 @@ def main(argv=None) -> None:
 
     config = benchlib.load_config(args.config)
     config.mesh.data = 1
-    run = train_lib.build(config, devices=jax.devices()[:1])
-    _, rng = train_lib.init_rngs(config)
+    run = trainer.build(config, devices=jax.devices()[:1])
+    _, rng = trainer.init_rngs(config)
     with jax.set_mesh(run.mesh):
         batch = sharding.shard_batch(next(input_pipeline.make_train_iterator(config, seed=0)), run.mesh)
         step = run.train_step.lower(run.state, batch, rng).compile()

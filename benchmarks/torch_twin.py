@@ -7,12 +7,12 @@ pytorch-metric-learning. The configuration is `configs/easy_vqa.py` without argu
 variant=refnet). Every side runs in its own process (`benchlib.run_worker`), so that the two never share a
 heap or thread pools:
 
-  prepare   one JAX process builds the run as `train_lib.build` does, draws `--distinct-batches` real batches
+  prepare   one JAX process builds the run as `trainer.build` does, draws `--distinct-batches` real batches
             from `input_pipeline.make_train_iterator(config, seed=config.seed)`, and writes them, the
             initial parameters, the learning-rate schedule (optax's values, step by step), and the metrics
             of `--check-steps` real train steps (`run.train_step` on batches 0, 1, ...) and the parameters
             after them, to a temporary .npz.
-  jax       ours: `train_lib.build` and its jitted, donating train step (compiled ahead of the first call), fed
+  jax       ours: `trainer.build` and its jitted, donating train step (compiled ahead of the first call), fed
             the prepared batches already on the device, as `benchmarks/train_step.py --feed prefetched`.
   torch     the twin, eager PyTorch (no torch.compile), float32, `torch.set_num_threads` = usable CPUs
             (`--torch-threads`), fed the prepared batches already as torch tensors. It starts from *our*
@@ -86,7 +86,7 @@ import time
 import benchlib
 import numpy as np
 
-from refnet_jax import report
+from refnet_jax.analysis import report
 
 CONFIG = 'configs/easy_vqa.py'  # its default: fusion=lowrank, variant=refnet
 SIDES = ('jax', 'torch')
@@ -139,12 +139,13 @@ def prepare_worker(args) -> dict:
     """Our run's initial parameters, batches, schedule and first steps' metrics, written to `args.data`."""
     import jax
 
-    from refnet_jax import contract, input_pipeline, paths, train_lib
+    from refnet_jax.data import contract, input_pipeline
+    from refnet_jax.train import paths, trainer
 
     config = benchlib.load_config(CONFIG)
     check_config(config)
     config.mesh.data = 1
-    run = train_lib.build(config, devices=jax.devices()[:1])
+    run = trainer.build(config, devices=jax.devices()[:1])
     arrays = {}
     for keys, leaf in jax.tree_util.tree_leaves_with_path(run.state.params):
         arrays[f'param/{paths.path_str(keys)}'] = np.array(leaf, copy=True)  # before the state is donated
@@ -157,7 +158,7 @@ def prepare_worker(args) -> dict:
     steps = np.arange(config.train.num_steps + 1)
     arrays['lr_schedule'] = np.asarray(jax.lax.map(run.schedule, steps), np.float64)  # step by step
 
-    _, step_rng = train_lib.init_rngs(config)
+    _, step_rng = trainer.init_rngs(config)
     state, reference = run.state, []
     with jax.set_mesh(run.mesh):
         for i in range(args.check_steps):
@@ -226,17 +227,17 @@ def time_windows(step, args, after_check=None) -> dict:
 def jax_worker(args) -> dict:
     import jax
 
-    from refnet_jax import sharding, train_lib
+    from refnet_jax.train import sharding, trainer
 
     baseline = benchlib.current_rss()
     config = benchlib.load_config(CONFIG)
     config.mesh.data = 1
-    run = train_lib.build(config, devices=jax.devices()[:1])
+    run = trainer.build(config, devices=jax.devices()[:1])
     batches = load_prepared(args.data)['batches']
     state = run.state
     params = sum(x.size for x in jax.tree.leaves(state.params))
     with jax.set_mesh(run.mesh):
-        _, step_rng = train_lib.init_rngs(config)
+        _, step_rng = trainer.init_rngs(config)
         device_batches = jax.block_until_ready([sharding.shard_batch(b, run.mesh) for b in batches])
         start = time.perf_counter()
         compiled = run.train_step.lower(state, device_batches[0], step_rng).compile()

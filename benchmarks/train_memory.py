@@ -28,7 +28,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import benchlib  # noqa: E402
 
-from refnet_jax import report  # noqa: E402
+from refnet_jax.analysis import report  # noqa: E402
 
 MB = 2**20
 
@@ -37,15 +37,16 @@ def compiled_memory(config, devices) -> dict[str, float]:
     """Memory analysis (MB per device) of the train step of `config` on `devices`, compiled, not run."""
     import jax
 
-    from refnet_jax import contract, sharding, train_lib
+    from refnet_jax.data import contract
+    from refnet_jax.train import sharding, trainer
 
-    run = train_lib.build(config, devices=devices, init=False)
+    run = trainer.build(config, devices=devices, init=False)
     model, tx, info, mesh = run.model, run.tx, run.info, run.mesh
     batch = contract.dummy_batch(info, config.train.batch_size)
 
     def init(rng):
         params = model.init({'params': rng, 'dropout': rng}, contract.dummy_batch(info, 2))['params']
-        return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        return trainer.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding.param_shardings(abstract, mesh, tuple(config.mesh.shard_params))
@@ -56,7 +57,7 @@ def compiled_memory(config, devices) -> dict[str, float]:
     }
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     with jax.set_mesh(mesh):
-        step = train_lib.make_train_step(run.objective, run.schedule, mesh, state)
+        step = trainer.make_train_step(run.objective, run.schedule, mesh, state)
         analysis = step.lower(state, batch_spec, rng).compile().memory_analysis()
     batch_bytes = sum(v.size * v.dtype.itemsize for v in batch.values()) / mesh.devices.size
     params = sum(x.size for x in jax.tree.leaves(abstract.params))

@@ -2,7 +2,7 @@ r"""Train-step throughput (examples/s) and compile time per configuration, on on
 
   python benchmarks/train_step.py [--config configs/easy_vqa.py:fusion=concat ...] [--windows 5] [--json PATH]
 
-Each configuration runs in its own process, which builds the state as `train_lib` does
+Each configuration runs in its own process, which builds the state as `trainer` does
 (`create_train_state`, `make_train_step`: the jitted, donating step), on a one-device mesh. Then:
 
   compile s   `lower` (tracing) + `compile` of the train step, timed ahead of the first call.
@@ -13,7 +13,7 @@ Each configuration runs in its own process, which builds the state as `train_lib
               With `--feed prefetched` (the default) the steps cycle over `--distinct-batches` real batches
               drawn from `input_pipeline.make_train_iterator` and put on the device beforehand, so the input
               pipeline is not measured. With `--feed live` each step takes its batch from the iterator,
-              checks and shards it, as `train_lib`'s loop does: the rate training actually gets.
+              checks and shards it, as `trainer`'s loop does: the rate training actually gets.
   peak MB     the process's peak RSS over its RSS after imports.
   temp MB, state MB
               per device, from XLA's memory analysis of the compiled step: its temporary buffers
@@ -45,7 +45,7 @@ import time
 
 import benchlib
 
-from refnet_jax import report
+from refnet_jax.analysis import report
 
 DEFAULT_CONFIGS = (
     *(
@@ -94,7 +94,8 @@ def worker(args) -> dict:
         )
     import jax
 
-    from refnet_jax import contract, input_pipeline, sharding, train_lib
+    from refnet_jax.data import contract, input_pipeline
+    from refnet_jax.train import sharding, trainer
 
     baseline = benchlib.current_rss()
     spec = args.config[-1]
@@ -102,12 +103,12 @@ def worker(args) -> dict:
     apply_sets(config, parse_sets(args.set or []))
     config.mesh.data = args.devices // config.mesh.fsdp
     # What a training run builds (the data is prepared on first use, not timed).
-    run = train_lib.build(config, devices=jax.devices()[: args.devices])
+    run = trainer.build(config, devices=jax.devices()[: args.devices])
     info, mesh, state, step_fn = run.info, run.mesh, run.state, run.train_step
     batch_size = config.train.batch_size
 
     with jax.set_mesh(mesh):
-        _, step_rng = train_lib.init_rngs(config)
+        _, step_rng = trainer.init_rngs(config)
         params = sum(x.size for x in jax.tree.leaves(state.params))
         train_iter = input_pipeline.make_train_iterator(config, seed=config.seed)
         host_batches = [next(train_iter) for _ in range(args.distinct_batches)]

@@ -10,7 +10,7 @@ Expected on that example: test accuracy 1.0 (60 examples; measured for seeds 0, 
 alone reaches about 0.5 (`:only=signal`, `:only=profile`); under 30 s on 2 CPU cores.
 
 Your directory holds `train.npz` (optionally `validation.npz`, `test.npz`) with an array per modality and the
-labels, or a CSV table (`config.data.table`); what each field below does is in refnet_jax/datasets/custom.py.
+labels, or a CSV table (`config.data.table`); what each field below does is in refnet_jax/data/datasets/custom.py.
 The first run prepares the data into `config.data.data_dir`; a later run with the same files and data fields
 reuses that copy, and editing either prepares a new one.
 
@@ -18,7 +18,7 @@ The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/custom.py:fusion=transformer,variant=baseline`:
   fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
   variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny,
-  kinds=NAME:KIND[+NAME:KIND...] (your modalities without editing MODALITIES, e.g. as features.py prints them).
+  kinds=NAME:KIND[+NAME:KIND...] (your modalities without editing MODALITIES, e.g. as tools/features.py prints them).
 """
 
 import ml_collections
@@ -29,7 +29,7 @@ from refnet_jax import config_lib
 # with 0 as padding, 'series' (T, C) numbers, or 'features' (D,) numbers. The kind picks the encoder.
 MODALITIES = {'signal': 'series', 'profile': 'features'}
 
-ENCODERS = {  # per kind, its encoder (`module`, a name in refnet_jax/encoders.py) and that encoder's fields
+ENCODERS = {  # per kind, its encoder (`module`, a name in refnet_jax/models/encoders.py) and that encoder's fields
     'image': dict(module='cnn', features=(16, 32, 32), embed_dim=64, pooling='max'),  # ImageCNN
     'tokens': dict(module='bow', embed_dim=64, use_positions=False),  # TokenEncoder: a bag of words
     'series': dict(module='conv1d', features=(32, 64), embed_dim=64),  # SeriesEncoder: 1-D convolutions
@@ -57,7 +57,7 @@ TINY_TOKEN_ENCODERS = {
 
 def _kinds(arg: str | None) -> tuple[dict[str, str], str]:
     """The `kinds=name:kind+name:kind` token of the argument (the modalities without editing this file, as
-    features.py prints them) and the rest of the argument."""
+    tools/features.py prints them) and the rest of the argument."""
     kinds, rest = dict(MODALITIES), []
     for token in filter(None, (arg or '').split(',')):
         if not token.startswith('kinds='):

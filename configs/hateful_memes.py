@@ -9,7 +9,7 @@ the `img/` folder of PNG images, as published. Run (from the repository root):
       --config.data.manual_dir /path/to/hateful_memes
 
 The first run prepares the data (images decoded and resized to 64x64, text tokenized with a vocabulary of the
-train split; refnet_jax/datasets/hateful_memes.py) into `config.data.data_dir`; later runs reuse it and need
+train split; refnet_jax/data/datasets/hateful_memes.py) into `config.data.data_dir`; later runs reuse it and need
 the manual files no longer. Splits: train.jsonl trains, dev_seen.jsonl is `validation`, test_seen.jsonl
 `test`. The results report `auroc` (the challenge's metric) and `accuracy` for both.
 

@@ -4,7 +4,7 @@ Needs the MM-IMDB file `multimodal_imdb.hdf5`: the ready-made file of
 https://github.com/johnarevalo/gmu-mmimdb that MultiBench uses, mirrored at
 https://archive.org/download/mmimdb/multimodal_imdb.hdf5. Download it by hand into a directory and give that
 directory as `config.data.manual_dir` (default: <data_dir>/downloads/manual). The first run prepares it
-(refnet_jax/datasets/mm_imdb.py: only the text and image features and the genres are read); later runs reuse
+(refnet_jax/data/datasets/mm_imdb.py: only the text and image features and the genres are read); later runs reuse
 the prepared copy. Run (from the repository root):
 
   python train.py --config configs/mm_imdb.py --workdir runs/mm_imdb \

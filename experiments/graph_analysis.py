@@ -14,7 +14,7 @@ Probes, seeds 0, 1, 2: the label-efficiency study's pre-training runs (runs/labe
 pretrain-seed<k>, run here with the study's command if missing) against the same network untrained (RANDOM,
 the same config and seed).
 
-Writes docs/graph/<name>.json and .png through analyze.py (see its docstring for the metrics), and the
+Writes docs/graph/<name>.json and .png through tools/analyze.py (see its docstring for the metrics), and the
 mean ± std over seeds: docs/graph/graphs.md (graph metrics) and docs/graph/probes.md (probes).
 """
 
@@ -26,7 +26,7 @@ import sys
 
 import label_efficiency  # its sibling: this script runs by path (`python experiments/graph_analysis.py`)
 
-from refnet_jax import report
+from refnet_jax.analysis import report
 
 ROOT = label_efficiency.ROOT
 VARIANTS = ('baseline', 'refiner', 'refnet')
@@ -83,7 +83,7 @@ def graph_summary() -> str:
         '# Latent graph of the fused embeddings, over seeds',
         '',
         'Produced by `python experiments/graph_analysis.py --parts graph` from docs/graph/<dataset>[-seed<k>].json '
-        '(see analyze.py for the metrics). Mean ± std over seeds (population std), per seed in brackets.',
+        '(see tools/analyze.py for the metrics). Mean ± std over seeds (population std), per seed in brackets.',
         '',
     ]
     for dataset in GRAPH_DATASETS:
@@ -145,7 +145,13 @@ def probe_summary() -> str:
 
 def analyze(output: str, sources: dict[str, str], *extra: str) -> None:
     workdirs = ','.join(f'{name}={source}' for name, source in sources.items())
-    cmd = [sys.executable, 'analyze.py', f'--workdirs={workdirs}', f'--output=docs/graph/{output}', *extra]
+    cmd = [
+        sys.executable,
+        'tools/analyze.py',
+        f'--workdirs={workdirs}',
+        f'--output=docs/graph/{output}',
+        *extra,
+    ]
     print(' '.join(['python', *cmd[1:]]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 

@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from refnet_jax import report as report_lib
+from refnet_jax.analysis import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('easy_vqa', 'hapt')

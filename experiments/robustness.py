@@ -12,7 +12,7 @@ argument plus `--config.train.modality_dropout.<m>=p`), then evaluates its last 
 clean; each modality under Gaussian noise at 5 levels (0.25 to 2 x that modality's standard deviation over the
 split), under random masking of 10% to 90% of its positions (pixels, time steps, features or tokens), and
 absent; and each modality alone (every other one absent). The corruption draws are seeded by the cell's seed,
-the corruption and the batch, so a rerun gives the same figures (`refnet_jax/corruption.py`).
+the corruption and the batch, so a rerun gives the same figures (`refnet_jax/data/corruption.py`).
 
 Each cell's record (command, wall time, machine, load, train.py's results and the accuracies above) goes to
 results/robustness/<dataset>/<variant>-drop<p>-seed<k>.json; a cell whose record exists is not run again
@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from refnet_jax import config_lib
-from refnet_jax import report as report_lib
+from refnet_jax.analysis import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('easy_vqa', 'hapt', 'uci_mfeat')
@@ -72,12 +72,13 @@ def evaluate_corruptions(workdir: str, seed: int) -> dict:
     each corruption and level, absent, and alone."""
     import jax
 
-    from refnet_jax import checkpointing, corruption, input_pipeline, train_lib
+    from refnet_jax.data import corruption, input_pipeline
+    from refnet_jax.train import checkpointing, trainer
 
     config = config_lib.load_workdir_config(workdir)
     with config.unlocked():
         config.mesh.data = 1
-    run = train_lib.build(config, devices=jax.devices()[:1])
+    run = trainer.build(config, devices=jax.devices()[:1])
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
     with jax.set_mesh(run.mesh):
         state = ckpt.restore(run.state)
@@ -86,7 +87,7 @@ def evaluate_corruptions(workdir: str, seed: int) -> dict:
 
     def accuracy(batches, absent=()):
         with jax.set_mesh(run.mesh):
-            metrics = train_lib.evaluate(state, batches, run.objective, run.info, run.mesh, absent=absent)
+            metrics = trainer.evaluate(state, batches, run.objective, run.info, run.mesh, absent=absent)
         return metrics['accuracy']
 
     def test_batches():
@@ -249,7 +250,7 @@ def plot(dataset: str, path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from refnet_jax import corruption
+    from refnet_jax.data import corruption
 
     cells = load_cells(dataset)
     names = sorted(next(iter(cells.values()))[0]['corrupted'])

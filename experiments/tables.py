@@ -27,7 +27,7 @@ import os
 import sys
 from typing import NamedTuple
 
-from refnet_jax import report as report_lib
+from refnet_jax.analysis import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)

@@ -1,9 +1,9 @@
 """The entry points' command line: a user's mistake is one plain line, a bug keeps its traceback.
 
-export.py and analyze.py call `run(main)` where absl's `app.run(main)` would go; train.py and pretrain.py
+tools/export.py and tools/analyze.py call `run(main)` where absl's `app.run(main)` would go; train.py and pretrain.py
 call `run_experiment` with the function they run. This package reports a wrong config value, data or
 workdir as a ValueError, an OSError (FileNotFoundError: a missing file, a config file that does not load)
-or a FloatingPointError (`train_lib.NonFiniteLossError`); those, a flag that does not parse, an unknown
+or a FloatingPointError (`trainer.NonFiniteLossError`); those, a flag that does not parse, an unknown
 config field and an `app.UsageError` print `error: <message>` on stderr and exit with status 2. A run
 stopped on purpose (SIGTERM: `preemption.Interrupted`, an exception with an `exit_code`) prints
 `stopped: <message>` and exits with that code (143). Any other exception is a bug and shows its

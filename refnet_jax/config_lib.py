@@ -18,11 +18,12 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from refnet_jax import fusion, modules, optim
+from refnet_jax.models import fusion, modules
+from refnet_jax.train import optim
 
 VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
 ARG_HELP = """The argument picks a variant, as comma-separated tokens:
-  fusion=KIND                               the fusion module: a name in refnet_jax/fusion.py FUSIONS
+  fusion=KIND                               the fusion module: a name in refnet_jax/models/fusion.py FUSIONS
                                             (concat, transformer, lowrank, gated, deq, progressive;
                                             token-level: mmft, mbt, coupled_mamba)
   variant=baseline                          the plain fusion network: no refiner, no MS loss
@@ -100,7 +101,7 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.init_from = ml_collections.config_dict.placeholder(str)
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = dataset  # the module refnet_jax/datasets/<name>.py
+    config.data.name = dataset  # the module refnet_jax/data/datasets/<name>.py
     # Where TFDS keeps prepared data (None: TFDS's default, ~/tensorflow_datasets).
     config.data.data_dir = ml_collections.config_dict.placeholder(str)
     # Where a dataset that needs a manual download finds the downloaded files (None: TFDS's default,
@@ -157,7 +158,7 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.train.warmup_steps = 100  # linear warm-up, then cosine decay to 0 at num_steps
     config.train.weight_decay = 1e-4  # AdamW decoupled weight decay
     config.train.grad_clip_norm = 1.0  # clip by global norm; 0 disables
-    # Regexes over parameter paths (refnet_jax/optim.py): parameters kept as they are (no gradient, no
+    # Regexes over parameter paths (refnet_jax/train/optim.py): parameters kept as they are (no gradient, no
     # optimizer state), e.g. ('encoders/image/.*',); learning-rate factors as (regex, factor) pairs, e.g.
     # (('encoders/.*', 0.1),) (pairs, since a ConfigDict key cannot hold a regex's dots); and the
     # parameters that get weight decay (default: kernels; not biases, norm scales or embeddings).
@@ -206,7 +207,7 @@ def set_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dict]) -
         entry = ml_collections.ConfigDict(encoders[m])
         if 'module' not in entry:
             entry.module = ml_collections.config_dict.placeholder(str)
-        if 'init_from' not in entry:  # pretrained weights for this encoder (refnet_jax/pretrained.py)
+        if 'init_from' not in entry:  # pretrained weights for this encoder (refnet_jax/train/pretrained.py)
             entry.init_from = ml_collections.config_dict.placeholder(str)
         entries[m] = entry
     config.model.encoders = ml_collections.ConfigDict(entries)

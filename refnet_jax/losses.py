@@ -1,4 +1,4 @@
-"""Losses for ReFNet: Multi-Similarity, refiner and task losses (DESIGN.md section 1).
+"""Losses for ReFNet: Multi-Similarity, refiner and task losses (docs/architecture.md, "The method").
 
 All functions are pure and jittable with fixed shapes. Per-example losses return one value per example, optax
 style, and take an optional ``where`` mask of shape (B,): masked examples give 0 and may hold any values (padding,

@@ -35,7 +35,7 @@ def easy_vqa_dir(tmp_path_factory):
     """The real easy_vqa TFDS builder prepared once (array_record) into a session temp dir."""
     import ml_collections
 
-    from refnet_jax import input_pipeline
+    from refnet_jax.data import input_pipeline
 
     data_dir = tmp_path_factory.mktemp('tfds')
     input_pipeline.get_dataset_info(

@@ -3,7 +3,8 @@
 import numpy as np
 
 from configs import easy_vqa
-from refnet_jax import input_pipeline, train_lib
+from refnet_jax.data import input_pipeline
+from refnet_jax.train import trainer
 
 
 def tiny_config(data_dir, arg: str = 'tiny', **train):
@@ -16,8 +17,8 @@ def tiny_config(data_dir, arg: str = 'tiny', **train):
 
 
 def fresh_state(config, devices=None, seed: int = 0):
-    """(info, mesh, tx, schedule, state): what `train_lib.build` sets up at the start of a run."""
-    run = train_lib.build(config, devices=devices, seed=seed)
+    """(info, mesh, tx, schedule, state): what `trainer.build` sets up at the start of a run."""
+    run = trainer.build(config, devices=devices, seed=seed)
     return run.info, run.mesh, run.tx, run.schedule, run.state
 
 

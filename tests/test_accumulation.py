@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import accumulation, sharding, train_lib
+from refnet_jax.train import accumulation, sharding, trainer
 
 
 def forward_and_loss(run):
@@ -17,7 +17,7 @@ def forward_and_loss(run):
 
 def test_cached_gradients_equal_the_whole_batch_gradient_and_naive_accumulation_does_not():
     config = toy_config('concat', 'refnet')  # task + refiner + Multi-Similarity terms
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     params, batch, rng = run.state.params, toy_batch(rows=8, per_row=2), jax.random.key(3)
     forward = forward_and_loss(run)
 
@@ -53,7 +53,7 @@ def test_on_8_devices_the_accumulated_gradient_and_step_equal_the_whole_batch_on
     batch = toy_batch(rows=16, per_row=2)  # 32 examples on 16 images
     config = toy_config('mmft', 'refnet', target='tokens')
     config.train.batch_size = 32
-    run = train_lib.build(config, info=INFO)
+    run = trainer.build(config, info=INFO)
     forward, rng = forward_and_loss(run), jax.random.key(3)
     with jax.set_mesh(run.mesh):
         sharded = sharding.shard_batch(batch, run.mesh)
@@ -69,7 +69,7 @@ def test_on_8_devices_the_accumulated_gradient_and_step_equal_the_whole_batch_on
     metrics = {}
     for k in (1, 4):
         config.train.accumulation_steps = k
-        run = train_lib.build(config, info=INFO)
+        run = trainer.build(config, info=INFO)
         with jax.set_mesh(run.mesh):
             _, metrics[k] = run.train_step(
                 run.state, sharding.shard_batch(batch, run.mesh), jax.random.key(0)
@@ -83,4 +83,4 @@ def test_micro_batches_must_divide_over_the_devices():
     config.train.batch_size = 64
     config.train.accumulation_steps = 3
     with pytest.raises(ValueError, match='with config.train.accumulation_steps 3 it must be a multiple of 3'):
-        train_lib.build(config, info=INFO, devices=jax.devices()[:1], init=False)
+        trainer.build(config, info=INFO, devices=jax.devices()[:1], init=False)

@@ -82,9 +82,9 @@ def test_a_value_out_of_range_is_refused_before_any_work(tmp_path):
 
 
 def test_a_bad_config_value_raised_by_the_run_is_one_plain_line(tmp_path):
-    # train_lib's own checks raise ValueError (here before any data is prepared).
+    # trainer's own checks raise ValueError (here before any data is prepared).
     rc, stderr = train(tmp_path, 'configs/easy_vqa.py:tiny', '--config.data.name=nope')
-    assert_plain(rc, stderr, "config.data.name='nope'", 'refnet_jax/datasets/nope.py')
+    assert_plain(rc, stderr, "config.data.name='nope'", 'refnet_jax/data/datasets/nope.py')
 
 
 @pytest.mark.slow
@@ -95,9 +95,12 @@ def test_a_bad_config_value_raised_by_the_run_is_one_plain_line(tmp_path):
             ['pretrain.py', '--config', 'configs/easy_vqa.py:tiny', '--workdir', '{tmp}/run'],
             ['refiner.target'],
         ),
-        (['export.py', '--workdir', '{tmp}/none', '--output', '{tmp}/out'], ['config.json not found']),
-        (['analyze.py', '--workdirs', 'a={tmp}/none', '--output', '{tmp}/out'], ['config.json not found']),
-        (['analyze.py', '--workdirs', 'a', '--output', '{tmp}/out'], ["--workdirs entry 'a'"]),
+        (['tools/export.py', '--workdir', '{tmp}/none', '--output', '{tmp}/out'], ['config.json not found']),
+        (
+            ['tools/analyze.py', '--workdirs', 'a={tmp}/none', '--output', '{tmp}/out'],
+            ['config.json not found'],
+        ),
+        (['tools/analyze.py', '--workdirs', 'a', '--output', '{tmp}/out'], ["--workdirs entry 'a'"]),
     ],
     ids=['pretrain-embedding-target', 'export-no-run', 'analyze-no-run', 'analyze-usage'],
 )
@@ -135,7 +138,7 @@ cli.run(main)
         ('ValueError', True),
         ('FileNotFoundError', True),
         ('PermissionError', True),  # an OSError: a workdir that cannot be written
-        ('FloatingPointError', True),  # train_lib.NonFiniteLossError is one
+        ('FloatingPointError', True),  # trainer.NonFiniteLossError is one
         ('app.UsageError', True),
         ('RuntimeError', False),
         ('KeyError', False),

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from refnet_jax import config_lib, train_lib
+from refnet_jax import config_lib
+from refnet_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if not p.stem.startswith('_'))
@@ -88,7 +89,7 @@ def test_build_refuses_before_reading_the_data(tmp_path):
     config = easy_vqa(train__learning_rate=-0.1)
     config.data.data_dir = str(tmp_path / 'tfds')
     with pytest.raises(ValueError, match='config.train.learning_rate'):
-        train_lib.build(config)
+        trainer.build(config)
     assert not (tmp_path / 'tfds').exists()
 
 
@@ -98,5 +99,5 @@ def test_a_batch_that_does_not_divide_the_devices_is_refused_before_reading_the_
     with pytest.raises(
         ValueError, match='config.train.batch_size is 60; expected a multiple of the 8 devices'
     ):
-        train_lib.build(config)
+        trainer.build(config)
     assert not (tmp_path / 'tfds').exists()

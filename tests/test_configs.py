@@ -18,9 +18,11 @@ from test_custom_data import arrays as custom_arrays
 from test_hateful_memes import write_features, write_fixture
 from test_mm_imdb import fixture_arrays, write_hdf5
 
-from refnet_jax import config_lib, contract, input_pipeline, sharding, train_lib
-from refnet_jax import fusion as fusion_lib
-from refnet_jax import model as model_lib
+from refnet_jax import config_lib
+from refnet_jax.data import contract, input_pipeline
+from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import sharding, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')
@@ -117,12 +119,12 @@ def with_data(name: str, request) -> tuple[ml_collections.ConfigDict, contract.D
 def test_tiny_config_trains_two_steps(name, request):
     config, info = with_data(name, request)
     config.mesh.data = 1  # one device compiles faster; test_train.py compares 1 and 8 devices
-    run = train_lib.build(config, info=info, devices=jax.devices()[:1])
+    run = trainer.build(config, info=info, devices=jax.devices()[:1])
     labeled = run.objective.labeled
     with jax.set_mesh(run.mesh):
         params0 = jax.device_get(run.state.params)
         batches = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=labeled)
-        state, rng = run.state, train_lib.init_rngs(config)[1]
+        state, rng = run.state, trainer.init_rngs(config)[1]
         losses = []
         for _ in range(2):  # the warm-up's first learning rate is 0
             batch = run.objective.inputs(next(batches))

@@ -1,10 +1,10 @@
-"""Test-time corruption of one modality (refnet_jax/corruption.py) and the robustness study's summaries."""
+"""Test-time corruption of one modality (refnet_jax/data/corruption.py) and the robustness study's summaries."""
 
 import numpy as np
 import pytest
 
 from experiments import robustness
-from refnet_jax import contract, corruption
+from refnet_jax.data import contract, corruption
 
 IMAGE = contract.ModalityInfo(kind='image', shape=(8, 8, 3), dtype=np.uint8, shared=True)
 SERIES = contract.ModalityInfo(kind='series', shape=(50, 2), dtype=np.float32)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refnet_jax import coupled_mamba, layers
+from refnet_jax.models import coupled_mamba, layers
 
 
 def case(seed=0):

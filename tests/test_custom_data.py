@@ -1,4 +1,4 @@
-"""Tests of the own-data path (refnet_jax/datasets/custom.py, configs/custom.py, the README's "Your own data").
+"""Tests of the own-data path (refnet_jax/data/datasets/custom.py, configs/custom.py, the README's "Your own data").
 
 Fixtures are small directories written here: arrays (`train.npz`, ...) with a modality of every kind, and a CSV
 table with feature and token columns, image files, class names and a split column. A test that changes the
@@ -19,8 +19,9 @@ from helpers import stored_records
 from PIL import Image
 
 from configs import custom as custom_config
-from refnet_jax import contract, input_pipeline, splits, train_lib
-from refnet_jax.datasets import custom
+from refnet_jax.data import contract, input_pipeline, splits
+from refnet_jax.data.datasets import custom
+from refnet_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KINDS = {'image': 'image', 'tokens': 'tokens', 'series': 'series', 'features': 'features'}
@@ -563,7 +564,7 @@ def test_train_and_evaluate_on_own_data(arrays_dir, tmp_path):
     manual_dir, data_dir, _ = arrays_dir
     config = make_config(manual_dir, data_dir, arg='tiny,only=image+tokens')
     config.mesh.data = 1
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['step'] == config.train.num_steps
     assert results['test']['num_examples'] == 9 and results['val']['num_examples'] == 9
     assert np.isfinite(results['train']['loss'])

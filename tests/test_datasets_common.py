@@ -1,4 +1,4 @@
-"""Tests of refnet_jax/datasets/common.py, the helpers that the dataset modules share.
+"""Tests of refnet_jax/data/common.py, the helpers that the dataset modules share.
 
 What the dataset tests already cover through a module (its tokens, images, files and splits as stored) is not
 repeated here: these tests pin each helper's own contract and its edge cases. The stratified splits, with the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refnet_jax.datasets import common
+from refnet_jax.data import common
 
 # --- Tokens ---
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refnet_jax import deq
+from refnet_jax.models import deq
 
 
 def setup(tol=1e-7, max_iter=200):

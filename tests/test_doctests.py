@@ -4,7 +4,9 @@ import doctest
 
 import pytest
 
-from refnet_jax import losses, metrics, report
+from refnet_jax import losses
+from refnet_jax.analysis import report
+from refnet_jax.train import metrics
 
 
 @pytest.mark.parametrize('module', [losses, metrics, report], ids=lambda m: m.__name__)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refnet_jax import contract, encoders, layers, modules
+from refnet_jax.data import contract
+from refnet_jax.models import encoders, layers, modules
 
 # The kind of input of each encoder that is no kind's default (those take their kind's input).
 KIND_OF = {'vit': 'image', 'text_transformer': 'tokens'}

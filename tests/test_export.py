@@ -1,4 +1,4 @@
-"""Export for serving: export.py on a trained tiny run, loaded in a fresh process with jax and numpy only."""
+"""Export for serving: tools/export.py on a trained tiny run, loaded in a fresh process with jax and numpy only."""
 
 import json
 import os
@@ -12,26 +12,27 @@ import optax
 import pytest
 
 from configs import easy_vqa
-from refnet_jax import checkpointing, input_pipeline, objective, sharding, train_lib
 from refnet_jax import export as export_lib
-from refnet_jax import model as model_lib
+from refnet_jax.data import input_pipeline
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import checkpointing, objective, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
-pytestmark = pytest.mark.slow  # every test needs the `trained` run (training and export.py)
+pytestmark = pytest.mark.slow  # every test needs the `trained` run (training and tools/export.py)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, easy_vqa_dir):
-    """A tiny run trained for two steps, and its export written by the real `export.py`."""
+    """A tiny run trained for two steps, and its export written by the real `tools/export.py`."""
     config = easy_vqa.get_config('tiny')
     config.data.data_dir = str(easy_vqa_dir)
     config.train.num_steps = 2
     workdir = tmp_path_factory.mktemp('run')
-    train_lib.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
     out = workdir / 'export'
     proc = subprocess.run(
-        [sys.executable, 'export.py', '--workdir', str(workdir), '--output', str(out)],
+        [sys.executable, 'tools/export.py', '--workdir', str(workdir), '--output', str(out)],
         cwd=ROOT,
         env=ONE_CPU,
         capture_output=True,
@@ -47,10 +48,10 @@ def training_logits(config, workdir, batch):
     info = input_pipeline.get_dataset_info(config.data)
     model = model_lib.create_model(config, info)
     params = checkpointing.Checkpointer(workdir / 'checkpoints').restore_params()
-    state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
+    state = trainer.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
     mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        outputs = train_lib.eval_step(state, sharding.shard_batch(batch, mesh), objective.Supervised(config))
+        outputs = trainer.eval_step(state, sharding.shard_batch(batch, mesh), objective.Supervised(config))
     return np.asarray(outputs['logits'])
 
 
@@ -81,7 +82,7 @@ def test_exported_model_runs_without_flax_and_matches_training(trained, tmp_path
             with np.load({str(tmp_path)!r} + f'/{{name}}.npz') as batch:
                 logits = predict(dict(batch))  # `label` and `mask` are ignored.
             np.save({str(tmp_path)!r} + f'/{{name}}_logits.npy', np.asarray(logits))
-        unwanted = [m for m in ('flax', 'refnet_jax.model', 'orbax', 'ml_collections') if m in sys.modules]
+        unwanted = [m for m in ('flax', 'refnet_jax.models.model', 'orbax', 'ml_collections') if m in sys.modules]
         assert not unwanted, unwanted
         """
     )
@@ -178,7 +179,7 @@ def test_exported_later_fusion_model_runs_in_a_fresh_process(tmp_path, easy_vqa_
     config.data.data_dir = str(easy_vqa_dir)
     config.train.num_steps = 2
     workdir = tmp_path / 'run'
-    train_lib.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
     out = tmp_path / 'export'
     export_lib.export_workdir(workdir, out)
     batch = next(input_pipeline.eval_batches(config, 'test'))
@@ -195,7 +196,9 @@ def test_exported_later_fusion_model_runs_in_a_fresh_process(tmp_path, easy_vqa_
         for name in ('eval', 'small'):
             with np.load({str(tmp_path)!r} + f'/{{name}}.npz') as batch:
                 np.save({str(tmp_path)!r} + f'/{{name}}_logits.npy', np.asarray(predict(dict(batch))))
-        unwanted = [m for m in ('flax', 'refnet_jax.model', 'refnet_jax.fusion', 'orbax') if m in sys.modules]
+        unwanted = [
+            m for m in ('flax', 'refnet_jax.models.model', 'refnet_jax.models.fusion', 'orbax') if m in sys.modules
+        ]
         assert not unwanted, unwanted
         """
     )

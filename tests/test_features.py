@@ -1,4 +1,4 @@
-"""Frozen features once: features.py encodes a modality over every split, configs/custom.py trains on them."""
+"""Frozen features once: tools/features.py encodes a modality over every split, configs/custom.py trains on them."""
 
 import os
 import subprocess
@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from refnet_jax import features, input_pipeline, layers, train_lib
+from refnet_jax.data import input_pipeline
+from refnet_jax.export import features
+from refnet_jax.models import layers
+from refnet_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
@@ -20,7 +23,7 @@ def test_features_py_writes_an_own_data_directory_that_custom_py_trains_on(tmp_p
     out = tmp_path / 'feats'
     cmd = [
         sys.executable,
-        'features.py',
+        'tools/features.py',
         '--config',
         'configs/easy_vqa.py:tiny',
         '--encode',
@@ -37,7 +40,7 @@ def test_features_py_writes_an_own_data_directory_that_custom_py_trains_on(tmp_p
     )
     # The features are the encoder's pooled output on each example's image; the rest is as stored.
     config = tiny_config(easy_vqa_dir)
-    run = train_lib.build(config, devices=jax.devices()[:1])
+    run = trainer.build(config, devices=jax.devices()[:1])
     batch = next(iter(input_pipeline.eval_batches(config, 'test')))
     encoder = dict(run.model.encoders)['image']
     want = layers.pooled(encoder.apply({'params': run.state.params['encoders']['image']}, batch['image']))
@@ -63,7 +66,7 @@ def test_features_py_writes_an_own_data_directory_that_custom_py_trains_on(tmp_p
 
 def test_an_unknown_modality_to_encode_is_named(easy_vqa_dir, tmp_path):
     config = tiny_config(easy_vqa_dir)
-    run = train_lib.build(config, devices=jax.devices()[:1], init=False)
+    run = trainer.build(config, devices=jax.devices()[:1], init=False)
     with pytest.raises(
         ValueError, match=r"modalities \['imag'\] to encode are not among \['image', 'question'\]"
     ):

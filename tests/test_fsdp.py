@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import checkpointing, sharding, train_lib
+from refnet_jax.train import checkpointing, sharding, trainer
 
 
 def fsdp_config(fsdp, fusion='mmft'):
@@ -47,7 +47,7 @@ def test_fsdp_trains_like_replicated_and_its_checkpoints_move_between_meshes(tmp
     batch = toy_batch(rows=8, per_row=2)
     runs = {}
     for fsdp in (1, 8):
-        run = train_lib.build(fsdp_config(fsdp), info=INFO)
+        run = trainer.build(fsdp_config(fsdp), info=INFO)
         state, losses = run.state, []
         with jax.set_mesh(run.mesh):
             for _ in range(20):  # issue 15: 20 steps give the replicated run's losses
@@ -63,7 +63,7 @@ def test_fsdp_trains_like_replicated_and_its_checkpoints_move_between_meshes(tmp
     ckpt = checkpointing.Checkpointer(tmp_path / 'a')
     ckpt.save(runs[8][1])
     ckpt.wait()
-    one = train_lib.build(fsdp_config(1), info=INFO, devices=jax.devices()[:1])
+    one = trainer.build(fsdp_config(1), info=INFO, devices=jax.devices()[:1])
     restored = ckpt.restore(one.state)
     jax.tree.map(
         np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(runs[8][1].params)

@@ -1,5 +1,5 @@
 """Latent-graph analysis: each metric against an independent reference, the pictures, then `inference.collect`
-and analyze.py on a tiny trained easy-VQA run."""
+and tools/analyze.py on a tiny trained easy-VQA run."""
 
 import collections
 import importlib.util
@@ -17,7 +17,9 @@ from sklearn.metrics import r2_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from refnet_jax import config_lib, graph, inference, train_lib
+from refnet_jax import config_lib
+from refnet_jax.analysis import graph
+from refnet_jax.train import inference, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
@@ -219,7 +221,7 @@ def test_linear_probe_matches_sklearn(separation):
 
 def test_stratified_subsample_and_pca():
     pytest.importorskip('matplotlib')
-    import graph_plots
+    from refnet_jax.analysis import plots as graph_plots
 
     y = np.array([2] * 50 + [0] * 30 + [1] * 20)
     sub = graph_plots.stratified_subsample(y, 10, seed=1)
@@ -239,7 +241,7 @@ def test_stratified_subsample_and_pca():
 
 def test_plot_models_writes_a_png(tmp_path):
     pytest.importorskip('matplotlib')
-    import graph_plots
+    from refnet_jax.analysis import plots as graph_plots
 
     results = {}
     for name, separation in (('baseline', 0.5), ('refnet', 4.0)):
@@ -266,7 +268,7 @@ def run(tmp_path_factory, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir, num_steps=2)
     config.mesh.data = 1
     workdir = tmp_path_factory.mktemp('graph_run')
-    return workdir, train_lib.train_and_evaluate(config, str(workdir))
+    return workdir, trainer.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.slow
@@ -284,7 +286,7 @@ def test_collect_returns_every_test_example(run):
     assert accuracy == pytest.approx(results['test']['accuracy'], abs=1e-9)
 
     sub = inference.collect(config, workdir, 'test', max_examples=300, seed=1)
-    # A network loaded once serves several collects of its own run (analyze.py), and no other run's.
+    # A network loaded once serves several collects of its own run (tools/analyze.py), and no other run's.
     network = inference.load_network(config, workdir)
     again = inference.collect(config, workdir, 'test', max_examples=300, seed=1, network=network)
     np.testing.assert_array_equal(again['fused'], sub['fused'])
@@ -322,7 +324,7 @@ def test_analyze_py_end_to_end(run, easy_vqa_dir, tmp_path):
     output = tmp_path / 'docs' / 'graph'
     cmd = [
         sys.executable,
-        'analyze.py',
+        'tools/analyze.py',
         f'--workdirs=trained={workdir},random=RANDOM',
         '--config=configs/easy_vqa.py:tiny',
         f'--config.data.data_dir={easy_vqa_dir}',
@@ -357,7 +359,7 @@ def test_analyze_py_end_to_end(run, easy_vqa_dir, tmp_path):
 def test_analyze_py_names_a_missing_or_unused_config(tmp_path):
     def analyze(*args):
         proc = subprocess.run(
-            [sys.executable, 'analyze.py', f'--output={tmp_path / "x"}', *args],
+            [sys.executable, 'tools/analyze.py', f'--output={tmp_path / "x"}', *args],
             cwd=ROOT,
             env=ONE_CPU,
             capture_output=True,

@@ -20,9 +20,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from configs import hateful_memes as hateful_memes_config
-from refnet_jax import checkpointing, contract, input_pipeline, metrics, objective, sharding, train_lib
-from refnet_jax import model as model_lib
-from refnet_jax.datasets import hateful_memes
+from refnet_jax.data import contract, input_pipeline
+from refnet_jax.data.datasets import hateful_memes
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import checkpointing, metrics, objective, sharding, trainer
 
 SPLIT_SIZES = {'train.jsonl': 40, 'dev_seen.jsonl': 10, 'test_seen.jsonl': 10}
 SPLITS = {'train': 'train.jsonl', 'validation': 'dev_seen.jsonl', 'test': 'test_seen.jsonl'}
@@ -449,20 +450,20 @@ def test_tiny_config_trains_and_reports_the_aurocs_of_its_predictions(tmp_path, 
     config.train.num_steps = 2
     config.mesh.data = 1  # one device compiles faster
     workdir = tmp_path / 'run'
-    results = train_lib.train_and_evaluate(config, str(workdir))
+    results = trainer.train_and_evaluate(config, str(workdir))
     assert results['step'] == 2 and np.isfinite(results['train']['loss'])
 
     # The trained model's predictions, recomputed from its checkpoint, scored by scikit-learn.
     info = input_pipeline.get_dataset_info(config.data)
     model = model_lib.create_model(config, info)
     params = checkpointing.Checkpointer(workdir / 'checkpoints').restore_params()
-    state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
+    state = trainer.TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
     mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
     for key, split in (('val', 'validation'), ('test', 'test')):
         logits, labels = [], []
         with jax.set_mesh(mesh):
             for batch in input_pipeline.eval_batches(config, split):
-                out = train_lib.eval_step(
+                out = trainer.eval_step(
                     state, sharding.shard_batch(batch, mesh), objective.Supervised(config)
                 )
                 out = np.asarray(out['logits'])

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from refnet_jax import layers
+from refnet_jax.models import layers
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ B, D = 12, 6  # One batch shape for the reference comparisons, so each configura
 def ms_reference(
     embeddings, labels, *, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True, where=None
 ) -> float:
-    """The MS loss from its formula (DESIGN.md section 1), one anchor and one pair at a time, in float64."""
+    """The MS loss from its formula (docs/architecture.md, "The method"), one anchor and one pair at a time,
+    in float64."""
     emb = np.asarray(embeddings, np.float64)
     labels = np.asarray(labels)
     valid = np.ones(len(emb), bool) if where is None else np.asarray(where, bool)

@@ -1,10 +1,10 @@
-"""Tests for refnet_jax.metrics against scikit-learn on random data, with ties, empty classes and masks."""
+"""Tests for refnet_jax.train.metrics against scikit-learn on random data, with ties, empty classes and masks."""
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from refnet_jax import metrics
+from refnet_jax.train import metrics
 
 AVERAGES = ('micro', 'macro', 'weighted', 'samples')
 

@@ -17,9 +17,10 @@ from helpers import stored_records
 from sklearn.metrics import f1_score
 
 from configs import mm_imdb as mm_imdb_config
-from refnet_jax import checkpointing, contract, input_pipeline, train_lib
-from refnet_jax import model as model_lib
-from refnet_jax.datasets import mm_imdb
+from refnet_jax.data import contract, input_pipeline
+from refnet_jax.data.datasets import mm_imdb
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import checkpointing, trainer
 
 NUM_ROWS = 60
 ROWS = {'train': (0, 36), 'validation': (36, 48), 'test': (48, 60)}
@@ -343,7 +344,7 @@ def test_config_variants(arg):
 def test_tiny_config_trains_and_reports_sklearn_f1(prepared, tmp_path):
     config = tiny_config(*prepared)
     config.train.num_steps = 2
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['step'] == 2 and np.isfinite(results['train']['loss'])
 
     # The same predictions again, from the final checkpoint, scored by scikit-learn.

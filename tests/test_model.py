@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from configs import easy_vqa
-from refnet_jax import config_lib, contract, refiner, sharding, train_lib
-from refnet_jax import fusion as fusion_lib
-from refnet_jax import model as model_lib
+from refnet_jax import config_lib
+from refnet_jax.data import contract
+from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import model as model_lib
+from refnet_jax.models import refiner
+from refnet_jax.train import sharding, trainer
 
 MODALITIES = {
     'image': contract.ModalityInfo(kind='image', shape=(16, 16, 3), dtype=np.uint8, shared=True),
@@ -45,7 +48,7 @@ def toy_config(fusion='concat', variant='refnet', target='embedding'):
 
 
 def one_step(config, batch, with_grads=False):
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     model, mesh, state = run.model, run.mesh, run.state
     with jax.set_mesh(mesh):
         params0 = jax.device_get(state.params)
@@ -192,7 +195,7 @@ def test_trivially_learnable_data_reaches_full_accuracy():
     config.train.learning_rate = 1e-2
     batch = toy_batch(rows=8, per_row=4, seed=3)
     batch['label'] = batch['question'][:, 0] % 5
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     model, mesh, state, step = run.model, run.mesh, run.state, run.train_step
     with jax.set_mesh(mesh):
         sharded = sharding.shard_batch(batch, mesh)

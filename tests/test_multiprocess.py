@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from refnet_jax import checkpointing, train_lib
+from refnet_jax.train import checkpointing, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
@@ -88,7 +88,7 @@ def params(workdir):
 def run_in_process(workdir, data_dir, mesh_data, **train):
     config = tiny_config(data_dir, **{k.removeprefix('train.'): v for k, v in {**COMMON, **train}.items()})
     config.mesh.data = mesh_data
-    return train_lib.train_and_evaluate(config, str(workdir))
+    return trainer.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.slow(seconds=75)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import easy_vqa
-from refnet_jax import contract, losses, metrics, objective, train_lib
+from refnet_jax import losses
+from refnet_jax.data import contract
+from refnet_jax.train import metrics, objective, trainer
 
 MODALITIES = {
     'image': contract.ModalityInfo(kind='image', shape=(16, 16, 3), dtype=np.uint8, shared=True),
@@ -54,21 +56,21 @@ def real_rows(batch):
 @pytest.fixture(scope='module')
 def two_class_run():
     """A freshly initialized tiny run with a two-class head (whose parameters also fit two-label data)."""
-    return train_lib.build(easy_vqa.get_config('tiny'), info=toy_info(2, False), devices=jax.devices()[:1])
+    return trainer.build(easy_vqa.get_config('tiny'), info=toy_info(2, False), devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize('multi_label', [False, True])
 def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(two_class_run, multi_label):
     run, info = two_class_run, toy_info(2, multi_label)
-    evaluate = functools.partial(train_lib.evaluate, run.state, info=info, mesh=run.mesh)
+    evaluate = functools.partial(trainer.evaluate, run.state, info=info, mesh=run.mesh)
     batches = [padded_batch(info, 4, 2, real=5, seed=0), padded_batch(info, 4, 2, real=8, seed=1)]
-    compiled = train_lib.eval_step._cache_size()
+    compiled = trainer.eval_step._cache_size()
     with jax.set_mesh(run.mesh):
         results = evaluate(batches, objective.Supervised(run.config, multi_label=multi_label))
         # An equal objective is the same static argument: nothing compiles again.
         config = run.config.copy_and_resolve_references()
         assert evaluate(batches, objective.Supervised(config, multi_label=multi_label)) == results
-    assert train_lib.eval_step._cache_size() == compiled + 1
+    assert trainer.eval_step._cache_size() == compiled + 1
 
     # Independently: the model on the real rows alone, losses.py's per-example loss, the plain mean.
     params = jax.device_get(run.state.params)
@@ -99,11 +101,11 @@ def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(tw
 def test_pretraining_evaluation_reads_no_label_and_weights_the_refiner_losses():
     info = toy_info(5, False)
     config = easy_vqa.get_config('tiny,variant=pretrain')
-    run = train_lib.build(config, info=info, pretraining=True, devices=jax.devices()[:1])
+    run = trainer.build(config, info=info, pretraining=True, devices=jax.devices()[:1])
     batch = padded_batch(info, 4, 2, real=5, seed=0)
     del batch['label']
     with jax.set_mesh(run.mesh):
-        results = train_lib.evaluate(run.state, [batch], run.objective, info, run.mesh)
+        results = trainer.evaluate(run.state, [batch], run.objective, info, run.mesh)
     assert set(results) == {
         'num_examples',
         'loss',
@@ -132,11 +134,11 @@ def test_pretraining_evaluation_reads_no_label_and_weights_the_refiner_losses():
 @pytest.mark.parametrize('num_classes,multi_label', [(5, False), (2, False), (5, True)])
 def test_build_makes_the_objective_of_the_run(num_classes, multi_label):
     config, info = easy_vqa.get_config('tiny'), toy_info(num_classes, multi_label)
-    run = train_lib.build(config, info=info, devices=jax.devices()[:1], init=False)
+    run = trainer.build(config, info=info, devices=jax.devices()[:1], init=False)
     assert run.objective == objective.Supervised(config, multi_label=multi_label)
     assert run.objective.labeled and not run.objective.eval_with_refiner
     config = easy_vqa.get_config('tiny,variant=pretrain')
-    run = train_lib.build(config, info=info, pretraining=True, devices=jax.devices()[:1], init=False)
+    run = trainer.build(config, info=info, pretraining=True, devices=jax.devices()[:1], init=False)
     assert run.objective == objective.Pretraining(config)
 
 

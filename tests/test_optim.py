@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import optim, paths, sharding, train_lib
+from refnet_jax.train import optim, paths, sharding, trainer
 
 
 def steps(config, n, batch=None):
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     batch = sharding.shard_batch(toy_batch() if batch is None else batch, run.mesh)
     state0 = jax.device_get(run.state)
     state = run.state
@@ -39,7 +39,7 @@ def test_frozen_parameters_stay_bit_identical_hold_no_state_and_cost_no_backward
     assert held == 2 * (total - frozen)
 
     def flops(config):
-        r = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+        r = trainer.build(config, info=INFO, devices=jax.devices()[:1])
         with jax.set_mesh(r.mesh):
             batch = sharding.shard_batch(toy_batch(), r.mesh)
             cost = r.train_step.lower(r.state, batch, jax.random.key(0)).compile().cost_analysis()
@@ -70,7 +70,7 @@ def test_a_learning_rate_multiplier_scales_the_update():
 
 def test_weight_decay_skips_biases_norm_scales_and_embeddings_by_default():
     config = toy_config('mmft', 'baseline', target='tokens')
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1], init=False)
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1], init=False)
     params = jax.eval_shape(run.model.init, jax.random.key(0), toy_batch())['params']
     labels = {
         paths.path_str(k): v
@@ -95,4 +95,4 @@ def test_a_rule_that_matches_nothing_is_named_before_training(field, value, mess
     config = toy_config('concat')
     config.train[field] = value
     with pytest.raises(ValueError, match=message):
-        train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+        trainer.build(config, info=INFO, devices=jax.devices()[:1])

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import config_lib, sharding, train_lib
-from refnet_jax import fusion as fusion_lib
-from refnet_jax import model as model_lib
+from refnet_jax import config_lib
+from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import sharding, trainer
 
 FUSIONS = sorted(fusion_lib.FUSIONS)
 
@@ -24,7 +25,7 @@ def dtypes_of(tree):
 def test_bfloat16_computation_with_float32_parameters_trains(fusion):
     config = toy_config(fusion, target='tokens' if fusion in ('mmft', 'mbt') else 'embedding')
     config.model.dtype = 'bfloat16'
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     assert dtypes_of(run.state.params) == {'float32'}
     assert dtypes_of(run.state.opt_state) <= {'float32', 'int32'}
     batch = toy_batch()
@@ -72,7 +73,7 @@ def test_remat_recomputes_blocks_and_changes_nothing_else(fusion):
             text = dict(module='text_transformer', width=16, depth=1, num_heads=2, pooling='gap')
             config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': text})
         config.model.remat = remat
-        run = train_lib.build(config, info=INFO, devices=jax.devices()[:1], init=False)
+        run = trainer.build(config, info=INFO, devices=jax.devices()[:1], init=False)
         model = run.model
         params = jax.jit(model.init)(jax.random.key(0), batch)['params']
 

@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refnet_jax import config_lib, contract, sharding, train_lib
-from refnet_jax import fusion as fusion_lib
-from refnet_jax import model as model_lib
-from refnet_jax import objective as objective_lib
+from refnet_jax import config_lib
+from refnet_jax.data import contract
+from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import objective as objective_lib
+from refnet_jax.train import sharding, trainer
 
 # Float modalities, so that absent values can be NaN; `a` is shared (stored once for two examples).
 INFO = contract.DatasetInfo(
@@ -170,7 +172,7 @@ def test_modality_dropout_draws_do_not_depend_on_the_device_count():
 def test_train_step_applies_modality_dropout():
     config = toy_config('concat', variant='refiner', target='input')
     config.train.modality_dropout = {'a': 0.0, 'b': 0.999}
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     batch = {k: v for k, v in toy_batch(seed=2).items() if not k.endswith('_present')}
     with jax.set_mesh(run.mesh):
         _, metrics = run.train_step(run.state, sharding.shard_batch(batch, run.mesh), jax.random.key(0))

@@ -11,8 +11,9 @@ import pytest
 from helpers import fresh_state, tiny_config
 
 from configs import easy_vqa
-from refnet_jax import checkpointing, input_pipeline, train_lib
-from refnet_jax import pretrained as pretrained_lib
+from refnet_jax.data import input_pipeline
+from refnet_jax.train import checkpointing, trainer
+from refnet_jax.train import pretrained as pretrained_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,11 +69,11 @@ def test_pretraining_never_reads_labels(tmp_path, easy_vqa_dir, monkeypatch):
 
     monkeypatch.setattr(input_pipeline, 'make_train_iterator', bad_labels)
     with pytest.raises(ValueError, match='row 0 is -12345'):
-        train_lib.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'supervised'))
+        trainer.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'supervised'))
     # The same corrupted labels are never looked at by pre-training.  (grain's iterator state cannot be
     # saved from a plain generator, so checkpoint only at the end and stub that save.)
     monkeypatch.setattr(checkpointing.Checkpointer, 'save', lambda self, state, data_iter=None, **kw: None)
-    results = train_lib.pretrain(pretrain_config(easy_vqa_dir, num_steps=2), str(tmp_path / 'pretrain'))
+    results = trainer.pretrain(pretrain_config(easy_vqa_dir, num_steps=2), str(tmp_path / 'pretrain'))
     assert results['step'] == 2
 
 
@@ -80,7 +81,7 @@ def test_embedding_targets_are_refused_for_pretraining(tmp_path, easy_vqa_dir):
     config = pretrain_config(easy_vqa_dir)
     config.model.refiner.target = 'embedding'
     with pytest.raises(ValueError, match='collapse'):
-        train_lib.pretrain(config, str(tmp_path / 'run'))
+        trainer.pretrain(config, str(tmp_path / 'run'))
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_train_py_with_init_from_runs(tmp_path, pretrained, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'
     config.init_from = str(pretrained)
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'finetune'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'finetune'))
     assert results['step'] == config.train.num_steps
 
 
@@ -144,7 +145,7 @@ def test_the_pretrained_image_encoder_alone_starts_a_run_with_another_fusion(
     config.model.refiner.target = 'input'
     config.model.encoders.image.init_from = str(pretrained)
     source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
-    run = train_lib.build(config)
+    run = trainer.build(config)
     with jax.set_mesh(run.mesh):
         state = pretrained_lib.init_modules(run.state, config, run.tx)
     jax.tree.map(
@@ -156,5 +157,5 @@ def test_the_pretrained_image_encoder_alone_starts_a_run_with_another_fusion(
         jax.tree.leaves(state.params['encoders']['question'])[0],
         jax.tree.leaves(source['encoders']['question'])[0],
     )
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert np.isfinite(results['train']['loss'])

@@ -7,8 +7,10 @@ import pytest
 from helpers import run_readme_bash
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import config_lib, encoders, paths, pretrained, train_lib
-from refnet_jax import model as model_lib
+from refnet_jax import config_lib
+from refnet_jax.models import encoders
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import paths, pretrained, trainer
 
 VIT = dict(module='vit', patch_size=(4, 4), width=16, depth=2, num_heads=2, pooling='gap', embed_dim=None)
 
@@ -123,18 +125,18 @@ def test_an_orbax_checkpoint_and_a_refnet_workdir_are_sources(tmp_path, easy_vqa
     import orbax.checkpoint as ocp
     from helpers import tiny_config
 
-    from refnet_jax import checkpointing
+    from refnet_jax.train import checkpointing
 
     config = tiny_config(easy_vqa_dir, num_steps=2)
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     trained = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints').restore_params()
-    tree = jax.device_get(train_lib.build(config, seed=3).state.params)
+    tree = jax.device_get(trainer.build(config, seed=3).state.params)
     ocp.PyTreeCheckpointer().save(tmp_path / 'tree', {'params': tree})
     cases = ((str(tmp_path / 'run'), trained), (f'{tmp_path / "tree"}:encoders/question', tree))
     for init_from, want in cases:
         other = tiny_config(easy_vqa_dir, num_steps=2)
         other.model.encoders.question.init_from = init_from
-        loaded = pretrained.load_into(train_lib.build(other, seed=5).state.params, other)
+        loaded = pretrained.load_into(trainer.build(other, seed=5).state.params, other)
         jax.tree.map(
             np.testing.assert_array_equal,
             jax.device_get(loaded['encoders']['question']),
@@ -198,7 +200,7 @@ def test_readme_towers_example_runs_as_written(tmp_path):
     section = text.split('<!-- towers:begin -->')[1].split('<!-- towers:end -->')[0]
     (code,) = re.findall(r'```bash\n(.*?)```', section, flags=re.S)
     run_readme_bash(code, tmp_path)
-    from refnet_jax import checkpointing
+    from refnet_jax.train import checkpointing
 
     with np.load(tmp_path / 'vit.npz') as saved:
         arrays = {k.removeprefix('params/img/'): saved[k] for k in saved.files}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import fusion as fusion_lib
-from refnet_jax import model as model_lib
+from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import model as model_lib
 
 
 def progressive_config(rounds, variant='refnet'):

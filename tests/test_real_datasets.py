@@ -20,8 +20,9 @@ from helpers import fresh_state, stored_records
 
 from configs import hapt as hapt_config
 from configs import uci_mfeat as uci_mfeat_config
-from refnet_jax import contract, input_pipeline, train_lib
-from refnet_jax.datasets import common, hapt, uci_mfeat
+from refnet_jax.data import common, contract, input_pipeline
+from refnet_jax.data.datasets import hapt, uci_mfeat
+from refnet_jax.train import trainer
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -135,7 +136,8 @@ def test_mfeat_missing_package_or_file_is_named(tmp_path, monkeypatch):
 def test_hapt_dataset_info(data_dir):
     info = input_pipeline.get_dataset_info(data_config('hapt', data_dir))
     assert info.num_examples == {'train': 6027, 'validation': 1116, 'test': 2874}
-    assert info.num_examples['train'] + info.num_examples['validation'] == 7143  # DESIGN.md §4
+    # docs/architecture.md, "Data that can be had offline"
+    assert info.num_examples['train'] + info.num_examples['validation'] == 7143
     assert info.num_classes == 6 and not info.multi_label
     assert info.class_names[0] == 'WALKING' and info.class_names[5] == 'LAYING'
     series = contract.ModalityInfo(kind='series', shape=(128, 3), dtype=np.float32)
@@ -283,7 +285,7 @@ def test_tiny_config_trains(tmp_path, data_dir, config_module):
     config.data.data_dir = str(data_dir)
     config.train.num_steps = 2
     config.mesh.data = 1  # one device compiles faster; test_train.py compares 1 and 8 devices
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     info = input_pipeline.get_dataset_info(config.data)
     assert results['step'] == 2
     assert np.isfinite(results['train']['loss'])
@@ -320,7 +322,7 @@ def test_a_unimodal_baseline_sees_its_modality_alone(tmp_path, data_dir):
     eval_batch = next(iter(input_pipeline.eval_batches(config, 'test')))
     for batch in (train_batch, eval_batch):
         assert 'acc' in batch and 'gyro' not in batch
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['test']['num_examples'] == info.num_examples['test']
     *_, state = fresh_state(config, devices=jax.devices()[:1])
     assert set(state.params) == {'encoders', 'fusion', 'missing', 'head'}

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from refnet_jax import report
+from refnet_jax.analysis import report
 
 
 def test_run_and_record_records_the_run_atomically(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 from helpers import tiny_config
 
-from refnet_jax import selection as selection_lib
+from refnet_jax.train import selection as selection_lib
 
 
 def test_selection_keeps_the_best_and_counts_validations_since():

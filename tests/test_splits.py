@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from refnet_jax import splits
+from refnet_jax.data import splits
 
 
 def test_stratified_split_by_counts():

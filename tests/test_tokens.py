@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refnet_jax import encoders, fusion, layers, modules
+from refnet_jax.models import encoders, fusion, layers, modules
 
 TOKEN_FUSIONS = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
 # Every fusion variant whose read-out differs: (kind, fields).
@@ -300,7 +300,7 @@ def test_pooled_fusion_does_not_depend_on_modality_order(kind):
 def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
     """The chains' scan gets each modality's mask, padded to the longest (a padded step keeps a chain's state:
     tests/test_coupled_mamba.py), in every layer; and each readout is that modality's chain."""
-    from refnet_jax import coupled_mamba
+    from refnet_jax.models import coupled_mamba
 
     seen = []
     scan = coupled_mamba.coupled_scan

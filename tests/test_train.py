@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import fresh_state, tiny_config
 
-from refnet_jax import checkpointing, contract, input_pipeline, objective, sharding, train_lib
+from refnet_jax.data import contract, input_pipeline
+from refnet_jax.train import checkpointing, objective, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +126,7 @@ def test_selected_checkpoint_reports_what_a_fresh_evaluation_of_it_gives(tmp_pat
     )
     config.train.modality_dropout.question = 0.3
     config.eval.without = ('question',)
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     selected = results['selected']
     rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     val_loss = {r['step']: r['val/loss'] for r in rows if 'val/loss' in r}
@@ -134,12 +135,12 @@ def test_selected_checkpoint_reports_what_a_fresh_evaluation_of_it_gives(tmp_pat
     assert set(results) >= {'val_without_question', 'test_without_question'}
     best = checkpointing.Checkpointer(tmp_path / 'run' / 'best')
     assert best.all_steps() == (selected['step'],)
-    run = train_lib.build(config)
+    run = trainer.build(config)
     with jax.set_mesh(run.mesh):
         state = best.restore(run.state, step=selected['step'])
         for key, absent in (('test', ()), ('val', ()), ('test_without_question', ('question',))):
             split = 'validation' if key == 'val' else 'test'
-            fresh = train_lib.evaluate(
+            fresh = trainer.evaluate(
                 state, input_pipeline.eval_batches(config, split), run.objective, run.info, run.mesh, absent
             )
             assert fresh == selected[key], key
@@ -153,7 +154,7 @@ def test_one_and_eight_devices_give_the_same_training(tmp_path, easy_vqa_dir):
     for n in (1, 8):
         config = tiny_config(easy_vqa_dir, num_steps=10, log_every_steps=1, checkpoint_every_steps=10)
         config.mesh.data = n
-        results = train_lib.train_and_evaluate(config, str(tmp_path / f'd{n}'))
+        results = trainer.train_and_evaluate(config, str(tmp_path / f'd{n}'))
         rows = [json.loads(line) for line in (tmp_path / f'd{n}' / 'metrics.jsonl').read_text().splitlines()]
         losses = np.array([r['train/loss'] for r in rows if 'train/loss' in r])
         params = checkpointing.Checkpointer(tmp_path / f'd{n}' / 'checkpoints').restore_params()
@@ -208,7 +209,7 @@ def test_a_second_run_reads_its_programs_from_the_compilation_cache(tmp_path, ea
 @pytest.mark.slow
 def test_profile_writes_a_trace_of_the_asked_steps(tmp_path, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir, profile=(1, 2))
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
     rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     assert all(r['train/step_seconds'] > 0 for r in rows if 'train/loss' in r)
@@ -216,7 +217,7 @@ def test_profile_writes_a_trace_of_the_asked_steps(tmp_path, easy_vqa_dir):
     with pytest.raises(
         ValueError, match=r'config.train.profile is \(1,\); expected \(first_step, num_steps\)'
     ):
-        train_lib.train_and_evaluate(config, str(tmp_path / 'bad'))
+        trainer.train_and_evaluate(config, str(tmp_path / 'bad'))
 
 
 def damage(step_dir):
@@ -254,7 +255,7 @@ def test_shared_modality_rows_need_not_divide_by_the_devices(easy_vqa_dir):
     for n in (1, 8):
         config = tiny_config(easy_vqa_dir, batch_size=32)
         config.mesh.data = n
-        run = train_lib.build(config)
+        run = trainer.build(config)
         batch = next(input_pipeline.make_train_iterator(config, seed=0))
         assert batch['image'].shape[0] == 4
         with jax.set_mesh(run.mesh):
@@ -268,7 +269,7 @@ def test_train_step_compiles_once(easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     _, mesh, _, schedule, state = fresh_state(config)
     with jax.set_mesh(mesh):
-        step = train_lib.make_train_step(objective.Supervised(config), schedule, mesh, state)
+        step = trainer.make_train_step(objective.Supervised(config), schedule, mesh, state)
         it = input_pipeline.make_train_iterator(config, seed=0)
         for _ in range(3):
             state, _ = step(state, sharding.shard_batch(next(it), mesh), jax.random.key(0))
@@ -288,8 +289,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy
         grad_clip_norm=0.0,
         warmup_steps=1,
     )
-    with pytest.raises(train_lib.NonFiniteLossError, match=r'last good checkpoint \(step 2\)'):
-        train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    with pytest.raises(trainer.NonFiniteLossError, match=r'last good checkpoint \(step 2\)'):
+        trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
     assert ckpt.latest_step() == 2
     params = ckpt.restore_params()
@@ -298,18 +299,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy
 
 @pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused(tmp_path, easy_vqa_dir):
-    train_lib.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'run'))
+    trainer.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'run'))
     config = tiny_config(easy_vqa_dir)
     config.model.encoders.image.embed_dim = 32
     with pytest.raises(ValueError, match=r'model.encoders.image.embed_dim: workdir 16, now 32'):
-        train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+        trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert (tmp_path / 'run' / 'results.json').exists()
 
 
 @pytest.mark.slow
 def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     config.model.encoders.image.embed_dim = 32
     _, mesh, _, _, state = fresh_state(config)
     with jax.set_mesh(mesh):
@@ -356,13 +357,13 @@ def test_bad_batches_are_named(easy_vqa_dir, corrupt, message):
 def test_a_run_checkpointed_on_8_devices_resumes_on_1(tmp_path, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir, num_steps=2, checkpoint_every_steps=2)
     config.mesh.data = 8
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     config.mesh.data = 1
     config.train.num_steps = 4
-    results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['step'] == 4
     assert np.isfinite(results['train']['loss'])
     straight = tiny_config(easy_vqa_dir, num_steps=4, checkpoint_every_steps=2)
     straight.mesh.data = 1
-    expected = train_lib.train_and_evaluate(straight, str(tmp_path / 'straight'))
+    expected = trainer.train_and_evaluate(straight, str(tmp_path / 'straight'))
     assert results['train']['loss'] == pytest.approx(expected['train']['loss'], rel=1e-5)

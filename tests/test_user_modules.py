@@ -11,8 +11,10 @@ import pytest
 from helpers import run_readme_bash
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax import contract, encoders, modules, sharding, train_lib
-from refnet_jax import model as model_lib
+from refnet_jax.data import contract
+from refnet_jax.models import encoders, modules
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +46,7 @@ def with_user_modules(path, config=None):
 
 def test_user_encoder_and_fusion_train_a_step(my_modules):
     config = with_user_modules(my_modules)
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     params = run.state.params
     assert type(run.model.fusion).__name__ == 'MyFusion'
     assert dict(run.model.encoders)['question'].__class__.__name__ == 'MyEncoder'
@@ -68,7 +70,7 @@ def test_user_encoder_and_fusion_train_a_step(my_modules):
 
 def test_package_module_class_names_a_module():
     config = toy_config()
-    config.model.encoders.image.module = 'refnet_jax.encoders:ImageCNN'
+    config.model.encoders.image.module = 'refnet_jax.models.encoders:ImageCNN'
     model = model_lib.create_model(config, INFO)
     assert isinstance(dict(model.encoders)['image'], encoders.ImageCNN)
 
@@ -82,7 +84,7 @@ def test_package_module_class_names_a_module():
             "has no 'MyEncodr'; its Linen modules are ['MyEncoder', 'MyFusion']",
         ),
         ('refnet_jax.encoderz:ImageCNN', "no module 'refnet_jax.encoderz' can be imported"),
-        ('refnet_jax.encoders:POOLINGS', 'which is a tuple, not a flax.linen.Module class'),
+        ('refnet_jax.models.encoders:POOLINGS', 'which is a tuple, not a flax.linen.Module class'),
         ('MyEncoder', "expected one of ['bow', 'cnn', 'conv1d', 'mlp', 'text_transformer', 'vit']"),
     ],
 )
@@ -139,7 +141,7 @@ def test_readme_example_is_what_the_fast_test_runs():
 FLAGGED_FUSIONS = '''
 import flax.linen as nn
 import jax.numpy as jnp
-from refnet_jax import layers
+from refnet_jax.models import layers
 
 
 class TokenStats(nn.Module):
@@ -186,7 +188,7 @@ def test_the_fusion_class_variables_combine(tmp_path, fusion_class, target, stat
     config = toy_config('lowrank', target=target)  # its tiny fields are MyFusion's: fused_dim only
     config.model.fusion.kind = f'{path}:{fusion_class}'
     config.model.encoders.question.module = 'bow'
-    run = train_lib.build(config, info=INFO, devices=jax.devices()[:1])
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
     with jax.set_mesh(run.mesh):
         _, metrics = run.train_step(run.state, sharding.shard_batch(toy_batch(), run.mesh), jax.random.key(0))
     assert np.isfinite(float(metrics['loss']))

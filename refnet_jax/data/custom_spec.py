@@ -1,0 +1,415 @@
+"""The own-data path's spec: the `config.data` fields of configs/custom.py and the layout of the user's files,
+checked from their headers before any value is read (refnet_jax/data/datasets/custom.py describes both)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fnmatch
+import functools
+import os
+import pathlib
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from refnet_jax.data import contract
+
+SPLITS = ('train', 'validation', 'test')
+ARRAY_FILES = {split: f'{split}.npz' for split in SPLITS}
+DTYPES = {'image': np.uint8, 'tokens': np.int32, 'series': np.float32, 'features': np.float32}
+EXPECTED = {
+    'image': '(H, W, C) uint8 pixels',
+    'tokens': '(T,) integer token ids',
+    'series': '(T, C) numbers: T time steps of C channels',
+    'features': '(D,) numbers',
+}
+TABLE_KINDS = ('image', 'tokens', 'features')
+NAN_POLICIES = ('error', 'zero')
+# The config.data fields that shape the prepared data (all set by configs/custom.py).
+FIELDS = (
+    'kinds',
+    'table',
+    'columns',
+    'label',
+    'split_column',
+    'split',
+    'split_seed',
+    'num_classes',
+    'class_names',
+    'standardize',
+    'nan',
+    'image_size',
+)
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and v != ''
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+FIELD_CHECKS = {  # config.data field -> (test of its value, what is expected); kinds, split, class_names apart
+    'table': (lambda v: v is None or _is_name(v), 'None or a CSV file name'),
+    'label': (_is_name, 'an array or column name'),
+    'split_column': (lambda v: v is None or _is_name(v), 'None or a column name'),
+    'split_seed': (_is_int, 'an int'),
+    'num_classes': (lambda v: v is None or (_is_int(v) and v >= 1), 'None or an int >= 1'),
+    'standardize': (lambda v: isinstance(v, bool), 'True or False'),
+    'nan': (lambda v: v in NAN_POLICIES, f'one of {NAN_POLICIES}'),
+    'image_size': (lambda v: _is_int(v) and v >= 1, 'an int >= 1'),
+}
+LAYOUT = (
+    'train.npz (and optionally validation.npz, test.npz) with an array per modality and the labels, or the CSV '
+    'file named by config.data.table; see refnet_jax/data/datasets/custom.py'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The data that `config.data` describes, checked against the files' headers (no values read yet).
+
+    Attributes:
+      root: the manual directory.
+      kinds: modality -> kind.
+      files: the source files: split -> .npz file given, or {'table': the CSV file}.
+      shapes: modality -> item shape, as stored.
+      label_width: C for multi-hot labels, None for class ids.
+      columns: modality -> its column names (tables only).
+      images: modality -> one image file per table row (image modalities of tables only).
+      The other attributes are the `config.data` fields of the same names.
+    """
+
+    root: pathlib.Path
+    kinds: dict[str, str]
+    files: dict[str, pathlib.Path]
+    shapes: dict[str, tuple[int, ...]]
+    label_width: int | None
+    columns: dict[str, tuple[str, ...]]
+    images: dict[str, tuple[pathlib.Path, ...]]
+    label: str
+    split_column: str | None
+    split: tuple[float, float, float]
+    split_seed: int
+    num_classes: int | None
+    class_names: tuple[str, ...]
+    standardize: bool
+    nan: str
+    image_size: int
+
+
+# --- Reading the config and the files' headers ---
+
+
+def read_spec(data_config: ml_collections.ConfigDict) -> Spec:
+    """Checks the `config.data` fields and the source files' layout (files, arrays, columns, shapes, kinds).
+
+    Raises ValueError or FileNotFoundError naming the field or file and what was expected.
+    """
+    missing = [f for f in FIELDS if f not in data_config]
+    if missing:
+        raise ValueError(f'config.data lacks {missing}; start from configs/custom.py, which sets every field')
+    manual_dir = data_config.get('manual_dir')
+    if not manual_dir:
+        raise ValueError(f'config.data.manual_dir is not set; pass the directory of your data: {LAYOUT}')
+    root = pathlib.Path(os.path.abspath(os.path.expanduser(manual_dir)))
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f'config.data.manual_dir={manual_dir!r}: no directory {root}; expected {LAYOUT}'
+        )
+    d = data_config
+    for field, (ok, expected) in FIELD_CHECKS.items():
+        if not ok(d[field]):
+            raise ValueError(f'config.data.{field}={d[field]!r}, expected {expected}')
+    kinds = _check_kinds(d.kinds)
+    fields = {field: d[field] for field in FIELD_CHECKS if field != 'table'}
+    fields.update(split=_check_split(d.split), class_names=_check_class_names(d.class_names, d.num_classes))
+    table = d.table
+    if table is None:
+        if fields['split_column'] is not None:
+            raise ValueError(
+                f'config.data.split_column={fields["split_column"]!r} is for a table (config.data.table), but '
+                'config.data.table is None: arrays give their own splits as validation.npz and test.npz'
+            )
+        files, shapes, label_width = _peek_arrays(root, kinds, fields['label'])
+        columns, images = {}, {}
+    else:
+        files, shapes, columns, images = _peek_table(root / table, kinds, d.columns, fields)
+        label_width = None
+    return Spec(root, kinds, files, shapes, label_width, columns, images, **fields)
+
+
+def _plain(value: Any) -> Any:
+    """A config field's value with ConfigDicts as dicts."""
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def _check_kinds(kinds: Any) -> dict[str, str]:
+    kinds = _plain(kinds)
+    if not isinstance(kinds, dict) or not kinds:
+        raise ValueError(
+            f'config.data.kinds={kinds!r}, expected {{modality: kind}} for at least one modality'
+        )
+    for m, kind in kinds.items():
+        if kind not in tuple(contract.KINDS):
+            raise ValueError(f'config.data.kinds.{m}={kind!r}, expected one of {tuple(contract.KINDS)}')
+    return kinds
+
+
+def _check_split(split: Any) -> tuple[float, float, float]:
+    ok = (
+        isinstance(split, Sequence)
+        and len(split) == 3
+        and all(isinstance(f, int | float) and not isinstance(f, bool) and f >= 0 for f in split)
+        and abs(sum(split) - 1) < 1e-6
+        and split[0] > 0
+    )
+    if not ok:
+        raise ValueError(
+            f'config.data.split={split!r}, expected (train, validation, test) fractions >= 0 that sum to 1, '
+            'train > 0'
+        )
+    return tuple(float(f) for f in split)
+
+
+def _check_class_names(names: Any, num_classes: Any) -> tuple[str, ...]:
+    ok = isinstance(names, Sequence) and not isinstance(names, str) and all(isinstance(n, str) for n in names)
+    if not ok or len(set(names)) != len(names):
+        raise ValueError(
+            f'config.data.class_names={names!r}, expected a tuple of distinct str (or () for none)'
+        )
+    if names and _is_int(num_classes) and len(names) != num_classes:
+        raise ValueError(
+            f'config.data.class_names has {len(names)} names but config.data.num_classes={num_classes}; '
+            'expected one name per class'
+        )
+    return tuple(names)
+
+
+def npz_headers(path: pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} of an .npz file, read from the arrays' headers without reading their data."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if not member.endswith('.npy'):
+                    continue
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(f)
+                out[member.removesuffix('.npy')] = (tuple(shape), np.dtype(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f'{path} cannot be read as a NumPy .npz file ({e}); write it with np.savez') from e
+    return out
+
+
+def _check_item(where: str, m: str, kind: str, item: tuple[int, ...], dtype: np.dtype) -> None:
+    """Raises ValueError unless items of `item` shape and `dtype` fit `kind`."""
+    ndim = {'image': 3, 'tokens': 1, 'series': 2, 'features': 1}[kind]
+    dtype_kinds = {'image': 'u', 'tokens': 'iu', 'series': 'biuf', 'features': 'biuf'}[kind]
+    ok = len(item) == ndim and all(n > 0 for n in item) and dtype.kind in dtype_kinds
+    if kind == 'image':
+        ok = ok and dtype == np.uint8
+    if not ok:
+        hint = ''
+        if kind == 'series' and len(item) == 1:
+            hint = ' (one channel still needs its axis: x[..., None])'
+        elif kind == 'image' and dtype.kind == 'f' and len(item) == 3:
+            hint = ' (convert with (x * 255).round().astype(np.uint8))'
+        raise ValueError(
+            f'{where} holds {dtype} items of shape {item}; config.data.kinds.{m}={kind!r} expects '
+            f'{EXPECTED[kind]}{hint}'
+        )
+
+
+def _peek_arrays(
+    root: pathlib.Path, kinds: dict[str, str], label: str
+) -> tuple[dict[str, pathlib.Path], dict[str, tuple[int, ...]], int | None]:
+    """(files, item shapes, multi-hot width or None) of the arrays layout, checked from the .npz headers."""
+    files = {split: root / name for split, name in ARRAY_FILES.items() if (root / name).is_file()}
+    if 'train' not in files:
+        raise FileNotFoundError(
+            f'{root} holds no {ARRAY_FILES["train"]} (config.data.table is None, so arrays are read); '
+            f'expected {LAYOUT}'
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    widths: dict[str, int | None] = {}
+    for split, path in files.items():
+        headers = npz_headers(path)
+        absent = [name for name in (*kinds, label) if name not in headers]
+        if absent:
+            raise ValueError(
+                f'{path} lacks array {", ".join(map(repr, absent))} (it has {sorted(headers)}); expected an array '
+                f'per modality of config.data.kinds {list(kinds)} and the labels {label!r} (config.data.label)'
+            )
+        label_shape, label_dtype = headers[label]
+        if len(label_shape) not in (1, 2) or label_dtype.kind not in 'biu':
+            raise ValueError(
+                f'{path}: array {label!r} holds {label_dtype} of shape {label_shape}; expected the labels: (N,) '
+                'integer class ids, or (N, C) multi-hot 0/1'
+            )
+        n = label_shape[0]
+        if n == 0:
+            raise ValueError(f'{path}: array {label!r} has no rows; expected at least one example')
+        widths[split] = label_shape[1] if len(label_shape) == 2 else None
+        if widths[split] != widths['train']:
+            raise ValueError(
+                f'{path}: array {label!r} has shape {label_shape}, but the labels of {files["train"]} are '
+                f'{_label_text(widths["train"])}; expected the same kind of labels in every file'
+            )
+        for m, kind in kinds.items():
+            shape, dtype = headers[m]
+            if not shape or shape[0] != n:
+                raise ValueError(
+                    f'{path}: array {m!r} has shape {shape}, {shape[0] if shape else 0} rows, but {label!r} has '
+                    f'{n}; expected one row per example in every array'
+                )
+            _check_item(f'{path}: array {m!r}', m, kind, shape[1:], dtype)
+            if m in shapes and shape[1:] != shapes[m]:
+                raise ValueError(
+                    f'{path}: array {m!r} has items of shape {shape[1:]}, but those of {files["train"]} have '
+                    f'{shapes[m]}; expected the same item shape in every file'
+                )
+            shapes[m] = shape[1:]
+    return files, shapes, widths['train']
+
+
+def _label_text(width: int | None) -> str:
+    return 'class ids (N,)' if width is None else f'multi-hot (N, {width})'
+
+
+def read_table(path: pathlib.Path) -> tuple[tuple[str, ...], list[list[str]], list[int]]:
+    """(header, rows, line numbers) of a CSV file with a header row; blank lines are skipped.
+
+    Cached per file version (size, modification time): `make_builder` runs more than once per run.
+    """
+    stat = path.stat()
+    return _read_table(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_table(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], list[list[str]], list[int]]:
+    del size, mtime_ns  # the cache key
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.reader(f)
+            header = tuple(name.strip() for name in next(reader, ()))
+            rows, lines = [], []
+            for row in reader:
+                if not any(value.strip() for value in row):
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(
+                        f'{path} line {reader.line_num}: {len(row)} fields, but the header has {len(header)}'
+                    )
+                rows.append(row)
+                lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f'{path} cannot be read as a UTF-8 CSV file: {e}') from e
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if not header or repeated or '' in header:
+        raise ValueError(
+            f'{path}: header {list(header)} has repeated or empty column names {repeated}; expected a header row '
+            'naming every column once'
+        )
+    if not rows:
+        raise ValueError(f'{path} holds a header but no rows; expected one example per row')
+    return header, rows, lines
+
+
+def _resolve_columns(path: pathlib.Path, header: Sequence[str], m: str, spec: Any) -> tuple[str, ...]:
+    """The column names that `config.data.columns.<m>` (a name, a tuple of names, or a pattern) selects."""
+    if isinstance(spec, str) and any(c in spec for c in '*?['):
+        names = tuple(name for name in header if fnmatch.fnmatchcase(name, spec))
+    elif isinstance(spec, str):
+        names = (spec,)
+    elif isinstance(spec, Sequence) and spec and all(isinstance(name, str) for name in spec):
+        names = tuple(spec)
+    else:
+        raise ValueError(
+            f'config.data.columns.{m}={spec!r}, expected a column name, a tuple of names, or a pattern such as '
+            f"'{m}_*'"
+        )
+    absent = [name for name in names if name not in header]
+    if not names or absent:
+        raise ValueError(
+            f'{path}: no column {absent or spec!r} (config.data.columns.{m}={spec!r}); the header has {list(header)}'
+        )
+    return names
+
+
+def _peek_table(
+    path: pathlib.Path, kinds: dict[str, str], columns_field: Any, fields: dict[str, Any]
+) -> tuple[dict[str, pathlib.Path], dict[str, tuple[int, ...]], dict, dict]:
+    """(files, item shapes, columns, image files) of the table layout, checked against the table's header."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'config.data.table: no file {path}; expected a CSV file with a header row in config.data.manual_dir'
+        )
+    header, rows, lines = read_table(path)
+    columns_field = _plain(columns_field)
+    if not isinstance(columns_field, dict):
+        raise ValueError(f'config.data.columns={columns_field!r}, expected {{modality: column(s)}}')
+    columns, shapes, images = {}, {}, {}
+    for m, kind in kinds.items():
+        if kind not in TABLE_KINDS:
+            raise ValueError(
+                f'config.data.kinds.{m}={kind!r}: a table holds kinds {TABLE_KINDS}; give {kind} data as arrays '
+                f'({ARRAY_FILES["train"]}, config.data.table = None)'
+            )
+        if m not in columns_field:
+            raise ValueError(
+                f'config.data.columns has no entry for modality {m!r}; expected its column(s) in {path}'
+            )
+        columns[m] = _resolve_columns(path, header, m, columns_field[m])
+        if kind == 'image':
+            if len(columns[m]) != 1:
+                raise ValueError(
+                    f'config.data.columns.{m} selects columns {list(columns[m])} of {path}; an image modality '
+                    'takes one column of image file paths'
+                )
+            shapes[m] = (fields['image_size'], fields['image_size'], 3)
+            j = header.index(columns[m][0])
+            images[m] = tuple(
+                _image_path(path, columns[m][0], row[j], r, lines[r]) for r, row in enumerate(rows)
+            )
+        else:
+            shapes[m] = (len(columns[m]),)
+    owners: dict[str, list[str]] = {}
+    for m, names in columns.items():
+        for name in names:
+            owners.setdefault(name, []).append(f'modality {m!r}')
+    for name, owner in (
+        (fields['label'], 'the labels (config.data.label)'),
+        (fields['split_column'], 'the split (config.data.split_column)'),
+    ):
+        if name is not None and name not in header:
+            raise ValueError(f'{path}: no column {name!r} for {owner}; the header has {list(header)}')
+        if name is not None:
+            owners.setdefault(name, []).append(owner)
+    for name, users in owners.items():
+        if len(users) > 1:
+            raise ValueError(
+                f'{path}: column {name!r} is used by {" and ".join(users)}; expected one use each'
+            )
+    return {'table': path}, shapes, columns, images
+
+
+def _image_path(table: pathlib.Path, column: str, value: str, row: int, line: int) -> pathlib.Path:
+    where = f'{table} row {row} (line {line}): column {column!r}'
+    if not value.strip():
+        raise ValueError(f'{where} is empty; expected an image file path')
+    path = table.parent / value.strip()
+    if not path.is_file():
+        raise FileNotFoundError(f'{where}: image file {path} not found')
+    return path

@@ -1,0 +1,211 @@
+"""Starting single modules from pretrained weights: `config.model.encoders.<m>.init_from` and
+`config.model.fusion.init_from`.
+
+A source is one of
+- `PATH.npz[:sub/tree]`: a NumPy archive of '/'-joined parameter names (big_vision's checkpoint layout;
+  a leading `params/` is dropped), optionally one subtree of it (`:img` takes the image tower of a SigLIP
+  two-tower file);
+- a refnet workdir `DIR[:sub/tree]`: the parameters of its latest checkpoint; by default the same module
+  (`encoders/<m>` or `fusion`) of it, or the named subtree (`runs/x:encoders/image` into another modality);
+- an orbax checkpoint directory `DIR[:sub/tree]` (a step of a CheckpointManager, or a PyTree checkpoint)
+  holding a tree of parameters (under `params/` or `state/params/` too).
+
+`config.model.init_rename` ((regex, replacement) pairs, `re.sub` on the source's names) maps another layout's
+names to this library's. Every parameter the module expects and the source lacks, every extra one and every
+shape mismatch is an error naming the path and both shapes, before training; a ViT's `pos_embedding` of
+another patch grid is resampled (big_vision's `resample_posemb`: bilinear on the grid), and an encoder's
+`head` of another shape (another class count) is left at its initialization. The log lists what was loaded
+from where. Arrays are put on each parameter's current sharding, so any mesh and device count works.
+"""
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from refnet_jax.train import paths
+
+
+def module_sources(config: ml_collections.ConfigDict) -> dict[tuple[str, ...], str]:
+    """{parameter subtree (('encoders', m) or ('fusion',)): source} of the modules with an `init_from`."""
+    out = {}
+    for m, entry in config.model.encoders.items():
+        if entry.get('init_from'):
+            out[('encoders', m)] = entry.init_from
+    if config.model.fusion.get('init_from'):
+        out[('fusion',)] = config.model.fusion.init_from
+    return out
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+    return {paths.path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _subtree(flat: Mapping[str, np.ndarray], sub: str, source: str, field: str) -> dict[str, np.ndarray]:
+    if not sub:
+        return dict(flat)
+    prefix = sub.strip('/') + '/'
+    out = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not out:
+        tops = sorted({k.split('/')[0] for k in flat})
+        raise ValueError(f'{field} is {source!r}: no subtree {sub!r} in it; its top-level names are {tops}')
+    return out
+
+
+def read_source(source: str, default_subtree: str, field: str) -> dict[str, np.ndarray]:
+    """The flat {name: array} that `source` (see the module docstring) holds for one module."""
+    path, _, sub = source.partition(':')
+    if path.endswith('.npz'):
+        if not os.path.isfile(path):
+            raise ValueError(f'{field} is {source!r}, but there is no file {path!r}')
+        with np.load(path, allow_pickle=False) as data:
+            flat = {k: data[k] for k in data.files}
+        if all(k.startswith('params/') for k in flat):
+            flat = {k[len('params/') :]: v for k, v in flat.items()}
+        return _subtree(flat, sub, source, field)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f'{field} is {source!r}: expected a .npz file, a refnet workdir or an orbax checkpoint'
+        )
+    if os.path.isdir(os.path.join(path, 'checkpoints')):  # a refnet workdir
+        from refnet_jax.train import checkpointing
+
+        ckpt = checkpointing.Checkpointer(epath.Path(path) / 'checkpoints')
+        try:
+            if ckpt.latest_step() is None:
+                raise ValueError(f'{field} is {source!r}, whose workdir holds no checkpoint')
+            flat = _flat(ckpt.restore_params())
+        finally:
+            ckpt.close()
+        return _subtree(flat, sub or default_subtree, source, field)
+    import orbax.checkpoint as ocp
+
+    item = next(
+        (os.path.join(path, d) for d in ('state', 'default') if os.path.isdir(os.path.join(path, d))), path
+    )
+    tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(item))
+    flat = _flat(tree)
+    for prefix in ('state/params/', 'params/'):
+        if all(k.startswith(prefix) for k in flat):
+            flat = {k[len(prefix) :]: v for k, v in flat.items()}
+    return _subtree(flat, sub, source, field)
+
+
+def resample_posemb(posemb: np.ndarray, tokens: int) -> np.ndarray:
+    """(1, N, D) position embeddings of a sqrt(N) x sqrt(N) grid, bilinearly resized to `tokens` positions
+    (a square grid), as big_vision's `resample_posemb`."""
+    old, new = math.isqrt(posemb.shape[1]), math.isqrt(tokens)
+    grid = posemb.reshape(old, old, -1)
+    grid = jax.image.resize(grid, (new, new, grid.shape[-1]), method='bilinear')
+    return np.asarray(grid).reshape(1, new * new, -1)
+
+
+def _fit(name: str, source: np.ndarray, want: tuple[int, ...], module: str) -> np.ndarray | None:
+    """`source` for a parameter of shape `want`: as it is, resampled (position embeddings), or None (an
+    encoder head of another shape: left at its initialization)."""
+    if tuple(source.shape) == tuple(want):
+        return source
+    if name.endswith('pos_embedding') and source.ndim == len(want) == 3 and source.shape[2] == want[2]:
+        if math.isqrt(source.shape[1]) ** 2 == source.shape[1] and math.isqrt(want[1]) ** 2 == want[1]:
+            logging.info('%s/%s: position embeddings resampled %s -> %s.', module, name, source.shape, want)
+            return resample_posemb(source, want[1])
+    if name.split('/')[0] == 'head' and module.startswith('encoders/'):
+        logging.info(
+            '%s/head: %s in the source, %s here; left at its initialization.', module, source.shape, want
+        )
+        return None
+    return False  # a mismatch
+
+
+def load_into(params: Any, config: ml_collections.ConfigDict) -> Any:
+    """`params` with every module that has an `init_from` taken from its source (see the module docstring).
+
+    Raises:
+      ValueError: naming the field, and every missing, extra or mismatched parameter with both shapes.
+    """
+    rename = [(re.compile(a), b) for a, b in config.model.get('init_rename', ())]
+    params = _mutable(params)  # a copy of the containers
+    for where, source in module_sources(config).items():
+        field = f'config.model.{".".join(where)}.init_from'
+        module = '/'.join(where)
+        node = params
+        for key in where:
+            node = node[key]
+        want = {paths.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(node)}
+        given = read_source(source, module, field)
+        for pattern, replacement in rename:
+            given = {pattern.sub(replacement, k): v for k, v in given.items()}
+        problems, loaded = [], {}
+        for name in sorted(set(want) | set(given)):
+            if name not in given:
+                problems.append(f'  {name}: source missing, module {tuple(want[name].shape)}')
+            elif name not in want:
+                problems.append(f'  {name}: source {tuple(given[name].shape)}, module has no such parameter')
+            else:
+                fitted = _fit(name, given[name], tuple(want[name].shape), module)
+                if fitted is False:
+                    problems.append(
+                        f'  {name}: source {tuple(given[name].shape)}, module {tuple(want[name].shape)}'
+                    )
+                elif fitted is not None:
+                    loaded[name] = fitted
+        if problems:
+            raise ValueError(
+                f'{field} is {source!r}, which does not fit {module}:\n'
+                + '\n'.join(problems[:20])
+                + (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else '')
+            )
+
+        def put(keys, old, loaded=loaded):
+            new = loaded.get(paths.path_str(keys))
+            if new is None:
+                return old
+            return jax.device_put(np.asarray(new, old.dtype), old.sharding)
+
+        new_node = jax.tree_util.tree_map_with_path(put, node)
+        parent = params
+        for key in where[:-1]:
+            parent = parent[key]
+        parent[where[-1]] = new_node
+        logging.info(
+            'Initialized %s from %s: %d of its %d parameters.', module, source, len(loaded), len(want)
+        )
+    return params
+
+
+def save_npz(workdir: str, subtree: str, path: str, prefix: str = '') -> int:
+    """Writes one module of a refnet workdir's latest checkpoint (`subtree`, e.g. 'encoders/image') as a
+    big_vision-layout .npz (flat '/'-joined names under `params/<prefix>/`); returns the array count."""
+    from refnet_jax.train import checkpointing
+
+    ckpt = checkpointing.Checkpointer(epath.Path(workdir) / 'checkpoints')
+    try:
+        flat = _subtree(_flat(ckpt.restore_params()), subtree, workdir, 'subtree')
+    finally:
+        ckpt.close()
+    head = f'params/{prefix.strip("/")}/' if prefix else 'params/'
+    np.savez(path, **{head + k: v for k, v in flat.items()})
+    return len(flat)
+
+
+def init_modules(state: Any, config: ml_collections.ConfigDict, tx) -> Any:
+    """`state` with its modules' `init_from` loaded, and a fresh optimizer state for them."""
+    if not module_sources(config):
+        return state
+    params = load_into(state.params, config)
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state))(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def _mutable(tree: Any) -> Any:
+    """Nested plain dicts (a FrozenDict or Mapping tree made mutable)."""
+    if isinstance(tree, Mapping):
+        return {k: _mutable(v) for k, v in tree.items()}
+    return tree

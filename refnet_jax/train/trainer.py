@@ -1,0 +1,460 @@
+"""Training and evaluation: TrainState, the jitted train and eval steps, and `train_and_evaluate`.
+
+`train_and_evaluate(config, workdir)` is the whole supervised run (`pretrain` the self-supervised one; the
+two differ only in their `objective`): it prepares the data, restores the latest checkpoint of `workdir` or
+initializes, trains with one jitted step sharded over the data mesh, checkpoints (state and data-iterator
+position), logs scalars to `metrics.jsonl` and TensorBoard, and writes `results.json` with the validation
+and test metrics at the end.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from etils import epath
+from flax.training import train_state
+from jax.experimental import multihost_utils
+
+from refnet_jax import config_lib
+from refnet_jax.data import contract, input_pipeline
+from refnet_jax.models import model as model_lib
+from refnet_jax.train import accumulation, checkpointing, optim, preemption, pretrained, profiling, sharding
+from refnet_jax.train import objective as objective_lib
+from refnet_jax.train import selection as selection_lib
+from refnet_jax.train.metric_writer import MetricWriter
+
+TrainState = train_state.TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def init_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """(parameter init key, train-step key), both from `config.seed`."""
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    return init_rng, step_rng
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run is made of, built from its config by `build`.
+
+    Attributes:
+      config: the experiment config.
+      info: the dataset's description.
+      mesh: the device mesh (batch sharded on `data`).
+      model: the ReFNet of the config.
+      tx: the optimizer.
+      schedule: its learning-rate schedule.
+      objective: what the train step minimizes and how `evaluate` scores a split.
+      state: parameters and optimizer state as a training run starts, on the mesh (None without `init`).
+      train_step: the jitted, donating `(state, batch, rng) -> (state, metrics)` (None without `init`).
+    """
+
+    config: ml_collections.ConfigDict
+    info: contract.DatasetInfo
+    mesh: jax.sharding.Mesh
+    model: model_lib.ReFNet
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    objective: objective_lib.Objective
+    state: TrainState | None
+    train_step: Callable | None
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    *,
+    pretraining: bool = False,
+    info: contract.DatasetInfo | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    init: bool = True,
+    seed: int | None = None,
+) -> Run:
+    """The one way to set up a run: dataset info -> mesh -> model -> optimizer, objective -> state -> step.
+
+    Training, pre-training, export, analysis, the benchmarks and the tests all call this, so what they use is
+    what trains.
+
+    Args:
+      config: the experiment config.
+      pretraining: the `objective.Pretraining` objective (the refiner loss alone, no labels) instead of
+        `objective.Supervised`.
+      info: the dataset's description; default: read (and, the first time, prepared) from `config.data`.
+      devices: the devices of the mesh; default: all (`config.mesh.data` of them).
+      init: also initialize the state (from `config.seed`, or `seed`) and jit the train step.
+      seed: overrides the initialization seed (default: `config.seed`, as a training run).
+    """
+    config_lib.check_ranges(config)
+    mesh = sharding.make_mesh(config, devices=devices)
+    sharding.check_batch_divisibility(config, mesh)  # before the data is read (and maybe prepared)
+    info = input_pipeline.get_dataset_info(config.data) if info is None else info
+    model = model_lib.create_model(config, info)
+    tx, schedule = optim.create_optimizer(config)
+    if pretraining:
+        objective = objective_lib.Pretraining(config)
+    else:
+        objective = objective_lib.Supervised(config, multi_label=info.multi_label)
+    state = step = None
+    if init:
+        init_rng = init_rngs(config)[0] if seed is None else jax.random.key(seed)
+        with jax.set_mesh(mesh):
+            rules = tuple(config.mesh.get('shard_params', ('.*',)))
+            state = create_train_state(model, tx, info, init_rng, mesh, rules)
+            step = make_train_step(objective, schedule, mesh, state)
+    return Run(config, info, mesh, model, tx, schedule, objective, state, step)
+
+
+def create_train_state(
+    model: model_lib.ReFNet,
+    tx: optax.GradientTransformation,
+    info: contract.DatasetInfo,
+    rng: jax.Array,
+    mesh: jax.sharding.Mesh,
+    rules: Sequence[str] = ('.*',),
+) -> TrainState:
+    """Initializes parameters and optimizer state on the mesh: sharded over its `fsdp` axis by `rules`
+    (`sharding.param_shardings`), replicated when the axis has size 1."""
+    batch = contract.dummy_batch(info, 2)
+
+    def init(rng):
+        params = model.init({'params': rng, 'dropout': rng}, batch)['params']
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.param_shardings(abstract, mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    objective: objective_lib.Objective,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the global batch, minimising `objective.loss`; pure, jitted once by
+    `make_train_step`. Modality dropout (`config.train.modality_dropout`) is drawn here, over the global
+    batch, from the step's key. With `config.train.accumulation_steps` k > 1 the gradient is that of the
+    whole batch, computed k micro-batches at a time (`accumulation.cached_gradients`)."""
+    rng = jax.random.fold_in(rng, state.step)
+    rates = objective.config.train.get('modality_dropout', {})
+    if any(rates.values()):
+        batch = contract.drop_modalities(batch, rates, jax.random.fold_in(rng, 1))
+
+    frozen = optim.frozen_mask(objective.config, state.params)
+
+    def forward(params, batch, rng):
+        # No gradient into frozen parameters: XLA drops the backward pass of a wholly frozen module.
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        return state.apply_fn({'params': params}, batch, train=True, rngs={'dropout': rng})
+
+    steps = objective.config.train.get('accumulation_steps', 1)
+    if steps > 1:  # GradCache: exact for losses that pair examples (accumulation.py)
+        loss = functools.partial(objective.loss, batch=batch)
+        grads, metrics = accumulation.cached_gradients(forward, loss, state.params, batch, rng, steps)
+    else:
+        grads, metrics = jax.grad(lambda p: objective.loss(*forward(p, batch, rng), batch), has_aux=True)(
+            state.params
+        )
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['param_norm'] = optax.tree.norm(state.params)
+    metrics['learning_rate'] = schedule(state.step)
+    return state.apply_gradients(grads=grads), metrics
+
+
+def make_train_step(
+    objective: objective_lib.Objective, schedule: optax.Schedule, mesh: jax.sharding.Mesh, state: TrainState
+) -> Callable:
+    """The jitted train step: the state donated and kept in its shardings, the batch sharded over the mesh."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(
+        functools.partial(train_step, objective=objective, schedule=schedule),
+        donate_argnums=(0,),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames='objective')
+def eval_step(
+    state: TrainState, batch: Mapping[str, jax.Array], objective: objective_lib.Objective
+) -> dict[str, Any]:
+    """`objective.eval_outputs` of a sharded batch: per-example outputs, every leaf (B, ...)."""
+    logits, aux = state.apply_fn(
+        {'params': state.params}, batch, train=False, with_refiner=objective.eval_with_refiner
+    )
+    return objective.eval_outputs(logits, aux, batch)
+
+
+def evaluate(
+    state: TrainState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    objective: objective_lib.Objective,
+    info: contract.DatasetInfo,
+    mesh: jax.sharding.Mesh,
+    absent: Sequence[str] = (),
+) -> dict[str, float]:
+    """`objective.split_metrics` over a whole split: every real example once.
+
+    Args:
+      batches: the host batches of the split, each with its `mask` of real rows (padding rows are dropped), as
+        `input_pipeline.eval_batches` yields them.
+      absent: modalities marked absent in every example (their values are not read).
+    """
+    gathered = []
+    for batch in batches:
+        if absent:  # every example of the split lacks these modalities
+            n = len(batch['mask'])
+            batch = dict(batch, **{contract.present_key(m): np.zeros((n,), bool) for m in absent})
+        batch = _checked_and_sharded(batch, objective, info, mesh)
+        out = {'outputs': eval_step(state, batch, objective), 'mask': batch['mask']}
+        gathered.append(multihost_utils.process_allgather(out, tiled=True))
+    mask = np.concatenate([g['mask'] for g in gathered]).astype(bool)
+    outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[mask], *[g['outputs'] for g in gathered])
+    return objective.split_metrics(outputs)
+
+
+def _checked_and_sharded(batch, objective, info, mesh):
+    """The part of a host batch `objective` reads, checked against the dataset and sharded over the mesh."""
+    batch = objective.inputs(batch)
+    contract.check_batch(batch, info, labeled=objective.labeled)
+    return sharding.shard_batch(batch, mesh)
+
+
+# ----------------------------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ReFNet as `config` says, resuming from `workdir` if it holds a checkpoint.
+
+    With `config.init_from` set to a pre-training workdir, a fresh run starts from that run's encoders,
+    fusion and refiner (see `checkpointing.init_from_pretrained`).
+
+    Returns:
+      The contents of `workdir/results.json`: the final step, the last training metrics, validation and
+      test metrics.
+    """
+    return _run(config, workdir, pretraining=False)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Self-supervised pre-training with the refiner loss alone on every training input; labels are
+    never read. The same checkpointing, resumption and logging as `train_and_evaluate`.
+
+    Returns:
+      The contents of `workdir/results.json`: the final step, the last training metrics, and the refiner
+      losses and fused-embedding spread on the validation and test inputs.
+    """
+    objective_lib.Pretraining(config)  # refuses a config it cannot pre-train, before the workdir is made
+    return _run(config, workdir, pretraining=True)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) -> dict[str, Any]:
+    t_start = time.time()
+    config_lib.check_ranges(config)  # before the workdir records the config
+    sharding.maybe_initialize_distributed(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_lib.check_workdir_config(config, workdir)
+
+    run = build(config, pretraining=pretraining)
+    info, mesh, objective, state = run.info, run.mesh, run.objective, run.state
+    num_steps = config.train.num_steps
+    logging.info(
+        '%s run on %s: %s examples; %d devices; %d steps of %d.',
+        type(objective).__name__,
+        info.name,
+        info.num_examples,
+        mesh.devices.size,
+        num_steps,
+        config.train.batch_size,
+    )
+
+    def evaluate_split(state, split, absent=()):
+        batches = input_pipeline.eval_batches(config, split)
+        return evaluate(state, batches, objective, info, mesh, absent=absent)
+
+    def evaluate_all(state):  # val, test, and each without a modality of config.eval.without
+        out = {}
+        for key, split in (('val', 'validation'), ('test', 'test')):
+            out[key] = evaluate_split(state, split)
+            for m in config.eval.get('without', ()):
+                out[f'{key}_without_{m}'] = evaluate_split(state, split, absent=(m,))
+        return out
+
+    selection_lib.check_config(config, objective.metric_names(info.num_classes))
+    selection = selection_lib.Selection.from_config(config)
+    with jax.set_mesh(mesh):
+        _, step_rng = init_rngs(config)
+        logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=objective.labeled)
+        ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+        best = None
+        if selection is not None:
+            best = checkpointing.Checkpointer(workdir / 'best', best_mode=selection.mode)
+            saved = ckpt.restore_selection()
+            if saved is not None:
+                selection.restore(saved)
+        if ckpt.latest_step() is None and config.get('init_from'):
+            state = checkpointing.init_from_pretrained(state, config.init_from, run.tx)
+        if ckpt.latest_step() is None:  # modules with their own init_from (pretrained towers)
+            state = pretrained.init_modules(state, config, run.tx)
+        state = ckpt.restore_or_init(state, train_iter)
+        start = int(state.step)
+        writer = MetricWriter(workdir)
+        sigterm = preemption.SigtermFlag().install()
+        profiler = profiling.StepProfiler(config, workdir)
+
+        def consider(state, val):
+            """Records a validation for selection; saves the best checkpoint when it improves."""
+            step = int(state.step)
+            if selection.update(step, val) and step not in best.all_steps():
+                best.save(state, value=selection.best)  # a rerun after a kill finds it saved already
+            writer.write(step, {'best': selection.best}, f'val/{selection.metric}_')
+
+        try:
+            last_train: dict[str, float] = {}
+            first_step_seconds = None  # None: no step run (the run had finished)
+            last_saved = ckpt.latest_step()
+            pending = []
+            t_log, n_log = time.time(), 0
+            bar = tqdm.tqdm(
+                total=num_steps,
+                initial=start,
+                desc='train',
+                disable=not sys.stderr.isatty(),
+                dynamic_ncols=True,
+            )
+            try:
+                for step in range(start, num_steps):
+                    if selection is not None and selection.should_stop:
+                        break  # a resumed run that had stopped early
+                    batch = _checked_and_sharded(next(train_iter), objective, info, mesh)
+                    with profiler.annotate(step):
+                        state, metrics = run.train_step(state, batch, step_rng)
+                    profiler.after(step, metrics)
+                    if step == start:  # compilation included (none when the compilation cache has it)
+                        jax.block_until_ready(metrics)
+                        first_step_seconds = time.time() - t_start
+                        logging.info('First step done %.1f s after the start of the run.', first_step_seconds)
+                    pending.append(metrics)
+                    n_log += config.train.batch_size
+                    bar.update(1)
+                    done = step + 1
+                    log_now = done % config.train.log_every_steps == 0 or done == num_steps
+                    save_now = done % config.train.checkpoint_every_steps == 0 or done == num_steps
+                    if log_now or save_now:
+                        rows = jax.device_get(pending)
+                        pending = []
+                        for i, row in enumerate(rows):
+                            if not math.isfinite(float(row['loss'])):
+                                raise NonFiniteLossError(
+                                    f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. '
+                                    f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
+                                )
+                        last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+                        if log_now:
+                            elapsed = time.time() - t_log
+                            last_train['examples_per_second'] = n_log / elapsed
+                            last_train['step_seconds'] = elapsed * config.train.batch_size / n_log
+                            last_train.update(profiling.device_memory())
+                            t_log, n_log = time.time(), 0
+                            writer.write(done, last_train, 'train/')
+                            shown = {k: last_train[k] for k in ('loss', 'accuracy') if k in last_train}
+                            bar.set_postfix({k: f'{v:.4f}' for k, v in shown.items()})
+                            if bar.disable:
+                                logging.info(
+                                    'step %d/%d: %s, %.0f examples/s',
+                                    done,
+                                    num_steps,
+                                    ', '.join(f'{k} {v:.4f}' for k, v in shown.items()),
+                                    last_train['examples_per_second'],
+                                )
+                    every = config.train.eval_every_steps
+                    if every and done % every == 0 and done != num_steps:
+                        # Before the checkpoint, which then holds the selection state after this validation.
+                        val = evaluate_split(state, 'validation')
+                        writer.write(done, val, 'val/')
+                        logging.info('step %d: validation %s', done, val)
+                        if selection is not None:
+                            consider(state, val)
+                            if selection.should_stop:
+                                logging.info(
+                                    'Stopping early at step %d: %d validations without a better %s than %s '
+                                    '(step %d).',
+                                    done,
+                                    selection.since_best,
+                                    config.train.select,
+                                    selection.best,
+                                    selection.best_step,
+                                )
+                                save_now = True
+                    # Every step on one process; at log and save steps on several, which must agree.
+                    stop = (jax.process_count() == 1 or log_now or save_now) and sigterm.any_process()
+                    if save_now or stop:
+                        extra = None if selection is None else selection.state()
+                        ckpt.save(state, train_iter, selection=extra)
+                        last_saved = done
+                    if stop:
+                        raise preemption.Interrupted(
+                            f'SIGTERM at step {done} of {num_steps}; its checkpoint is in '
+                            f'{ckpt.directory}: the same command resumes there'
+                        )
+            finally:
+                # Also when a step fails (a non-finite loss): the checkpoint in flight is the last good one.
+                profiler.stop()
+                bar.close()
+                ckpt.wait()
+
+            results = {'step': int(state.step), 'train': last_train}
+            results.update(evaluate_all(state))
+            for key, values in results.items():
+                if key.startswith(('val', 'test')):
+                    writer.write(int(state.step), values, f'{key}/')
+            if selection is not None:
+                if int(state.step) != selection.last_step:  # the last step's validation is a candidate too
+                    consider(state, results['val'])
+                best.wait()
+                chosen = best.restore(state, step=selection.best_step)
+                results['selected'] = {
+                    'metric': config.train.select,
+                    'mode': selection.mode,
+                    'step': selection.best_step,
+                    'stopped_early': selection.should_stop,
+                    **evaluate_all(chosen),
+                }
+            results['wall_seconds'] = time.time() - t_start
+            results['first_step_seconds'] = first_step_seconds
+        finally:  # the writer's files and the checkpoint managers are closed however the run ends
+            sigterm.restore()
+            writer.close()
+            ckpt.close()
+            if best is not None:
+                best.close()
+    if jax.process_index() == 0:
+        (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
+    logging.info('Results: %s', json.dumps(results))
+    return results
