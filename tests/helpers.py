@@ -1,10 +1,27 @@
-"""Set-up shared by the tests: tiny easy-VQA configs, freshly initialized train states, stored records."""
+"""Set-up shared by the tests: tiny easy-VQA configs, freshly initialized train states, stored records, the
+code blocks of the docs."""
+
+import pathlib
+import re
 
 import numpy as np
 
 from configs import easy_vqa
 from refnet_jax.data import input_pipeline
 from refnet_jax.train import trainer
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / 'docs'
+
+
+def doc_blocks(page: str, marker: str | None = None) -> list[tuple[str, str]]:
+    """(language, code) of the fenced code blocks of the docs page `page` (relative to docs/), in order; with
+    `marker`, only those between its `<!-- marker:begin -->` and `<!-- marker:end -->` comments."""
+    text = (DOCS / page).read_text()
+    if marker is not None:
+        begin, end = f'<!-- {marker}:begin -->', f'<!-- {marker}:end -->'
+        assert text.count(begin) == 1 and text.count(end) == 1, f'docs/{page}: one {begin} ... {end} expected'
+        text = text.split(begin)[1].split(end)[0]
+    return re.findall(r'^```(\w+)\n(.*?)^```', text, flags=re.S | re.M)
 
 
 def tiny_config(data_dir, arg: str = 'tiny', **train):

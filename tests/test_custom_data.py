@@ -8,14 +8,13 @@ modalities patches `MODALITIES` of configs/custom.py, which is the edit a user m
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import stored_records
+from helpers import doc_blocks, stored_records
 from PIL import Image
 
 from configs import custom as custom_config
@@ -84,10 +83,8 @@ def arrays_dir(tmp_path_factory):
 
 
 def readme_blocks() -> list[tuple[str, str]]:
-    """(language, code) of the fenced blocks between the own-data markers of README.md."""
-    text = (ROOT / 'README.md').read_text()
-    section = text.split('<!-- own-data:begin -->')[1].split('<!-- own-data:end -->')[0]
-    return re.findall(r'```(\w+)\n(.*?)```', section, flags=re.S)
+    """(language, code) of the fenced blocks between the own-data markers of docs/how-to/own-data.md."""
+    return doc_blocks('how-to/own-data.md', 'own-data')
 
 
 @pytest.mark.slow

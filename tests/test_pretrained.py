@@ -4,7 +4,7 @@ written from big_vision's ViT definitions), from a refnet workdir or an orbax ch
 import jax
 import numpy as np
 import pytest
-from helpers import run_readme_bash
+from helpers import doc_blocks, run_readme_bash
 from test_model import INFO, toy_batch, toy_config
 
 from refnet_jax import config_lib
@@ -192,13 +192,9 @@ def test_a_siglip_text_tower_npz_loads_into_the_text_transformer_and_matches_num
 @pytest.mark.slow(seconds=60)
 def test_readme_towers_example_runs_as_written(tmp_path):
     import json
-    import os
-    import re
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, 'README.md')).read()
-    section = text.split('<!-- towers:begin -->')[1].split('<!-- towers:end -->')[0]
-    (code,) = re.findall(r'```bash\n(.*?)```', section, flags=re.S)
+    ((lang, code),) = doc_blocks('how-to/pretrained.md', 'towers')
+    assert lang == 'bash'
     run_readme_bash(code, tmp_path)
     from refnet_jax.train import checkpointing
 

@@ -8,7 +8,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers import run_readme_bash
+from helpers import doc_blocks, run_readme_bash
 from test_model import INFO, toy_batch, toy_config
 
 from refnet_jax.data import contract
@@ -20,11 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_blocks() -> list[tuple[str, str]]:
-    """(language, code) of the fenced blocks between the own-modules markers of README.md."""
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        text = f.read()
-    section = text.split('<!-- own-modules:begin -->')[1].split('<!-- own-modules:end -->')[0]
-    return re.findall(r'```(\w+)\n(.*?)```', section, flags=re.S)
+    """(language, code) of the fenced blocks between the own-modules markers of docs/how-to/own-modules.md."""
+    return doc_blocks('how-to/own-modules.md', 'own-modules')
 
 
 @pytest.fixture
