@@ -153,3 +153,129 @@ def test_objectives_are_equal_by_value_and_pretraining_drops_labels():
     config.model.refiner.target = 'embedding'
     with pytest.raises(ValueError, match='collapse'):
         objective.Pretraining(config)
+
+
+def hand_made_inputs(multi_label):
+    """Logits, an aux dict and a batch of 8 examples (the last one padding, `question` absent in three),
+    made without a model, so that the loss alone is under test."""
+    rs = np.random.RandomState(3)
+    b, c, d = 8, 5, 6
+    logits = rs.randn(b, c).astype(np.float32)
+    if multi_label:
+        label = (rs.rand(b, c) > 0.5).astype(np.int32)
+    else:
+        label = rs.randint(0, c, b).astype(np.int32)
+    aux = {
+        'fused': rs.randn(b, d).astype(np.float32),
+        'embeddings': {},
+        'present': {'question': np.arange(b) % 3 != 0},
+        'reconstructions': {
+            'image': rs.randn(b, 4).astype(np.float32),
+            'question': rs.randn(b, 3).astype(np.float32),
+        },
+        'targets': {
+            'image': rs.randn(b, 4).astype(np.float32),
+            'question': rs.randn(b, 3).astype(np.float32),
+        },
+        'fusion_stats': {'deq_iterations': np.float32(7.0)},
+    }
+    return logits, aux, {'label': label, 'mask': np.arange(b) < 7}
+
+
+def weighted_config(variant):
+    config = easy_vqa.get_config(f'tiny,variant={variant}')
+    config.loss.refiner_weights = {'image': 0.3, 'question': 0.7}
+    if variant == 'refnet':
+        config.loss.ms_weight = 0.25
+    return config
+
+
+# The metrics of the hand-written sum that objective.py had before its terms became the table `TERMS`,
+# on `hand_made_inputs` (float32 values; the same, bit for bit, jitted or not, on a 2-core CPU).
+GOLDEN = {
+    'single-label': {
+        'loss': 2.3495540618896484,
+        'task_loss': 1.4643276929855347,
+        'refiner_loss/image': 1.1257582902908325,
+        'refiner_loss/question': 0.5849699378013611,
+        'ms_loss': 0.552079975605011,
+        'accuracy': 0.4285714328289032,
+        'fusion/deq_iterations': 7.0,
+    },
+    'multi-label': {
+        'loss': 1.6829570531845093,
+        'task_loss': 0.7033087611198425,
+        'refiner_loss/image': 0.9124273061752319,
+        'refiner_loss/question': 0.6312805414199829,
+        'ms_loss': 1.0560946464538574,
+        'accuracy': 0.0,
+        'fusion/deq_iterations': 7.0,
+    },
+    'pretraining': {
+        'loss': 0.747206449508667,
+        'refiner_loss/image': 1.1257582902908325,
+        'refiner_loss/question': 0.5849699378013611,
+        'fusion/deq_iterations': 7.0,
+    },
+}
+
+
+@pytest.mark.parametrize('case', sorted(GOLDEN))
+def test_the_loss_is_the_weighted_sum_of_its_terms_as_written_out_before(case):
+    """The table of terms gives the same metric names and numbers as the sum once written out by hand:
+    the golden values, and exactly the old expression evaluated here, in its order of summation."""
+    multi_label = case == 'multi-label'
+    if case == 'pretraining':
+        config = weighted_config('pretrain')
+        obj = objective.Pretraining(config)
+    else:
+        config = weighted_config('refnet')
+        obj = objective.Supervised(config, multi_label=multi_label)
+    logits, aux, batch = hand_made_inputs(multi_label)
+    loss, got = obj.loss(logits, aux, batch)
+    assert set(got) == set(GOLDEN[case])
+    assert {k: float(v) for k, v in got.items()} == pytest.approx(GOLDEN[case], rel=1e-6)
+    assert float(loss) == float(got['loss'])
+    jitted_loss, jitted = jax.jit(obj.loss)(logits, aux, batch)
+    assert {k: float(v) for k, v in jitted.items()} == pytest.approx(GOLDEN[case], rel=1e-6)
+
+    # The old expression: (task +) (0 + w_image r_image + w_question r_question) (+ gamma ms).
+    mask, present = batch['mask'], aux['present']['question']
+    refiner = np.zeros((), np.float32)
+    for m, where in (('image', mask), ('question', mask & present)):
+        per_example = losses.refiner_loss(aux['reconstructions'][m], aux['targets'][m], where=where)
+        refiner = refiner + config.loss.refiner_weights[m] * losses.masked_mean(per_example, where)
+    if case == 'pretraining':
+        expected = refiner
+    else:
+        task_loss = losses.sigmoid_cross_entropy if multi_label else losses.softmax_cross_entropy
+        task = losses.masked_mean(task_loss(logits, batch['label'], mask), mask)
+        ms_cfg = config.loss.ms
+        ms = losses.multi_similarity_loss(
+            aux['fused'],
+            batch['label'],
+            alpha=ms_cfg.alpha,
+            beta=ms_cfg.beta,
+            base=ms_cfg.base,
+            epsilon=ms_cfg.epsilon,
+            mining=ms_cfg.mining,
+            where=mask,
+        )
+        expected = task + refiner + config.loss.ms_weight * ms
+    assert float(loss) == float(expected)
+
+
+def test_a_term_of_weight_zero_is_neither_computed_nor_logged():
+    config = weighted_config('refiner')
+    assert config.loss.ms_weight == 0
+    logits, aux, batch = hand_made_inputs(False)
+    loss, got = objective.Supervised(config).loss(logits, aux, batch)
+    got = {k: float(v) for k, v in got.items()}
+    assert 'ms_loss' not in got
+    assert float(loss) == pytest.approx(
+        got['task_loss'] + 0.3 * got['refiner_loss/image'] + 0.7 * got['refiner_loss/question'], rel=1e-6
+    )
+    # Every name a run logs is derived from its term: `<name>_loss`, `<name>_loss/<m>`.
+    assert [t.metric() for t in objective.TERMS] == ['task_loss', 'refiner_loss', 'ms_loss']
+    assert objective.REFINER.metric('image') == 'refiner_loss/image'
+    assert [t.name for t in objective.Pretraining(weighted_config('pretrain')).terms] == ['refiner']

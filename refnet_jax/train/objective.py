@@ -9,11 +9,17 @@ Supervised: L = L_task(H(z), y) + sum_m w_m L_ref(R_m(z), t_m) + gamma L_MS(z, y
 loss, accuracy (and AUROC with two classes) or the multi-label F1 scores.
 Pretraining: sum_m w_m L_ref(R_m(z), t_m), labels never read; evaluated by the refiner losses and the spread
 of the fused embeddings. Every term is averaged over the real examples of the batch (`batch['mask']`).
+
+The terms of the training loss are the table `TERMS`: a name, a weight read from the config, and the
+function that computes the term on a batch. The loss is the weighted sum of the terms that a kind of run
+uses (`Objective.terms`), each logged as `<name>_loss` (or `<name>_loss/<m>` for a term per modality), so
+adding a term is one `Term` entry in `TERMS` (and its config field, read by its `weight`).
 """
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -25,6 +31,33 @@ from refnet_jax import losses
 from refnet_jax.models import refiner
 from refnet_jax.train import metrics
 
+TermValue = jax.Array | dict[str, jax.Array]
+"""A term's value on a batch: a scalar, or {m: scalar} for a term per modality."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One term of the training loss.
+
+    Attributes:
+      name: its name; logged as `<name>_loss`, or `<name>_loss/<m>` for a term per modality.
+      weight: config -> its weight (a float), or {m: weight} for a term per modality. A term or modality of
+        weight 0 is left out: neither computed nor logged.
+      value: (objective, logits (B, C), aux, batch) -> the term on the batch, averaged over the examples
+        that count (`batch['mask']`, and for a modality the examples that have it): a scalar, or {m: scalar}
+        for a term per modality.
+      labeled: whether it reads labels; a run without labels (pre-training) leaves it out.
+    """
+
+    name: str
+    weight: Callable[[ml_collections.ConfigDict], float | Mapping[str, float]]  # {m: w} may be a ConfigDict
+    value: Callable[['Objective', jax.Array, Mapping[str, Any], Mapping[str, jax.Array]], TermValue]
+    labeled: bool
+
+    def metric(self, modality: str | None = None) -> str:
+        """The logged name of the term, or of its part for `modality`."""
+        return f'{self.name}_loss' if modality is None else f'{self.name}_loss/{modality}'
+
 
 def _where(mask: jax.Array | None, aux: Mapping[str, Any], m: str) -> jax.Array | None:
     """The examples whose modality m counts: real (`mask`) and with m present (`aux['present']`)."""
@@ -34,9 +67,54 @@ def _where(mask: jax.Array | None, aux: Mapping[str, Any], m: str) -> jax.Array 
     return present if mask is None else mask & present
 
 
+def _task(objective, logits, aux, batch):
+    """The mean task loss (softmax or sigmoid cross-entropy) over the real examples."""
+    del aux
+    mask = batch.get('mask')
+    return losses.masked_mean(objective.task_loss(logits, batch['label'], mask), mask)
+
+
+def _refiner(objective, logits, aux, batch):
+    """{m: the mean refiner loss over the real examples that have m (0 when none has)} for every modality
+    the model refines ({} when the refiner is off)."""
+    del logits
+    mask = batch.get('mask')
+    return {
+        m: losses.masked_mean(per_example, _where(mask, aux, m))
+        for m, per_example in objective.refiner_losses(aux, mask).items()
+    }
+
+
+def _multi_similarity(objective, logits, aux, batch):
+    """The Multi-Similarity loss of the fused embeddings over the real examples (`config.loss.ms`)."""
+    del logits
+    ms = objective.config.loss.ms
+    return losses.multi_similarity_loss(
+        aux['fused'],
+        batch['label'],
+        alpha=ms.alpha,
+        beta=ms.beta,
+        base=ms.base,
+        epsilon=ms.epsilon,
+        mining=ms.mining,
+        where=batch.get('mask'),
+        block_size=ms.get('block_size'),
+    )
+
+
+REFINER = Term('refiner', weight=lambda config: config.loss.refiner_weights, value=_refiner, labeled=False)
+TERMS: tuple[Term, ...] = (
+    Term('task', weight=lambda config: 1.0, value=_task, labeled=True),
+    REFINER,
+    Term('ms', weight=lambda config: config.loss.ms_weight, value=_multi_similarity, labeled=True),
+)
+"""The terms of the training loss, in the order they are summed: L = L_task + sum_m w_m L_ref,m + gamma L_MS."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective(abc.ABC):
-    """The interface of an objective, and the refiner terms that every kind of run shares.
+    """The interface of an objective, the weighted sum of its `TERMS`, and the refiner losses that every
+    kind of run shares.
 
     Attributes:
       config: the experiment config (frozen, so that the objective hashes).
@@ -51,6 +129,12 @@ class Objective(abc.ABC):
     def __post_init__(self):
         object.__setattr__(self, 'config', ml_collections.FrozenConfigDict(self.config))
 
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        """The terms of `TERMS` this objective sums: all of them, less those that read labels when it reads
+        none."""
+        return tuple(t for t in TERMS if self.labeled or not t.labeled)
+
     def inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The part of a host batch the objective may read: all of it, less `label` when it reads none."""
         return {k: v for k, v in batch.items() if self.labeled or k != 'label'}
@@ -63,29 +147,38 @@ class Objective(abc.ABC):
             for m, recon in aux.get('reconstructions', {}).items()
         }
 
-    def refiner_terms(
-        self, aux: Mapping[str, Any], mask: jax.Array | None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The weighted refiner loss and its per-modality values (0 when the refiner is off)."""
-        total = jnp.zeros((), jnp.float32)
-        terms = {}
-        for m, per_example in self.refiner_losses(aux, mask).items():
-            # The mean over the examples that have m (0 when none has).
-            terms[f'refiner_loss/{m}'] = value = losses.masked_mean(per_example, _where(mask, aux, m))
-            total = total + self.config.loss.refiner_weights[m] * value
-        return total, terms
-
-    @abc.abstractmethod
     def loss(
         self, logits: jax.Array, aux: Mapping[str, Any], batch: Mapping[str, jax.Array]
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The scalar training loss of a batch and a dict of scalar metrics (at least `loss`).
+        """The scalar training loss of a batch, the weighted sum of `terms`, and a dict of scalar metrics:
+        `loss`, each term's value (`Term.metric`) and the fusion's stats (`fusion/<stat>`).
 
         Args:
           logits: (B, C) task-head outputs.
           aux: the model's aux dict.
           batch: the batch (as `inputs` leaves it), with an optional (B,) `mask` of its real examples.
         """
+        total, metrics = None, {}
+        for term in self.terms:
+            weight = term.weight(self.config)
+            if isinstance(weight, numbers.Real):
+                if weight == 0:
+                    continue
+                value = term.value(self, logits, aux, batch)
+                metrics[term.metric()] = value
+                weighted = weight * value
+            else:
+                values = {m: v for m, v in term.value(self, logits, aux, batch).items() if weight[m] != 0}
+                weighted = jnp.zeros((), jnp.float32)  # a term per modality sums its modalities first
+                for m, value in values.items():
+                    metrics[term.metric(m)] = value
+                    weighted = weighted + weight[m] * value
+            total = weighted if total is None else total + weighted
+        if total is None:  # every term weighted 0
+            total = jnp.zeros((), jnp.float32)
+        metrics.update({f'fusion/{k}': v for k, v in aux.get('fusion_stats', {}).items()})
+        metrics['loss'] = total
+        return total, metrics
 
     @abc.abstractmethod
     def eval_outputs(
@@ -121,37 +214,16 @@ class Supervised(Objective):
         return losses.softmax_cross_entropy(logits, labels, where=mask)
 
     def loss(self, logits, aux, batch):
-        """loss, task_loss, refiner_loss/<m>, ms_loss (when weighted) and accuracy; `batch['label']` is (B,)
-        class ids, or (B, C) multi-hot when `multi_label`."""
+        """The weighted terms (loss, task_loss, refiner_loss/<m>, ms_loss when weighted) and accuracy;
+        `batch['label']` is (B,) class ids, or (B, C) multi-hot when `multi_label`."""
+        loss, metrics = super().loss(logits, aux, batch)
         labels, mask = batch['label'], batch.get('mask')
-        task = losses.masked_mean(self.task_loss(logits, labels, mask), mask)
         if self.multi_label:
             correct = ((logits > 0) == (labels > 0)).all(-1)
         else:
             correct = logits.argmax(-1) == labels
-        ref, terms = self.refiner_terms(aux, mask)
-        loss = task + ref
-        ms_weight = self.config.loss.ms_weight
-        if ms_weight > 0:
-            ms_cfg = self.config.loss.ms
-            ms = losses.multi_similarity_loss(
-                aux['fused'],
-                labels,
-                alpha=ms_cfg.alpha,
-                beta=ms_cfg.beta,
-                base=ms_cfg.base,
-                epsilon=ms_cfg.epsilon,
-                mining=ms_cfg.mining,
-                where=mask,
-                block_size=ms_cfg.get('block_size'),
-            )
-            loss = loss + ms_weight * ms
-            terms['ms_loss'] = ms
-        terms.update({f'fusion/{k}': v for k, v in aux.get('fusion_stats', {}).items()})
-        terms.update(
-            loss=loss, task_loss=task, accuracy=losses.masked_mean(correct.astype(jnp.float32), mask)
-        )
-        return loss, terms
+        metrics['accuracy'] = losses.masked_mean(correct.astype(jnp.float32), mask)
+        return loss, metrics
 
     def eval_outputs(self, logits, aux, batch):
         """{'logits': (B, C), 'label': (B,) or (B, C), 'loss': (B,) task losses}."""
@@ -201,13 +273,6 @@ class Pretraining(Objective):
                 'which can collapse to a constant that the refiner reconstructs perfectly'
             )
 
-    def loss(self, logits, aux, batch):
-        """The weighted refiner loss and its terms (loss, refiner_loss/<m>); reads no label."""
-        loss, terms = self.refiner_terms(aux, batch.get('mask'))
-        terms.update({f'fusion/{k}': v for k, v in aux.get('fusion_stats', {}).items()})
-        terms['loss'] = loss
-        return loss, terms
-
     def eval_outputs(self, logits, aux, batch):
         """{'refiner_loss': {m: (B,)}, 'has': {m: (B,) bool, m present}, 'fused': (B, D)}."""
         per_example = self.refiner_losses(aux, batch.get('mask'))
@@ -218,9 +283,7 @@ class Pretraining(Objective):
     def metric_names(self, num_classes):
         del num_classes
         weights = self.config.loss.refiner_weights
-        return ('loss', 'fused_spread') + tuple(
-            f'refiner_loss/{m}' for m in sorted(weights) if weights[m] > 0
-        )
+        return ('loss', 'fused_spread') + tuple(REFINER.metric(m) for m in sorted(weights) if weights[m] > 0)
 
     def split_metrics(self, outputs):
         """num_examples, refiner_loss/<m> and their weighted sum `loss`, fused_spread (0 means collapse)."""
@@ -232,6 +295,6 @@ class Pretraining(Objective):
         for m, per_example in sorted(outputs['refiner_loss'].items()):
             has = np.asarray(outputs['has'][m], bool)  # the mean over the examples that have m
             value = float(np.mean(per_example[has], dtype=np.float64)) if has.any() else 0.0
-            out[f'refiner_loss/{m}'] = value
+            out[REFINER.metric(m)] = value
             out['loss'] += self.config.loss.refiner_weights[m] * value
         return out
