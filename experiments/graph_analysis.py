@@ -8,7 +8,7 @@ r"""The latent-graph analysis of docs/CLAIMS.md, and the linear probes of pre-tr
 Models (each trained by `train.py` if its workdir has no results.json yet):
   easy_vqa   the default config (low-rank fusion) as baseline, +refiner, +refiner+MS, seeds 0, 1, 2:
              runs/graph/easy_vqa/<variant> (seed 0), runs/graph/easy_vqa/<variant>-seed<k>
-  hapt       the README table's fused runs, seeds 0, 1, 2: runs/tables/hapt/fused-<variant>-seed<k>
+  hapt       the fused runs of the HAPT table (docs/results.md), seeds 0, 1, 2: runs/tables/hapt/fused-<variant>-seed<k>
              (what `python experiments/tables.py hapt` leaves behind)
 Probes, seeds 0, 1, 2: the label-efficiency study's pre-training runs (runs/label_efficiency/<dataset>/
 pretrain-seed<k>, run here with the study's command if missing) against the same network untrained (RANDOM,
@@ -157,7 +157,7 @@ def analyze(output: str, sources: dict[str, str], *extra: str) -> None:
 
 
 def graph_workdir(dataset: str, variant: str, seed: int) -> str:
-    if dataset == 'hapt':  # the README table's runs
+    if dataset == 'hapt':  # the HAPT table's runs (docs/results.md)
         return f'runs/tables/hapt/fused-{variant}-seed{seed}'
     return f'runs/graph/{dataset}/{variant}' + (f'-seed{seed}' if seed else '')
 

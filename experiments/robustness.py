@@ -213,8 +213,8 @@ def _versus(a, b) -> str:
 
 def dropout_table(dataset: str) -> str:
     """Issue 16's first claim: with modality dropout, each modality alone against its own unimodal baseline
-    (`only=<m>` rows of the README tables, results/<dataset>/<m>-only-seed*.json), and every modality present
-    against the same variant trained without dropout."""
+    (`only=<m>` rows of the tables in docs/results.md, results/<dataset>/<m>-only-seed*.json), and every
+    modality present against the same variant trained without dropout."""
     cells = load_cells(dataset)
     rows = []
     for variant in VARIANTS:
@@ -297,8 +297,10 @@ def write_report(dataset: str) -> str:
         text += (
             f'\n## Modality dropout {DROPOUTS[1]:g}: one modality alone, and all present\n\n'
             'Test accuracy, mean ± std over seeds, with the difference of the means: each modality alone (every '
-            'other one absent) against its own unimodal baseline (`only=<m>`, the README tables), and every '
-            'modality present against the same variant trained without dropout.\n\n' + dropout + '\n'
+            'other one absent) against its own unimodal baseline (`only=<m>`, the tables in docs/results.md), '
+            'and every modality present against the same variant trained without dropout.\n\n'
+            + dropout
+            + '\n'
         )
     report_lib.write_doc(
         doc, text, lambda path: plot(dataset, path), os.path.join(ROOT, 'docs', f'robustness_{dataset}.png')

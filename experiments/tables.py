@@ -1,4 +1,4 @@
-r"""The README's result tables, one `train.py` run per cell: rows (a config variant) x seeds, per dataset.
+r"""The result tables of docs/results.md, one `train.py` run per cell: rows (a config variant) x seeds, per dataset.
 
   python experiments/tables.py easy_vqa          # runs every missing cell, one at a time, then prints the table
   python experiments/tables.py hapt --report     # only prints the table from results/hapt/
