@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import sys
@@ -42,11 +43,9 @@ def _api_entries() -> list[tuple[str, str, str]]:
 
 
 def _summary(module: str) -> str:
-    """The first line of a module's docstring, read from its source (nothing is imported)."""
-    path = ROOT / (module.replace('.', '/') + '.py')
-    if not path.exists():
-        path = ROOT / module.replace('.', '/') / '__init__.py'
-    doc = ast.get_docstring(ast.parse(path.read_text())) or ''
+    """The first line of a module's docstring, read from its source (the module itself is not run)."""
+    spec = importlib.util.find_spec(module)
+    doc = ast.get_docstring(ast.parse(pathlib.Path(spec.origin).read_text())) or ''
     return doc.split('\n', 1)[0].strip()
 
 
@@ -79,21 +78,18 @@ def api_page() -> str:
     return '\n'.join(lines)
 
 
-def _fusion_rows() -> list[tuple[str, str, str]]:
-    """(name, class path, one-line description) of every registered fusion module."""
-    fusions = importlib.import_module(f'{PACKAGE}.models.fusions') if _has_fusions_package() else None
-    if fusions is not None and hasattr(fusions, 'describe'):
-        return [tuple(row) for row in fusions.describe()]
-    registry = importlib.import_module(f'{PACKAGE}.models.fusion').FUSIONS
+def _fusion_rows() -> list[tuple[str, str, str, str]]:
+    """(name, class path, what it takes, one-line description) of every registered fusion module."""
+    if importlib.util.find_spec(f'{PACKAGE}.models.fusions') is not None:
+        fusions = importlib.import_module(f'{PACKAGE}.models.fusions')
+        return [(f.kind, f.path, f.inputs, f.description) for f in fusions.describe()]
+    fusion = importlib.import_module(f'{PACKAGE}.models.fusion')  # before the registry became a package
     rows = []
-    for name, cls in registry.items():
+    for name, cls in fusion.FUSIONS.items():
         paragraph = (inspect.getdoc(cls) or '').split('\n\n', 1)[0]
-        rows.append((name, f'{cls.__module__}.{cls.__qualname__}', ' '.join(paragraph.split())))
+        inputs = 'tokens' if fusion.is_token_level(cls) else 'pooled'
+        rows.append((name, f'{cls.__module__}.{cls.__qualname__}', inputs, ' '.join(paragraph.split())))
     return rows
-
-
-def _has_fusions_package() -> bool:
-    return (ROOT / PACKAGE / 'models' / 'fusions' / '__init__.py').exists()
 
 
 def fusions_page() -> str:
@@ -107,11 +103,14 @@ def fusions_page() -> str:
         'of your own is named by `FILE.py:Class` or `package.module:Class` instead',
         '([Your own encoder or fusion module](how-to/own-modules.md)).',
         '',
-        '| name | module | what it does |',
-        '|---|---|---|',
+        'A fusion takes `pooled` inputs, one vector per modality {m: (B, D_m)}, or `tokens`, every modality as',
+        'tokens with their mask.',
+        '',
+        '| name | module | takes | what it does |',
+        '|---|---|---|---|',
     ]
-    for name, path, description in _fusion_rows():
-        lines.append(f'| `{name}` | `{path}` | {description.replace("|", "&#124;")} |')
+    for name, path, inputs, description in _fusion_rows():
+        lines.append(f'| `{name}` | `{path}` | {inputs} | {description.replace("|", "&#124;")} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -175,7 +174,7 @@ def _benchmarks_page() -> str:
 # --- mkdocs hooks ---
 
 
-def on_startup(command, dirty):  # noqa: ARG001 (mkdocs' signature)
+def on_startup(command, dirty):  # mkdocs calls hooks by these names
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # the package and configs/ as the build's working tree has them
 
@@ -188,7 +187,7 @@ def on_files(files, config):
     return files
 
 
-def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (mkdocs' signature)
+def on_page_markdown(markdown, page, config, files):
     if LAYERING_MARK in markdown:
         markdown = markdown.replace(LAYERING_MARK, layering_table())
     for outside, generated in OUTSIDE_LINKS.items():

@@ -52,7 +52,7 @@ def stored_records(data_config) -> dict[str, dict[str, np.ndarray]]:
 
 
 def run_readme_bash(code: str, cwd, *, tfds_dir=None, timeout: int = 900):
-    """Runs a README bash block as a new user would from the repository root: `python` is this interpreter,
+    """Runs a bash block of the docs as a new user would from the repository root: `python` is this interpreter,
     `train.py` and `configs/` are linked into `cwd`, one CPU device. Fails the test with the block's output
     when it fails; returns the finished process."""
     import os
