@@ -24,32 +24,38 @@ The argument picks a variant (refnet_jax/config_lib.py), e.g.
 import ml_collections
 
 from refnet_jax import config_lib
+from refnet_jax.data import contract
 
-# Your modalities: name (an array of the .npz files) -> kind: 'image' (H, W, C) uint8, 'tokens' (T,) integer ids
-# with 0 as padding, 'series' (T, C) numbers, or 'features' (D,) numbers. The kind picks the encoder.
+# Your modalities: name (an array of the .npz files) -> kind: 'image' (H, W, C) uint8, 'text' raw strings
+# (tokenized when the data are prepared), 'tokens' (T,) integer ids with 0 as padding, 'series' (T, C) numbers,
+# or 'features' (D,) numbers. The kind picks the encoder.
 MODALITIES = {'signal': 'series', 'profile': 'features'}
 
 ENCODERS = {  # per kind, its encoder (`module`, a name in refnet_jax/models/encoders.py) and that encoder's fields
     'image': dict(module='cnn', features=(16, 32, 32), embed_dim=64, pooling='max'),  # ImageCNN
     'tokens': dict(module='bow', embed_dim=64, use_positions=False),  # TokenEncoder: a bag of words
+    'text': dict(module='bow', embed_dim=64, use_positions=False),  # the same, over subword ids
     'series': dict(module='conv1d', features=(32, 64), embed_dim=64),  # SeriesEncoder: 1-D convolutions
     'features': dict(module='mlp', hidden=(128,), embed_dim=64),  # FeatureMLP
 }
 TOKEN_ENCODERS = {  # the same with a token-level fusion (fusion=mmft|mbt): tokens out where the kind has them
     'image': dict(module='cnn', features=(16, 32, 32), embed_dim=64, pooling='tokens'),  # grid tokens
     'tokens': dict(module='text_transformer', width=64, depth=1, num_heads=4),  # a transformer over word ids
+    'text': dict(module='text_transformer', width=64, depth=1, num_heads=4),  # over subword ids
     'series': dict(module='conv1d', features=(32, 64), embed_dim=64, pooling='tokens'),  # time-step tokens
     'features': dict(module='mlp', hidden=(128,), embed_dim=64),  # one token
 }
 TINY_ENCODERS = {
     'image': dict(module='cnn', features=(8, 8), embed_dim=16, pooling='max'),
     'tokens': dict(module='bow', embed_dim=16, use_positions=False),
+    'text': dict(module='bow', embed_dim=16, use_positions=False),
     'series': dict(module='conv1d', features=(8, 8), embed_dim=16),
     'features': dict(module='mlp', hidden=(16,), embed_dim=16),
 }
 TINY_TOKEN_ENCODERS = {
     'image': dict(module='cnn', features=(8, 8), embed_dim=16, pooling='tokens'),
     'tokens': dict(module='text_transformer', width=16, depth=1, num_heads=2),
+    'text': dict(module='text_transformer', width=16, depth=1, num_heads=2),
     'series': dict(module='conv1d', features=(8, 8), embed_dim=16, pooling='tokens'),
     'features': dict(module='mlp', hidden=(16,), embed_dim=16),
 }
@@ -69,6 +75,15 @@ def _kinds(arg: str | None) -> tuple[dict[str, str], str]:
             if not (sep and name and kind):
                 raise ValueError(f'config argument {token!r}: expected kinds=NAME:KIND[+NAME:KIND...]')
             kinds[name] = kind
+    for name, kind in kinds.items():
+        if kind not in contract.KINDS:
+            source = (
+                'config argument kinds=' if arg and 'kinds=' in arg else 'MODALITIES of configs/custom.py: '
+            )
+            raise ValueError(
+                f'{source}{name}:{kind}: unknown kind {kind!r} for modality {name!r}; expected one of '
+                f'{", ".join(contract.KINDS)}'
+            )
     return kinds, ','.join(rest)
 
 
@@ -79,11 +94,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data = config.data  # manual_dir (your directory) and data_dir come from base_config
     data.kinds = dict(modalities)  # modality -> kind, checked against the data
     # None: arrays (train.npz, validation.npz, test.npz); or a CSV file in manual_dir (a header row, a row per
-    # example), which holds 'features', 'tokens' (integer columns) and 'image' (a column of file paths).
+    # example), which holds 'features', 'tokens' (integer columns), 'text' (a column of strings) and 'image'
+    # (a column of file paths).
     data.table = ml_collections.config_dict.placeholder(str)
     # Tables only: each modality's columns: a name, a tuple of names, or a pattern ('signal_*': those columns in
     # header order).
-    data.columns = {m: m if kind == 'image' else f'{m}_*' for m, kind in modalities.items()}
+    data.columns = {m: m if kind in ('image', 'text') else f'{m}_*' for m, kind in modalities.items()}
     # The labels' array or column: class ids, (N, C) multi-hot 0/1 (arrays), or class names (tables).
     data.label = 'label'
     data.split_column = ml_collections.config_dict.placeholder(str)  # tables: a column of each row's split
@@ -96,6 +112,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.standardize = True  # 'features' per feature, 'series' per channel, with train mean and std
     data.nan = 'error'  # non-finite 'features'/'series' values: 'error' (naming file, row, field) or 'zero'
     data.image_size = 64  # a table's images are resized to image_size x image_size RGB
+    texts = [m for m, kind in modalities.items() if kind == 'text']
+    # Per text modality: 'train' (a sentencepiece tokenizer trained on its training text, reproducibly), or the
+    # path of a tokenizer file: a Hugging Face tokenizer.json or a sentencepiece .model (a pretrained tower's).
+    data.tokenizer = dict.fromkeys(texts, 'train')
+    data.vocab_size = 8000  # the most pieces a trained tokenizer has (fewer when the text has fewer)
+    # Per text modality: ids per example (longer texts are cut); None: the training text's 99th percentile
+    # length, at most 256.
+    data.max_tokens = {m: ml_collections.config_dict.placeholder(int) for m in texts}
 
     tokens = config_lib.token_level(opts)
     encoders = TOKEN_ENCODERS if tokens else ENCODERS

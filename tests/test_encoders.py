@@ -45,7 +45,7 @@ def example_input(kind: str) -> np.ndarray:
     rng = np.random.default_rng(0)
     if kind == 'image':
         return rng.integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8)
-    if kind == 'tokens':
+    if kind in ('tokens', 'text'):  # text: tokenized when prepared, ids like tokens (ModalityInfo.pad_id 0 here)
         ids = rng.integers(1, VOCAB_SIZE, (BATCH, 6)).astype(np.int32)
         ids[0, 3:] = 0  # padding at the end of one row
         return ids

@@ -36,7 +36,7 @@ def _pixels(x: jax.Array, info: ModalityInfo) -> jax.Array:
 
 def _bag_of_words(x: jax.Array, info: ModalityInfo) -> jax.Array:
     bag = jax.nn.one_hot(x, info.vocab_size, dtype=jnp.float32).sum(-2)  # (B, V)
-    return bag.at[:, 0].set(0.0)  # padding is not a word
+    return bag.at[:, info.pad_id].set(0.0)  # padding is not a word
 
 
 def _flat(x: jax.Array, info: ModalityInfo) -> jax.Array:
@@ -63,6 +63,8 @@ class Kind:
 KINDS: dict[str, Kind] = {
     'image': Kind(encoder='cnn', input_target=_pixels),  # (H, W, C) uint8 pixels or floats
     'tokens': Kind(encoder='bow', input_target=_bag_of_words, needs_vocab=True),  # (L,) int ids, 0 = padding
+    # Raw UTF-8 text, tokenized when the data are prepared: (L,) int ids, `ModalityInfo.pad_id` = padding.
+    'text': Kind(encoder='bow', input_target=_bag_of_words, needs_vocab=True),
     'series': Kind(encoder='conv1d', input_target=_flat),  # (T, C) floats
     'features': Kind(encoder='mlp', input_target=_flat),  # (F,) floats
 }
@@ -78,6 +80,8 @@ class ModalityInfo:
       shape: shape of one item, e.g. (64, 64, 3) or (12,).
       dtype: NumPy dtype of the batch array.
       vocab_size: number of token ids (kinds that need one only), padding and unknown-word ids included.
+      pad_id: the id of padding positions (kinds with a vocabulary): 0 for `tokens`, the tokenizer's for `text`,
+        which pads with it exactly where the prepared mask is False (a real token never has this id).
       shared: True when one item serves several examples: the batch then has `index_key(name)` (B,) int32.
     """
 
@@ -86,6 +90,7 @@ class ModalityInfo:
     dtype: Any
     vocab_size: int | None = None
     shared: bool = False
+    pad_id: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -96,6 +101,8 @@ class ModalityInfo:
                 f'ModalityInfo.vocab_size={self.vocab_size!r} with kind={self.kind!r}: '
                 f'expected a vocab_size for kind {" or ".join(map(repr, needs))} only'
             )
+        if self.vocab_size is not None and not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f'ModalityInfo.pad_id={self.pad_id!r}, expected an id in [0, {self.vocab_size})')
 
 
 @dataclasses.dataclass(frozen=True)

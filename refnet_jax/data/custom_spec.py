@@ -16,18 +16,27 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from refnet_jax.data import contract
+from refnet_jax.data import contract, tokenizers
 
 SPLITS = ('train', 'validation', 'test')
 ARRAY_FILES = {split: f'{split}.npz' for split in SPLITS}
-DTYPES = {'image': np.uint8, 'tokens': np.int32, 'series': np.float32, 'features': np.float32}
+DTYPES = {
+    'image': np.uint8,
+    'tokens': np.int32,
+    'text': np.int32,
+    'series': np.float32,
+    'features': np.float32,
+}
 EXPECTED = {
     'image': '(H, W, C) uint8 pixels',
     'tokens': '(T,) integer token ids',
+    'text': 'one string per example (a str array: np.array(texts, dtype=str))',
     'series': '(T, C) numbers: T time steps of C channels',
     'features': '(D,) numbers',
 }
-TABLE_KINDS = ('image', 'tokens', 'features')
+TABLE_KINDS = ('image', 'tokens', 'text', 'features')
+TRAIN = 'train'  # config.data.tokenizer.<m>: a tokenizer trained on m's training text
+MAX_TOKENS_CAP = 256  # the default config.data.max_tokens.<m> (the 99th percentile length) is at most this
 NAN_POLICIES = ('error', 'zero')
 # The config.data fields that shape the prepared data (all set by configs/custom.py).
 FIELDS = (
@@ -43,6 +52,9 @@ FIELDS = (
     'standardize',
     'nan',
     'image_size',
+    'tokenizer',
+    'vocab_size',
+    'max_tokens',
 )
 
 
@@ -63,6 +75,7 @@ FIELD_CHECKS = {  # config.data field -> (test of its value, what is expected); 
     'standardize': (lambda v: isinstance(v, bool), 'True or False'),
     'nan': (lambda v: v in NAN_POLICIES, f'one of {NAN_POLICIES}'),
     'image_size': (lambda v: _is_int(v) and v >= 1, 'an int >= 1'),
+    'vocab_size': (lambda v: _is_int(v) and v >= 3, 'an int >= 3'),
 }
 LAYOUT = (
     'train.npz (and optionally validation.npz, test.npz) with an array per modality and the labels, or the CSV '
@@ -82,6 +95,9 @@ class Spec:
       label_width: C for multi-hot labels, None for class ids.
       columns: modality -> its column names (tables only).
       images: modality -> one image file per table row (image modalities of tables only).
+      tokenizer: text modality -> 'train' or the absolute path of its tokenizer file.
+      tokenizer_sha256: text modality with a tokenizer file -> the file's SHA-256 (part of the data's identity).
+      max_tokens: text modality -> its ids per example, or None for the training text's 99th percentile length.
       The other attributes are the `config.data` fields of the same names.
     """
 
@@ -101,6 +117,10 @@ class Spec:
     standardize: bool
     nan: str
     image_size: int
+    tokenizer: dict[str, str]
+    tokenizer_sha256: dict[str, str]
+    vocab_size: int
+    max_tokens: dict[str, int | None]
 
 
 # --- Reading the config and the files' headers ---
@@ -129,6 +149,7 @@ def read_spec(data_config: ml_collections.ConfigDict) -> Spec:
     kinds = _check_kinds(d.kinds)
     fields = {field: d[field] for field in FIELD_CHECKS if field != 'table'}
     fields.update(split=_check_split(d.split), class_names=_check_class_names(d.class_names, d.num_classes))
+    fields.update(_check_text_fields(d, kinds))
     table = d.table
     if table is None:
         if fields['split_column'] is not None:
@@ -159,6 +180,43 @@ def _check_kinds(kinds: Any) -> dict[str, str]:
         if kind not in tuple(contract.KINDS):
             raise ValueError(f'config.data.kinds.{m}={kind!r}, expected one of {tuple(contract.KINDS)}')
     return kinds
+
+
+def _per_text_modality(d: ml_collections.ConfigDict, field: str, kinds: dict[str, str]) -> dict[str, Any]:
+    """`config.data.<field>` as {text modality: value}: one entry per text modality, or one value for all."""
+    value = _plain(d[field])
+    texts = [m for m, kind in kinds.items() if kind == 'text']
+    if not isinstance(value, dict):
+        return dict.fromkeys(texts, value)
+    if sorted(value) != sorted(texts):
+        raise ValueError(
+            f'config.data.{field} names modalities {sorted(value)}; expected one entry per text modality '
+            f'of config.data.kinds: {sorted(texts)}'
+        )
+    return value
+
+
+def _check_text_fields(d: ml_collections.ConfigDict, kinds: dict[str, str]) -> dict[str, Any]:
+    """The text fields of `Spec`: each text modality's tokenizer (its file read now, so that a missing or
+    broken one is refused before any work) and max_tokens."""
+    tokenizer, digests = {}, {}
+    for m, value in _per_text_modality(d, 'tokenizer', kinds).items():
+        field = f'config.data.tokenizer.{m}={value!r}'
+        if value == TRAIN:
+            tokenizer[m] = TRAIN
+            continue
+        if not _is_name(value):
+            raise ValueError(
+                f"{field}, expected 'train' or the path of a tokenizer.json or sentencepiece .model"
+            )
+        path = pathlib.Path(os.path.abspath(os.path.expanduser(value)))
+        digests[m] = tokenizers.load(path, where=field).sha256
+        tokenizer[m] = str(path)
+    max_tokens = _per_text_modality(d, 'max_tokens', kinds)
+    for m, value in max_tokens.items():
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise ValueError(f'config.data.max_tokens.{m}={value!r}, expected None or an int >= 1')
+    return dict(tokenizer=tokenizer, tokenizer_sha256=digests, max_tokens=max_tokens)
 
 
 def _check_split(split: Any) -> tuple[float, float, float]:
@@ -215,8 +273,8 @@ def npz_headers(path: pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype
 
 def _check_item(where: str, m: str, kind: str, item: tuple[int, ...], dtype: np.dtype) -> None:
     """Raises ValueError unless items of `item` shape and `dtype` fit `kind`."""
-    ndim = {'image': 3, 'tokens': 1, 'series': 2, 'features': 1}[kind]
-    dtype_kinds = {'image': 'u', 'tokens': 'iu', 'series': 'biuf', 'features': 'biuf'}[kind]
+    ndim = {'image': 3, 'tokens': 1, 'text': 0, 'series': 2, 'features': 1}[kind]
+    dtype_kinds = {'image': 'u', 'tokens': 'iu', 'text': 'US', 'series': 'biuf', 'features': 'biuf'}[kind]
     ok = len(item) == ndim and all(n > 0 for n in item) and dtype.kind in dtype_kinds
     if kind == 'image':
         ok = ok and dtype == np.uint8
@@ -226,6 +284,8 @@ def _check_item(where: str, m: str, kind: str, item: tuple[int, ...], dtype: np.
             hint = ' (one channel still needs its axis: x[..., None])'
         elif kind == 'image' and dtype.kind == 'f' and len(item) == 3:
             hint = ' (convert with (x * 255).round().astype(np.uint8))'
+        elif kind == 'text' and dtype.kind == 'O':
+            hint = ' (an object array needs pickle, which is not read)'
         raise ValueError(
             f'{where} holds {dtype} items of shape {item}; config.data.kinds.{m}={kind!r} expects '
             f'{EXPECTED[kind]}{hint}'
@@ -275,6 +335,9 @@ def _peek_arrays(
                     f'{n}; expected one row per example in every array'
                 )
             _check_item(f'{path}: array {m!r}', m, kind, shape[1:], dtype)
+            if kind == 'text':
+                shapes[m] = (None,)  # max_tokens ids, known once the text is tokenized
+                continue
             if m in shapes and shape[1:] != shapes[m]:
                 raise ValueError(
                     f'{path}: array {m!r} has items of shape {shape[1:]}, but those of {files["train"]} have '
@@ -372,12 +435,15 @@ def _peek_table(
                 f'config.data.columns has no entry for modality {m!r}; expected its column(s) in {path}'
             )
         columns[m] = _resolve_columns(path, header, m, columns_field[m])
-        if kind == 'image':
-            if len(columns[m]) != 1:
-                raise ValueError(
-                    f'config.data.columns.{m} selects columns {list(columns[m])} of {path}; an image modality '
-                    'takes one column of image file paths'
-                )
+        if kind in ('image', 'text') and len(columns[m]) != 1:
+            what = 'image file paths' if kind == 'image' else 'text'
+            raise ValueError(
+                f'config.data.columns.{m} selects columns {list(columns[m])} of {path}; a modality of kind '
+                f'{kind!r} takes one column of {what}'
+            )
+        if kind == 'text':
+            shapes[m] = (None,)
+        elif kind == 'image':
             shapes[m] = (fields['image_size'], fields['image_size'], 3)
             j = header.index(columns[m][0])
             images[m] = tuple(

@@ -11,8 +11,8 @@ import zipfile
 import numpy as np
 from absl import logging
 
-from refnet_jax.data import common, splits
-from refnet_jax.data.custom_spec import SPLITS, Spec, read_table
+from refnet_jax.data import common, splits, tokenizers
+from refnet_jax.data.custom_spec import MAX_TOKENS_CAP, SPLITS, TRAIN, Spec, read_table
 
 
 @dataclasses.dataclass
@@ -21,11 +21,13 @@ class Part:
 
     Attributes:
       path: the file.
-      inputs: modality -> (N, *shape) values; a table's image modality holds (N,) file paths.
+      inputs: modality -> (N, *shape) values; a table's image modality holds (N,) file paths, a text modality
+        (N,) strings until `tokenize_parts` turns them into (N, max_tokens) ids.
       labels: (N,) class ids, (N, C) multi-hot, or for a table before `class_ids`, (N,) strings.
       rows: (N,) each example's row in the file, from 0.
       lines: (N,) each example's line in the CSV file (tables only).
       columns: modality -> its column names (tables only), to name the field of a bad value.
+      masks: text modality -> (N, max_tokens) bool, True on real tokens (from `tokenize_parts`).
     """
 
     path: pathlib.Path
@@ -34,6 +36,7 @@ class Part:
     rows: np.ndarray
     lines: np.ndarray | None = None
     columns: dict[str, tuple[str, ...]] | None = None
+    masks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def where(self, i: int) -> str:
         """'<file> row <r>' for the i-th example (with its CSV line)."""
@@ -43,8 +46,8 @@ class Part:
     def field(self, m: str, index: tuple[int, ...]) -> str:
         """The column, or the array and item index, holding `index` of modality `m`'s item."""
         if self.columns is not None:
-            return f'column {self.columns[m][index[0]]!r}'
-        return f'array {m!r} at {list(index)}'
+            return f'column {self.columns[m][index[0] if index else 0]!r}'
+        return f'array {m!r} at {list(index)}' if index else f'array {m!r}'
 
     def take(self, idx: np.ndarray) -> Part:
         """The examples `idx` of this part."""
@@ -55,6 +58,7 @@ class Part:
             self.rows[idx],
             None if self.lines is None else self.lines[idx],
             self.columns,
+            {m: x[idx] for m, x in self.masks.items()},
         )
 
 
@@ -71,8 +75,27 @@ def read_arrays(spec: Spec) -> dict[str, Part]:
                 labels = npz[spec.label]
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f'{path} cannot be read as a NumPy .npz file: {e}') from e
-        parts[split] = Part(path, inputs, labels, np.arange(len(labels)))
+        part = parts[split] = Part(path, inputs, labels, np.arange(len(labels)))
+        for m, kind in spec.kinds.items():
+            if kind == 'text':
+                part.inputs[m] = _strings(part, m, inputs[m])
     return parts
+
+
+def _strings(part: Part, m: str, x: np.ndarray) -> np.ndarray:
+    """A text array as (N,) Python strings (an object array); bytes must be UTF-8."""
+    if x.dtype.kind == 'U':
+        return x.astype(object)
+    out = np.empty(len(x), object)
+    for i, value in enumerate(x.tolist()):
+        try:
+            out[i] = value.decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f'{part.where(i)}: {part.field(m, ())} is not valid UTF-8 ({e.reason} at byte {e.start}); '
+                f"modality {m!r} of kind 'text' expects UTF-8 text"
+            ) from None
+    return out
 
 
 def read_table_parts(spec: Spec) -> dict[str, Part]:
@@ -89,6 +112,9 @@ def read_table_parts(spec: Spec) -> dict[str, Part]:
     for m, kind in spec.kinds.items():
         if kind == 'image':
             whole.inputs[m] = np.asarray([str(p) for p in spec.images[m]])
+        elif kind == 'text':
+            j = header.index(spec.columns[m][0])
+            whole.inputs[m] = np.asarray([row[j] for row in rows], object)
         else:
             whole.inputs[m] = np.stack(
                 [_numbers(whole, m, column(c), kind, j) for j, c in enumerate(spec.columns[m])], 1
@@ -266,3 +292,42 @@ def standardize_parts(parts: dict[str, Part], spec: Spec) -> dict[str, dict[str,
         for p in parts.values():
             p.inputs[m] = p.inputs[m].astype(np.float32)
     return stats
+
+
+def default_max_tokens(lengths: np.ndarray) -> int:
+    """The 99th percentile of the training text's lengths in ids (at least 1, at most `MAX_TOKENS_CAP`)."""
+    if not len(lengths):
+        return 1
+    return int(np.clip(np.percentile(lengths, 99, method='higher'), 1, MAX_TOKENS_CAP))
+
+
+def tokenize_parts(parts: dict[str, Part], spec: Spec) -> dict[str, tuple[tokenizers.Tokenizer, int]]:
+    """Tokenizes each text modality in place (ids into `inputs`, the mask into `masks`); returns its tokenizer
+    and max_tokens. A tokenizer to train learns from the train split's text alone."""
+    out = {}
+    for m, kind in spec.kinds.items():
+        if kind != 'text':
+            continue
+        texts = parts['train'].inputs[m].tolist()
+        if spec.tokenizer[m] == TRAIN:
+            where = f'modality {m!r} (config.data.tokenizer.{m}={TRAIN!r})'
+            tokenizer = tokenizers.train(texts, spec.vocab_size, where=where)
+        else:
+            tokenizer = tokenizers.load(spec.tokenizer[m], where=f'config.data.tokenizer.{m}')
+            if tokenizer.sha256 != spec.tokenizer_sha256[m]:
+                raise ValueError(
+                    f'config.data.tokenizer.{m}: {spec.tokenizer[m]} changed while it was being read'
+                )
+        max_tokens = spec.max_tokens[m] or default_max_tokens(tokenizer.lengths(texts))
+        for p in parts.values():
+            ids, mask = tokenizer.encode(p.inputs[m].tolist(), max_tokens)
+            bad = mask & (ids == tokenizer.pad_id)
+            if bad.any():
+                i = int(np.argwhere(bad)[0, 0])
+                raise ValueError(
+                    f"{p.where(i)}: {p.field(m, ())} holds the tokenizer's padding token (id {tokenizer.pad_id}) "
+                    'as text; expected text without it, as the model tells padding by that id'
+                )
+            p.inputs[m], p.masks[m] = ids, mask
+        out[m] = (tokenizer, max_tokens)
+    return out

@@ -102,6 +102,7 @@ def modality_info(
     kind: str,
     *,
     vocab_size: int | None = None,
+    pad_id: int = 0,
     shared: bool = False,
     stacked: bool = False,
     shape: tuple[int, ...] | None = None,
@@ -116,6 +117,7 @@ def modality_info(
       feature: the name of the feature in `builder.info.features` that holds the modality.
       kind: a key of `contract.KINDS`.
       vocab_size: see `contract.ModalityInfo`.
+      pad_id: see `contract.ModalityInfo`.
       shared: see `contract.ModalityInfo`.
       stacked: the feature holds a record's items stacked along its first axis (easy-VQA's questions), so an
         item's shape is the feature's without that axis.
@@ -134,7 +136,7 @@ def modality_info(
             'unknown (None) sizes with ints and keep the others'
         )
     return contract.ModalityInfo(
-        kind=kind, shape=shape, dtype=declared.np_dtype, vocab_size=vocab_size, shared=shared
+        kind=kind, shape=shape, dtype=declared.np_dtype, vocab_size=vocab_size, shared=shared, pad_id=pad_id
     )
 
 

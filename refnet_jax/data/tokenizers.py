@@ -19,20 +19,21 @@ import abc
 import hashlib
 import io
 import pathlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 SUFFIXES = ('.json', '.model')
-# Options of every trained tokenizer: a unigram sentencepiece model with padding id 0 and unknown-piece id 1,
-# no BOS/EOS pieces (a modality's text is one sentence), trained on one thread (reproducible byte for byte).
+# Options of every trained tokenizer: a BPE sentencepiece model with padding id 0 and unknown-piece id 1, no
+# BOS/EOS pieces (a modality's text is one sentence), trained on one thread (reproducible byte for byte).
+# (BPE rather than unigram: on small text, unigram's soft size limit ends in near-character pieces.)
 TRAIN_OPTIONS = dict(
-    model_type='unigram',
+    model_type='bpe',
     pad_id=0,
     unk_id=1,
     bos_id=-1,
     eos_id=-1,
-    hard_vocab_limit=False,  # fewer pieces than vocab_size when the text has fewer
     num_threads=1,
     input_sentence_size=0,
     shuffle_input_sentence=False,
@@ -186,24 +187,38 @@ def load(path: str | pathlib.Path, *, where: str | None = None) -> Tokenizer:
 
 
 def train(texts: Sequence[str], vocab_size: int, *, where: str = 'tokenizer') -> SentencePiece:
-    """A sentencepiece unigram model trained on `texts` with at most `vocab_size` pieces (`TRAIN_OPTIONS`):
-    the same texts and size give the same bytes.
+    """A sentencepiece BPE model trained on `texts` with `vocab_size` pieces, or as many as the text has when
+    that is fewer (`TRAIN_OPTIONS`): the same texts and size give the same bytes.
 
     Raises:
       ValueError: naming `where`, when the texts hold no character or `vocab_size` is too small for them.
     """
-    import sentencepiece
-
     sentences = [t.replace('\n', ' ') for t in texts if t.strip()]
     if not sentences:
         raise ValueError(f'{where}: the training text is empty; expected some text to train a tokenizer on')
-    model = io.BytesIO()
     try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, **TRAIN_OPTIONS
-        )
+        return SentencePiece(_train(sentences, vocab_size))
     except RuntimeError as e:
-        raise ValueError(
-            f'{where}: sentencepiece cannot train a tokenizer of vocab_size={vocab_size} on this text ({e})'
-        ) from None
-    return SentencePiece(model.getvalue())
+        error = e
+    # Fewer pieces than asked for: the text allows no more (sentencepiece says how many it does).
+    largest = re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', str(error))
+    if largest is not None and int(largest[1]) < vocab_size:
+        try:
+            return SentencePiece(_train(sentences, int(largest[1])))
+        except RuntimeError as e:
+            error = e
+    raise ValueError(
+        f'{where}: sentencepiece cannot train a tokenizer of vocab_size={vocab_size} on this text '
+        f'({str(error).split("] ")[-1]})'
+    )
+
+
+def _train(sentences: list[str], vocab_size: int) -> bytes:
+    """The bytes of a sentencepiece model of `vocab_size` pieces trained on `sentences` (`TRAIN_OPTIONS`)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, **TRAIN_OPTIONS
+    )
+    return model.getvalue()

@@ -155,6 +155,7 @@ class TextTransformer(nn.Module):
       pooling: 'tokens' (every real token, padding masked), 'gap' (their masked mean), 'first', or 'last'
         (the last real token: the last position of EOS-padded text, big_vision's SigLIP default).
       embed_dim: when set, a final Dense to this size (`head`); None: outputs stay `width` wide.
+      pad_id: the id of padding positions (from the dataset: a `text` modality's tokenizer says which).
     """
 
     vocab_size: int
@@ -165,6 +166,7 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     pooling: str = 'tokens'
     embed_dim: int | None = None
+    pad_id: int = 0
     dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
     remat: bool = False  # rematerialize each block (config.model.remat)
@@ -178,7 +180,7 @@ class TextTransformer(nn.Module):
             raise ValueError(
                 f"TextTransformer.pooling is {self.pooling!r}; expected 'tokens', 'gap', 'first' or 'last'"
             )
-        mask = ids != 0  # (B, L)
+        mask = ids != self.pad_id  # (B, L)
         x = p.Embed(self.vocab_size, self.width, name='Embed_0')(ids)
         pos = layers.param(
             self, 'pos_embedding', nn.initializers.normal(1 / self.width**0.5), (1, *x.shape[1:])
@@ -210,11 +212,13 @@ class TokenEncoder(nn.Module):
       vocab_size: number of token ids, padding included.
       embed_dim: size of the returned embedding.
       use_positions: add learned position embeddings before pooling.
+      pad_id: the id of padding positions (from the dataset: a `text` modality's tokenizer says which).
     """
 
     vocab_size: int
     embed_dim: int = 128
     use_positions: bool = True
+    pad_id: int = 0
     dtype: Any = jnp.float32  # computation dtype (config.model.dtype)
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
@@ -230,7 +234,7 @@ class TokenEncoder(nn.Module):
                 self, 'positions', nn.initializers.normal(0.02), tokens.shape[-1:] + (self.embed_dim,)
             )
             x = x + pos
-        x = layers.masked_mean(layers.add_context(self, x, context), tokens != 0)  # (B, D)
+        x = layers.masked_mean(layers.add_context(self, x, context), tokens != self.pad_id)  # (B, D)
         return p.Dense(self.embed_dim)(nn.relu(p.Dense(self.embed_dim)(x)))
 
 

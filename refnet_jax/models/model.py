@@ -250,6 +250,7 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
             field,
             builtins=encoders.ENCODERS.values(),
             vocab_size=info.modalities[m].vocab_size,
+            pad_id=info.modalities[m].pad_id,
             **precision,
         )
         built.append((m, enc))

@@ -67,7 +67,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from refnet_jax.data import common, contract, custom_values, input_pipeline
+from refnet_jax.data import common, contract, custom_values, input_pipeline, tokenizers
 from refnet_jax.data.custom_spec import DTYPES, SPLITS, Spec, read_spec
 
 # --- The builder ---
@@ -90,6 +90,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             m: tfds.features.Tensor(shape=spec.shapes[m], dtype=DTYPES[kind], encoding='bytes')
             for m, kind in spec.kinds.items()
         }
+        for m, kind in spec.kinds.items():
+            if kind == 'text':  # True on real tokens (the ids pad with the tokenizer's padding id elsewhere)
+                inputs[mask_feature(m)] = tfds.features.Tensor(
+                    shape=(None,), dtype=np.bool_, encoding='bytes'
+                )
         if spec.label_width is None:
             label = tfds.features.Scalar(dtype=np.int32)
         else:
@@ -113,6 +118,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         zeroed = custom_values.check_values(parts, spec)
         origins = custom_values.fill_splits(parts, spec)
         stats = custom_values.standardize_parts(parts, spec)
+        texts = custom_values.tokenize_parts(parts, spec)
+        self.data_path.mkdir(parents=True, exist_ok=True)
+        for m, (tokenizer, _) in texts.items():  # saved with the prepared data, named in its metadata
+            (self.data_path / tokenizer_file(m, tokenizer.suffix)).write_bytes(tokenizer.data)
         vocab = {
             m: int(max(p.inputs[m].max(initial=0) for p in parts.values())) + 1
             for m, kind in spec.kinds.items()
@@ -122,6 +131,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             {
                 'modalities': {
                     m: {'kind': kind, 'vocab_size': vocab.get(m)}  # shapes and dtypes: the features
+                    | (_text_metadata(m, *texts[m], spec) if m in texts else {})
                     for m, kind in spec.kinds.items()
                 },
                 'num_classes': num_classes,
@@ -151,16 +161,56 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     where = f'{part.where(i)}: {part.field(m, (0,))}'
                     x = common.load_image(x, self.spec.image_size, where=where)
                 example[m] = x
+            for m, mask in part.masks.items():
+                example[mask_feature(m)] = mask[i]
             yield int(part.rows[i]), example
+
+
+def mask_feature(m: str) -> str:
+    """The stored feature of a text modality's mask (max_tokens,) bool, True on real tokens."""
+    return f'{m}_mask'
+
+
+def tokenizer_file(m: str, suffix: str) -> str:
+    """The file name of text modality m's tokenizer in the prepared data's directory."""
+    return f'tokenizer_{m}{suffix}'
+
+
+def _text_metadata(m: str, tokenizer: tokenizers.Tokenizer, max_tokens: int, spec: Spec) -> dict[str, Any]:
+    return {
+        'vocab_size': tokenizer.vocab_size,
+        'pad_id': tokenizer.pad_id,
+        'max_tokens': max_tokens,
+        'tokenizer': {
+            'file': tokenizer_file(m, tokenizer.suffix),
+            'sha256': tokenizer.sha256,
+            'source': spec.tokenizer[m],  # 'train', or the file it was read from
+        },
+    }
+
+
+def _library_versions(spec: Spec) -> dict[str, str]:
+    """The tokenizer libraries' versions, for the text modalities (another version may tokenize otherwise)."""
+    import sentencepiece
+    import tokenizers as hf_tokenizers
+
+    versions = {}
+    for m, source in spec.tokenizer.items():
+        library = hf_tokenizers if source.endswith('.json') else sentencepiece
+        versions[m] = f'{library.__name__} {library.__version__}'
+    return versions
 
 
 # --- The dataset for the input pipeline ---
 
 
 def fingerprint(spec: Spec) -> str:
-    """A hash of the data fields of `spec` and of each source file's size and modification time."""
+    """A hash of the data fields of `spec` (tokenizer files by their SHA-256, with their library's version)
+    and of each source file's size and modification time."""
     skip = ('root', 'files', 'images')  # the files count by their stats, relative to the root
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in skip}
+    if spec.tokenizer:
+        fields['libraries'] = _library_versions(spec)
     files = [*spec.files.values(), *(p for paths in spec.images.values() for p in paths)]
     stats = []
     for path in files:
@@ -187,7 +237,14 @@ class Custom(input_pipeline.PerRecordDataset):
     def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
         metadata = builder.info.metadata
         modalities = {
-            m: input_pipeline.modality_info(builder, m, d['kind'], vocab_size=d['vocab_size'])
+            m: input_pipeline.modality_info(
+                builder,
+                m,
+                d['kind'],
+                vocab_size=d['vocab_size'],
+                pad_id=d.get('pad_id', 0),
+                shape=(d['max_tokens'],) if d['kind'] == 'text' else None,
+            )
             for m, d in metadata['modalities'].items()
         }
         return input_pipeline.per_record_info(builder, modalities, multi_label=bool(metadata['multi_label']))
