@@ -187,22 +187,12 @@ def export_workdir(
     step: int | None = None,
     platforms: Sequence[str] | None = None,
 ) -> jax.export.Exported:
-    """Exports the run in `workdir`: its `config.json`, and the parameters of its latest checkpoint (or `step`)."""
-    from refnet_jax import config_lib
-    from refnet_jax.train import checkpointing, trainer
+    """Exports the run in `workdir` (`inference.load_run`): its `config.json`, and the parameters of its
+    latest checkpoint (or `step`)."""
+    from refnet_jax.train import inference
 
-    workdir = pathlib.Path(workdir)
-    config = config_lib.load_workdir_config(workdir)
-    with config.unlocked():
-        config.mesh.data = 1  # export traces on one device; the run's mesh may be larger than this machine
-    run = trainer.build(config, devices=jax.devices()[:1], init=False)
-    info, model = run.info, run.model
-    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
-    try:
-        params = ckpt.restore_params(step)
-    finally:
-        ckpt.close()
-    return export_model(model, params, info, output_dir, platforms=platforms)
+    loaded = inference.load_run(workdir, step=step)
+    return export_model(loaded.model, loaded.params, loaded.info, output_dir, platforms=platforms)
 
 
 def load(directory: str | pathlib.Path) -> Callable[[Mapping[str, Any]], jax.Array]:

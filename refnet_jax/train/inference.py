@@ -1,9 +1,11 @@
-"""A ReFNet loaded for inference on one device, and its embeddings of a split, for the analysis of a run.
+"""Finished runs loaded back: `load_run` (the one way to load a workdir: its config, model and checkpoint),
+`load_network` (a ReFNet ready for inference on one device) and `collect` (its embeddings of a split).
 
-`load_network` builds the network of a config with `trainer.build` (the one set-up, so what is analysed is
-what trained) and takes the parameters of a workdir's checkpoint, or keeps the initialization a run of the
-config starts from (the untrained baseline of a linear probe). `collect` runs it over every real example of a
-split and returns the fused and unimodal embeddings, the logits and the labels that `graph.analyze` scores.
+`load_run` is what export, frozen features and the analysis tools call. `load_network` builds the network
+of a config with `trainer.build` (the one set-up, so what is analysed is what trained) and takes the parameters
+of a workdir's checkpoint, or keeps the initialization a run of the config starts from (the untrained baseline
+of a linear probe). `collect` runs it over every real example of a split and returns the fused and unimodal
+embeddings, the logits and the labels that `graph.analyze` scores.
 """
 
 from __future__ import annotations
@@ -16,8 +18,59 @@ from typing import Any
 import jax
 import numpy as np
 
+from refnet_jax import config_lib
 from refnet_jax.data import contract, input_pipeline
 from refnet_jax.train import checkpointing, trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A run loaded back from its workdir (`load_run`).
+
+    Attributes:
+      workdir: where it was read from.
+      step: the step of the checkpoint its parameters come from.
+      run: `trainer.build` of its config on one device (model, dataset info, objective, optimizer; no state).
+      params: every parameter of that checkpoint (the refiner's too), as NumPy arrays.
+    """
+
+    workdir: str
+    step: int
+    run: trainer.Run
+    params: Any
+
+    @property
+    def config(self):
+        return self.run.config
+
+    @property
+    def info(self) -> contract.DatasetInfo:
+        return self.run.info
+
+    @property
+    def model(self):
+        return self.run.model
+
+
+def load_run(workdir: str | pathlib.Path, *, step: int | None = None, config=None) -> FinishedRun:
+    """The run in `workdir`: its `config.json` (or `config`), built on one device, and the parameters of its
+    checkpoint at `step` (default: the latest).
+
+    Works in a process with another device count than the run had (an export on one CPU of a run trained on 8
+    devices). A workdir without `config.json` or without a checkpoint is a `ValueError` naming it.
+    """
+    workdir = pathlib.Path(workdir)
+    config = _one_device(config_lib.load_workdir_config(workdir) if config is None else config)
+    run = trainer.build(config, devices=jax.devices()[:1], init=False)
+    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f'workdir {str(workdir)!r} holds no checkpoint')
+        params = ckpt.restore_params(step)
+    finally:
+        ckpt.close()
+    return FinishedRun(str(workdir), step, run, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +111,15 @@ def load_network(config, workdir: str | pathlib.Path | None, *, step: int | None
     config's model.
     """
     config = _one_device(config)
-    # The state exactly as a training run starts it (the random-network baseline) when workdir is None.
-    run = trainer.build(config, devices=jax.devices()[:1], init=workdir is None)
-    info, model = run.info, run.model
-    if workdir is None:
+    if workdir is None:  # the state exactly as a training run starts it (the random-network baseline)
+        run = trainer.build(config, devices=jax.devices()[:1])
         params = jax.device_get(run.state.params)
         where = f'the initialization of seed {config.seed}'
-        step = None
     else:
-        ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / 'checkpoints')
-        try:
-            step = ckpt.latest_step() if step is None else step
-            params = ckpt.restore_params(step)
-        finally:
-            ckpt.close()
+        loaded = load_run(workdir, step=step, config=config)
+        run, params, step = loaded.run, loaded.params, loaded.step
         where = f'the checkpoint at step {step} in {workdir}'
+    info, model = run.info, run.model
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), contract.dummy_batch(info, 2), train=False, with_refiner=False)
     )['params']

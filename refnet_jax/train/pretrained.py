@@ -1,5 +1,5 @@
-"""Starting single modules from pretrained weights: `config.model.encoders.<m>.init_from` and
-`config.model.fusion.init_from`.
+"""Starting parameters from elsewhere: the one mechanism behind `config.init_from` (a whole run) and
+`config.model.encoders.<m>.init_from` / `config.model.fusion.init_from` (single modules).
 
 A source is one of
 - `PATH.npz[:sub/tree]`: a NumPy archive of '/'-joined parameter names (big_vision's checkpoint layout;
@@ -10,12 +10,17 @@ A source is one of
 - an orbax checkpoint directory `DIR[:sub/tree]` (a step of a CheckpointManager, or a PyTree checkpoint)
   holding a tree of parameters (under `params/` or `state/params/` too).
 
+`config.init_from = DIR` (a refnet workdir, typically a pre-training run) is the same as giving every
+top-level module that both the run and DIR have (encoders, fusion, refiner, the stand-ins of absent modalities;
+never the task head) `init_from = DIR`; a module's own `init_from` then overrides it for that module.
+
 `config.model.init_rename` ((regex, replacement) pairs, `re.sub` on the source's names) maps another layout's
 names to this library's. Every parameter the module expects and the source lacks, every extra one and every
 shape mismatch is an error naming the path and both shapes, before training; a ViT's `pos_embedding` of
 another patch grid is resampled (big_vision's `resample_posemb`: bilinear on the grid), and an encoder's
 `head` of another shape (another class count) is left at its initialization. The log lists what was loaded
-from where. Arrays are put on each parameter's current sharding, so any mesh and device count works.
+from where. Arrays are put on each parameter's current sharding, so any mesh and device count works, and the
+optimizer state of the loaded parameters starts fresh (`init_modules`).
 """
 
 import math
@@ -33,15 +38,31 @@ from etils import epath
 from refnet_jax.train import paths
 
 
-def module_sources(config: ml_collections.ConfigDict) -> dict[tuple[str, ...], str]:
-    """{parameter subtree (('encoders', m) or ('fusion',)): source} of the modules with an `init_from`."""
+def module_sources(config: ml_collections.ConfigDict, params: Any = None) -> dict[tuple[str, ...], str]:
+    """{parameter subtree: source} of the modules to start from elsewhere, in loading order.
+
+    `config.init_from` (a workdir) comes first, as one entry per top-level module of `params` except the task
+    head (all of them when `params` is None: those the source lacks are skipped when loading); then each
+    module's own `init_from` (('encoders', m) or ('fusion',)), which overrides it.
+    """
     out = {}
+    if config.get('init_from'):
+        tops = ('encoders', 'fusion', 'refiner', 'missing') if params is None else tuple(params)
+        out.update({(k,): config.init_from for k in tops if k != 'head'})
     for m, entry in config.model.encoders.items():
         if entry.get('init_from'):
             out[('encoders', m)] = entry.init_from
     if config.model.fusion.get('init_from'):
         out[('fusion',)] = config.model.fusion.init_from
     return out
+
+
+def _field(config: ml_collections.ConfigDict, where: tuple[str, ...]) -> str:
+    """The config field that set the source of `where`."""
+    own = {('fusion',): config.model.fusion.get('init_from')}
+    if where[0] == 'encoders' and len(where) == 2:
+        own[where] = config.model.encoders[where[1]].get('init_from')
+    return f'config.model.{".".join(where)}.init_from' if own.get(where) else 'config.init_from'
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
@@ -59,9 +80,8 @@ def _subtree(flat: Mapping[str, np.ndarray], sub: str, source: str, field: str) 
     return out
 
 
-def read_source(source: str, default_subtree: str, field: str) -> dict[str, np.ndarray]:
-    """The flat {name: array} that `source` (see the module docstring) holds for one module."""
-    path, _, sub = source.partition(':')
+def _read_flat(path: str, source: str, field: str) -> dict[str, np.ndarray]:
+    """Every array that the file or directory `path` of `source` holds, flat by '/'-joined name."""
     if path.endswith('.npz'):
         if not os.path.isfile(path):
             raise ValueError(f'{field} is {source!r}, but there is no file {path!r}')
@@ -69,7 +89,7 @@ def read_source(source: str, default_subtree: str, field: str) -> dict[str, np.n
             flat = {k: data[k] for k in data.files}
         if all(k.startswith('params/') for k in flat):
             flat = {k[len('params/') :]: v for k, v in flat.items()}
-        return _subtree(flat, sub, source, field)
+        return flat
     if not os.path.isdir(path):
         raise ValueError(
             f'{field} is {source!r}: expected a .npz file, a refnet workdir or an orbax checkpoint'
@@ -81,21 +101,33 @@ def read_source(source: str, default_subtree: str, field: str) -> dict[str, np.n
         try:
             if ckpt.latest_step() is None:
                 raise ValueError(f'{field} is {source!r}, whose workdir holds no checkpoint')
-            flat = _flat(ckpt.restore_params())
+            return _flat(ckpt.restore_params())
         finally:
             ckpt.close()
-        return _subtree(flat, sub or default_subtree, source, field)
     import orbax.checkpoint as ocp
 
     item = next(
         (os.path.join(path, d) for d in ('state', 'default') if os.path.isdir(os.path.join(path, d))), path
     )
-    tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(item))
-    flat = _flat(tree)
+    flat = _flat(ocp.PyTreeCheckpointer().restore(os.path.abspath(item)))
     for prefix in ('state/params/', 'params/'):
         if all(k.startswith(prefix) for k in flat):
             flat = {k[len(prefix) :]: v for k, v in flat.items()}
-    return _subtree(flat, sub, source, field)
+    return flat
+
+
+def read_source(
+    source: str, default_subtree: str, field: str, cache: dict[str, dict[str, np.ndarray]] | None = None
+) -> dict[str, np.ndarray]:
+    """The flat {name: array} that `source` (see the module docstring) holds for one module: its `:sub/tree`,
+    or for a refnet workdir without one, `default_subtree`. `cache` keeps what each path held, so that a run
+    started from one workdir reads its checkpoint once."""
+    path, _, sub = source.partition(':')
+    cache = {} if cache is None else cache
+    if path not in cache:
+        cache[path] = _read_flat(path, source, field)
+    workdir = not path.endswith('.npz') and os.path.isdir(os.path.join(path, 'checkpoints'))
+    return _subtree(cache[path], sub or (default_subtree if workdir else ''), source, field)
 
 
 def resample_posemb(posemb: np.ndarray, tokens: int) -> np.ndarray:
@@ -132,27 +164,33 @@ def load_into(params: Any, config: ml_collections.ConfigDict) -> Any:
     """
     rename = [(re.compile(a), b) for a, b in config.model.get('init_rename', ())]
     params = _mutable(params)  # a copy of the containers
-    for where, source in module_sources(config).items():
-        field = f'config.model.{".".join(where)}.init_from'
+    cache = {}
+    for where, source in module_sources(config, params).items():
+        field = _field(config, where)
         module = '/'.join(where)
+        if field == 'config.init_from':  # a whole run: the modules the source has
+            if module not in {k.split('/')[0] for k in read_source(source, '', field, cache)}:
+                continue
         node = params
         for key in where:
             node = node[key]
         want = {paths.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(node)}
-        given = read_source(source, module, field)
+        given = read_source(source, module, field, cache)
         for pattern, replacement in rename:
             given = {pattern.sub(replacement, k): v for k, v in given.items()}
         problems, loaded = [], {}
         for name in sorted(set(want) | set(given)):
             if name not in given:
-                problems.append(f'  {name}: source missing, module {tuple(want[name].shape)}')
+                problems.append(f'  {module}/{name}: source missing, module {tuple(want[name].shape)}')
             elif name not in want:
-                problems.append(f'  {name}: source {tuple(given[name].shape)}, module has no such parameter')
+                problems.append(
+                    f'  {module}/{name}: source {tuple(given[name].shape)}, module has no such parameter'
+                )
             else:
                 fitted = _fit(name, given[name], tuple(want[name].shape), module)
                 if fitted is False:
                     problems.append(
-                        f'  {name}: source {tuple(given[name].shape)}, module {tuple(want[name].shape)}'
+                        f'  {module}/{name}: source {tuple(given[name].shape)}, module {tuple(want[name].shape)}'
                     )
                 elif fitted is not None:
                     loaded[name] = fitted
@@ -196,7 +234,8 @@ def save_npz(workdir: str, subtree: str, path: str, prefix: str = '') -> int:
 
 
 def init_modules(state: Any, config: ml_collections.ConfigDict, tx) -> Any:
-    """`state` with its modules' `init_from` loaded, and a fresh optimizer state for them."""
+    """`state` with every source of `config` loaded (`config.init_from` and the modules' own `init_from`),
+    and a fresh optimizer state."""
     if not module_sources(config):
         return state
     params = load_into(state.params, config)
