@@ -9,9 +9,9 @@ Expected: test accuracy >= 0.99 in under 5 minutes on 2 CPU cores, data preparat
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/easy_vqa.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
+  fusion=KIND (a name in refnet_jax.models.fusions.FUSIONS: config_lib.ARG_HELP lists them),
   variant=baseline|refiner|refnet|pretrain, tiny.
-With a token-level fusion (mmft, mbt, coupled_mamba) the image CNN gives its 4x4 grid as tokens, the question
+With a token-level fusion (its `inputs` are 'tokens') the image CNN gives its 4x4 grid as tokens, the question
 goes through a transformer encoder, and the refiner's targets are `tokens`.
 """
 
@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.questions_per_image = (
         8  # training batches encode each image once for this many of its questions
     )
-    if config_lib.token_level(opts):  # mmft, mbt: both encoders give tokens
+    if config_lib.token_level(opts):  # a token-level fusion: both encoders give tokens
         encoders = {
             # The CNN's last 4x4 feature map as 16 grid tokens (as MMBT feeds a ResNet's grid features).
             'image': dict(module='cnn', features=(16, 32, 32, 32), embed_dim=64, pooling='tokens'),

@@ -8,7 +8,7 @@ Expected: test accuracy >= 0.93 (2,874 windows of 9 unseen subjects).
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/hapt.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
+  fusion=KIND (a name in refnet_jax.models.fusions.FUSIONS: config_lib.ARG_HELP lists them),
   variant=baseline|refiner|refnet|pretrain, only=acc|gyro, tiny.
 """
 
@@ -22,8 +22,7 @@ MODALITIES = ('acc', 'gyro')  # the dataset's modalities
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = config_lib.parse_arg(arg, default_fusion='concat')
     config = config_lib.base_config(opts, dataset='hapt', modalities=MODALITIES)
-    # 1-D convolutions; with a token-level fusion (mmft, mbt, coupled_mamba) each remaining time step (32 of
-    # 128) is a token.
+    # 1-D convolutions; with a token-level fusion each remaining time step (32 of 128) is a token.
     pooling = 'tokens' if config_lib.token_level(opts) else 'mean'
     encoder = dict(module='conv1d', features=(32, 64, 64), embed_dim=128, pooling=pooling)
     config_lib.set_encoders(config, {m: dict(encoder) for m in MODALITIES})

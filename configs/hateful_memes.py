@@ -19,7 +19,8 @@ network trained from scratch on 8,500 memes should expect the lower end.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/hateful_memes.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated, variant=baseline|refiner|refnet|pretrain, only=image|text, tiny,
+  fusion=KIND (a name in refnet_jax.models.fusions.FUSIONS: config_lib.ARG_HELP lists them),
+  variant=baseline|refiner|refnet|pretrain, only=image|text, tiny,
   and, for this dataset, `features`: the `hateful_memes/features` data, vectors of a frozen pretrained encoder
   that the manual directory holds as `features.npz` (arrays id (N,), image (N, Di), text (N, Dt)), each
   encoded by an MLP instead of the CNN and the word embeddings.

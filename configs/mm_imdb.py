@@ -17,7 +17,8 @@ ReFNet result to compare with, from a re-implementation: micro-F1 59.45, macro-F
 config has not yet been run on the real file, so it is not known to reach them.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g. `--config configs/mm_imdb.py:variant=baseline`:
-  fusion=concat|transformer|lowrank|gated, variant=baseline|refiner|refnet|pretrain, only=text|image, tiny.
+  fusion=KIND (a name in refnet_jax.models.fusions.FUSIONS: config_lib.ARG_HELP lists them),
+  variant=baseline|refiner|refnet|pretrain, only=text|image, tiny.
 """
 
 import ml_collections

@@ -9,9 +9,9 @@ about a minute on 2 CPU cores.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/uci_mfeat.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
+  fusion=KIND (a name in refnet_jax.models.fusions.FUSIONS: config_lib.ARG_HELP lists them),
   variant=baseline|refiner|refnet|pretrain, tiny.
-Each view's MLP gives one vector, so a token-level fusion (mmft, mbt, coupled_mamba) sees one token per view.
+Each view's MLP gives one vector, so a token-level fusion sees one token per view.
 """
 
 import ml_collections

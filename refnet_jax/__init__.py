@@ -25,9 +25,10 @@ _API = {
     'refiner_loss': 'refnet_jax.losses',
     'softmax_cross_entropy': 'refnet_jax.losses',
     'sigmoid_cross_entropy': 'refnet_jax.losses',
-    # the refiner
+    # the refiner and its targets
     'Refiner': 'refnet_jax.models.refiner',
     'RefinerDecoder': 'refnet_jax.models.refiner',
+    'refiner_targets': 'refnet_jax.models.refiner',
     # token sequences with their mask, as token encoders return them
     'Tokens': 'refnet_jax.models.layers',
     # encoders
@@ -37,17 +38,19 @@ _API = {
     'TokenEncoder': 'refnet_jax.models.encoders',
     'SeriesEncoder': 'refnet_jax.models.encoders',
     'FeatureMLP': 'refnet_jax.models.encoders',
-    # fusions
-    'FUSIONS': 'refnet_jax.models.fusion',
-    'ConcatMLP': 'refnet_jax.models.fusion',
-    'TransformerFusion': 'refnet_jax.models.fusion',
-    'LowRankTensorFusion': 'refnet_jax.models.fusion',
-    'GatedFusion': 'refnet_jax.models.fusion',
-    'MMFT': 'refnet_jax.models.fusion',
-    'MBT': 'refnet_jax.models.fusion',
-    'ProgressiveFusion': 'refnet_jax.models.fusion',
-    'DEQFusion': 'refnet_jax.models.deq',
-    'CoupledMamba': 'refnet_jax.models.coupled_mamba',
+    # fusions: what they return, their base class and registry, and the built-in ones
+    'FusionOutput': 'refnet_jax.models.fusions',
+    'Fusion': 'refnet_jax.models.fusions',
+    'FUSIONS': 'refnet_jax.models.fusions',
+    'ConcatMLP': 'refnet_jax.models.fusions.concat',
+    'TransformerFusion': 'refnet_jax.models.fusions.transformer',
+    'LowRankTensorFusion': 'refnet_jax.models.fusions.lowrank',
+    'GatedFusion': 'refnet_jax.models.fusions.gated',
+    'MMFT': 'refnet_jax.models.fusions.mmft',
+    'MBT': 'refnet_jax.models.fusions.mbt',
+    'ProgressiveFusion': 'refnet_jax.models.fusions.progressive',
+    'DEQFusion': 'refnet_jax.models.fusions.deq',
+    'CoupledMamba': 'refnet_jax.models.fusions.coupled_mamba',
     # the network
     'ReFNet': 'refnet_jax.models.model',
     'create_model': 'refnet_jax.models.model',

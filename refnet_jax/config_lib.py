@@ -12,20 +12,31 @@ import json
 import math
 import numbers
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 from etils import epath
 
-from refnet_jax.models import fusion, modules
+from refnet_jax.models import fusions, modules
 from refnet_jax.train import optim
 
 VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
-ARG_HELP = """The argument picks a variant, as comma-separated tokens:
-  fusion=KIND                               the fusion module: a name in refnet_jax/models/fusion.py FUSIONS
-                                            (concat, transformer, lowrank, gated, deq, progressive;
-                                            token-level: mmft, mbt, coupled_mamba)
+
+
+def _fusion_help() -> str:
+    """The `fusion=KIND` lines of `ARG_HELP`: the names of `fusions.FUSIONS`, token-level ones apart."""
+    by_inputs = {
+        kind: ', '.join(k for k, v in fusions.FUSIONS.items() if fusions.input_kind(v) == kind)
+        for kind in fusions.INPUTS
+    }
+    text = f'the fusion module: {by_inputs["pooled"]}; token-level: {by_inputs["tokens"]}'
+    return textwrap.fill(text, 110, initial_indent=f'  {"fusion=KIND":<42}', subsequent_indent=' ' * 44)
+
+
+ARG_HELP = f"""The argument picks a variant, as comma-separated tokens:
+{_fusion_help()}
   variant=baseline                          the plain fusion network: no refiner, no MS loss
   variant=refiner                           + the refiner loss
   variant=refnet                            + the refiner loss + the Multi-Similarity loss (default)
@@ -57,7 +68,7 @@ def parse_arg(arg: str | None, *, default_fusion: str, extra_flags: tuple[str, .
         key, sep, value = token.partition('=')
         if token == 'tiny' or token in extra_flags:
             opts[token] = True
-        elif sep and key == 'fusion' and value in fusion.FUSIONS:
+        elif sep and key == 'fusion' and value in fusions.FUSIONS:
             opts['fusion'] = value
         elif sep and key == 'variant' and value in VARIANTS:
             opts['variant'] = value
@@ -66,14 +77,14 @@ def parse_arg(arg: str | None, *, default_fusion: str, extra_flags: tuple[str, .
         else:
             raise ValueError(
                 f'config argument {token!r} not understood; expected {", ".join(("tiny", *extra_flags))}, '
-                f'fusion={"|".join(fusion.FUSIONS)}, variant={"|".join(VARIANTS)} or only=MODALITY[+MODALITY]'
+                f'fusion={"|".join(fusions.FUSIONS)}, variant={"|".join(VARIANTS)} or only=MODALITY[+MODALITY]'
             )
     return opts
 
 
 def token_level(opts: dict) -> bool:
     """Whether the fusion that `opts` picks takes tokens (then the config gives its encoders token outputs)."""
-    return fusion.is_token_level(fusion.FUSIONS[opts['fusion']])
+    return fusions.input_kind(fusions.FUSIONS[opts['fusion']]) == 'tokens'
 
 
 def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_collections.ConfigDict:
@@ -123,8 +134,8 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     # One entry per modality: `module` (a name in encoders.ENCODERS, FILE.py:Class, package.module:Class, or
     # None for the modality kind's default) and that module's fields.
     config.model.encoders = ml_collections.ConfigDict()
-    # kind (a name in fusion.FUSIONS, FILE.py:Class or package.module:Class) + that module's fields
-    config.model.fusion = dict(kind=opts['fusion'], **modules.module_fields(fusion.FUSIONS[opts['fusion']]))
+    # kind (a name in fusions.FUSIONS, FILE.py:Class or package.module:Class) + that module's fields
+    config.model.fusion = dict(kind=opts['fusion'], **modules.module_fields(fusions.FUSIONS[opts['fusion']]))
     # Pretrained weights for the fusion module; each encoder entry has its own `init_from` (pretrained.py).
     config.model.fusion.init_from = ml_collections.config_dict.placeholder(str)
     # (regex, replacement) pairs renaming the parameters of an init_from source to this library's names.
@@ -132,7 +143,7 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     config.model.refiner = ml_collections.ConfigDict()
     config.model.refiner.hidden = (256,)  # hidden widths of each modality's decoder
     # 'embedding' (e_m), 'input' (the modality's raw input; what pre-training needs, as it cannot collapse) or
-    # 'tokens' (the mean of m's own tokens at a token fusion's read-out layer; mmft, mbt, coupled_mamba)
+    # 'tokens' (the mean of m's own tokens at a token-level fusion's read-out layer: its readouts)
     if variant == 'pretrain':
         config.model.refiner.target = 'input'
     else:

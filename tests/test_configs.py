@@ -1,7 +1,7 @@
 """Every config file under configs/: its `tiny` variant builds and trains two steps on real (or fixture) data,
 and it accepts every fusion module and every variant.
 
-The cases are generated from `configs/*.py`, `fusion.FUSIONS` and `config_lib.VARIANTS`: a new config file or
+The cases are generated from `configs/*.py`, `fusions.FUSIONS` and `config_lib.VARIANTS`: a new config file or
 registry entry is tested without editing this file. A config whose dataset (`config.data.name`) has no test
 data in `DATA` fails, saying how to add some. The data: easy-VQA and the HAPT and UCI packages are the real
 data; MM-IMDB, Hateful Memes and custom data are the small fixtures their own tests write.
@@ -20,7 +20,7 @@ from test_mm_imdb import fixture_arrays, write_hdf5
 
 from refnet_jax import config_lib
 from refnet_jax.data import contract, input_pipeline
-from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import fusions
 from refnet_jax.models import model as model_lib
 from refnet_jax.train import sharding, trainer
 
@@ -161,13 +161,13 @@ def check_builds(name, request, arg):
     return config, model
 
 
-@pytest.mark.parametrize('fusion', list(fusion_lib.FUSIONS))
+@pytest.mark.parametrize('fusion', list(fusions.FUSIONS))
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_fusion(name, fusion, request):
     for arg in (f'fusion={fusion}', f'tiny,fusion={fusion}'):
         config, model = check_builds(name, request, arg)
         assert config.model.fusion.kind == fusion
-        assert isinstance(model.fusion, fusion_lib.FUSIONS[fusion])
+        assert isinstance(model.fusion, fusions.FUSIONS[fusion])
 
 
 @pytest.mark.parametrize('variant', config_lib.VARIANTS)

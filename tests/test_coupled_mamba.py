@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refnet_jax.models import coupled_mamba, layers
+from refnet_jax.models import layers
+from refnet_jax.models.fusions import coupled_mamba
 
 
 def case(seed=0):

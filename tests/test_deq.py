@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refnet_jax.models import deq
+from refnet_jax.models.fusions import deq
 
 
 def setup(tol=1e-7, max_iter=200):
@@ -35,7 +35,7 @@ def test_the_implicit_gradient_equals_the_unrolled_one():
     weights = jnp.asarray(np.random.RandomState(1).randn(4, 8), jnp.float32)
 
     def implicit(params, embeddings):
-        return jnp.sum(weights * module.apply(params, embeddings)[0])
+        return jnp.sum(weights * module.apply(params, embeddings).z)
 
     def unrolled(params, embeddings):
         return jnp.sum(weights * unrolled_iterates(params, embeddings, 100)[-1])
@@ -44,7 +44,7 @@ def test_the_implicit_gradient_equals_the_unrolled_one():
     got = jax.grad(implicit, argnums=(0, 1))(params, embeddings)
     want = jax.grad(unrolled, argnums=(0, 1))(params, embeddings)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
-    _, stats = module.apply(params, embeddings)
+    stats = module.apply(params, embeddings).stats
     assert 1 < int(stats['deq_iterations']) < 200 and float(stats['deq_residual']) <= 1e-7
 
 
@@ -52,9 +52,9 @@ def test_memory_does_not_grow_with_the_iterations_and_non_convergence_shows():
     temps = {}
     for max_iter in (5, 50):
         module, params, embeddings = setup(tol=0.0, max_iter=max_iter)  # tol 0: every iteration runs
-        grad = jax.jit(jax.grad(lambda p, e, module=module: jnp.sum(module.apply(p, e)[0] ** 2)))
+        grad = jax.jit(jax.grad(lambda p, e, module=module: jnp.sum(module.apply(p, e).z ** 2)))
         temps[max_iter] = grad.lower(params, embeddings).compile().memory_analysis().temp_size_in_bytes
-        _, stats = module.apply(params, embeddings)
+        stats = module.apply(params, embeddings).stats
         assert int(stats['deq_iterations']) == max_iter and float(stats['deq_residual']) > 0
     assert temps[50] == temps[5]
 
@@ -63,7 +63,9 @@ def test_a_capped_solve_reports_its_last_relative_change():
     """Stopped at max_iter = 3 short of tol: 3 iterations, and the residual is the relative change of the
     third, recomputed here by unrolling the block; above tol, as the docstring says such a run shows."""
     module, params, embeddings = setup(tol=1e-7, max_iter=3)
-    z, stats = module.apply(params, embeddings)
+    out = module.apply(params, embeddings)
+    z, stats = out.z, out.stats
+    assert out.readouts is None  # a pooled fusion
     iterates = unrolled_iterates(params, embeddings, 3)
     want = np.linalg.norm(iterates[3] - iterates[2]) / (np.linalg.norm(iterates[3]) + 1e-8)
     assert int(stats['deq_iterations']) == 3

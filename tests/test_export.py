@@ -197,7 +197,7 @@ def test_exported_later_fusion_model_runs_in_a_fresh_process(tmp_path, easy_vqa_
             with np.load({str(tmp_path)!r} + f'/{{name}}.npz') as batch:
                 np.save({str(tmp_path)!r} + f'/{{name}}_logits.npy', np.asarray(predict(dict(batch))))
         unwanted = [
-            m for m in ('flax', 'refnet_jax.models.model', 'refnet_jax.models.fusion', 'orbax') if m in sys.modules
+            m for m in ('flax', 'refnet_jax.models.model', 'refnet_jax.models.fusions', 'orbax') if m in sys.modules
         ]
         assert not unwanted, unwanted
         """

@@ -11,9 +11,8 @@ import pytest
 from configs import easy_vqa
 from refnet_jax import config_lib
 from refnet_jax.data import contract
-from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import fusions, refiner
 from refnet_jax.models import model as model_lib
-from refnet_jax.models import refiner
 from refnet_jax.train import sharding, trainer
 
 MODALITIES = {
@@ -82,7 +81,7 @@ def check_one_step(fusion, variant, target='embedding'):
 # Every fusion with every loss term on (refnet: the refiner and the MS loss) and with the `input` targets of
 # pre-training; the variants that switch terms off with one fusion. Every fusion and variant also builds for
 # every config file in the default run (tests/test_configs.py).
-CASES = [(f, v) for f in sorted(fusion_lib.FUSIONS) for v in ('refnet', 'pretrain')]
+CASES = [(f, v) for f in sorted(fusions.FUSIONS) for v in ('refnet', 'pretrain')]
 CASES += [('concat', v) for v in config_lib.VARIANTS if v not in ('refnet', 'pretrain')]
 
 
@@ -94,7 +93,7 @@ def test_fusion_and_variant_trains_a_step(fusion, variant):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    'fusion', sorted(f for f, c in fusion_lib.FUSIONS.items() if fusion_lib.is_token_level(c))
+    'fusion', sorted(f for f, c in fusions.FUSIONS.items() if fusions.input_kind(c) == 'tokens')
 )
 def test_token_fusion_trains_a_step_with_tokens_targets(fusion):
     """The author's scheme on every token-level fusion: `tokens` targets, the MS loss on top."""
@@ -217,8 +216,46 @@ def test_tokens_targets_are_the_fusions_readouts():
         capture_intermediates=lambda mdl, _: mdl.name == 'fusion',
         mutable=['intermediates'],
     )
-    z, readouts = state['intermediates']['fusion']['__call__'][0]
+    out = state['intermediates']['fusion']['__call__'][0]
+    assert isinstance(out, fusions.FusionOutput)
+    z, readouts = out.z, out.readouts
     np.testing.assert_array_equal(aux['fused'], z)
     for m in MODALITIES:
         np.testing.assert_array_equal(aux['targets'][m], readouts[m])
         assert not np.allclose(aux['targets'][m], aux['embeddings'][m])
+
+
+def test_refiner_targets_of_each_kind():
+    """`refiner.refiner_targets`, the function ReFNet uses: the embeddings or readouts of the modalities asked
+    for (constants for the refiner loss unless told otherwise), or the inputs flattened as their kind says."""
+    rs = np.random.RandomState(0)
+    embeddings = {m: jnp.asarray(rs.randn(8, 4), jnp.float32) for m in MODALITIES}
+    readouts = {m: jnp.asarray(rs.randn(8, 3), jnp.float32) for m in MODALITIES}
+    batch = toy_batch()
+    inputs = {'image': batch['image'][batch['image_index']], 'question': batch['question']}
+
+    got = refiner.refiner_targets('embedding', embeddings=embeddings, modalities=['question'])
+    assert list(got) == ['question'] and got['question'] is not None
+    np.testing.assert_array_equal(got['question'], embeddings['question'])
+    got = refiner.refiner_targets('tokens', embeddings=embeddings, readouts=readouts)
+    assert sorted(got) == sorted(MODALITIES)
+    np.testing.assert_array_equal(got['image'], readouts['image'])
+
+    got = refiner.refiner_targets('input', embeddings=embeddings, inputs=inputs, infos=MODALITIES)
+    np.testing.assert_allclose(got['image'], inputs['image'].reshape(8, -1) / 255.0, rtol=1e-6)
+    bags = np.stack([np.bincount(q, minlength=11) for q in inputs['question']]).astype(np.float32)
+    bags[:, 0] = 0  # padding is not a word
+    np.testing.assert_array_equal(got['question'], bags)
+
+    def through_targets(e, stop_gradient):
+        return refiner.refiner_targets('embedding', embeddings=e, stop_gradient=stop_gradient)['image'].sum()
+
+    assert not np.asarray(jax.grad(through_targets)(embeddings, True)['image']).any()
+    assert np.asarray(jax.grad(through_targets)(embeddings, False)['image']).all()
+
+    with pytest.raises(ValueError, match="refiner target 'tokens' needs `readouts`"):
+        refiner.refiner_targets('tokens', embeddings=embeddings)
+    with pytest.raises(ValueError, match="refiner target 'input' needs `inputs` and `infos`"):
+        refiner.refiner_targets('input', embeddings=embeddings)
+    with pytest.raises(ValueError, match=re.escape("refiner target kind is 'pixels'; expected one of")):
+        refiner.refiner_targets('pixels', embeddings=embeddings)

@@ -8,11 +8,11 @@ import pytest
 from test_model import INFO, toy_batch, toy_config
 
 from refnet_jax import config_lib
-from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import fusions
 from refnet_jax.models import model as model_lib
 from refnet_jax.train import sharding, trainer
 
-FUSIONS = sorted(fusion_lib.FUSIONS)
+FUSIONS = sorted(fusions.FUSIONS)
 
 
 def dtypes_of(tree):

@@ -7,7 +7,7 @@ import pytest
 
 from refnet_jax import config_lib
 from refnet_jax.data import contract
-from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import fusions
 from refnet_jax.models import model as model_lib
 from refnet_jax.train import objective as objective_lib
 from refnet_jax.train import sharding, trainer
@@ -67,7 +67,7 @@ def loss_and_grads(config, batch, params=None):
 
 
 # Every fusion, and every refiner target (tokens with a token fusion).
-CASES = [(f, 'embedding') for f in sorted(fusion_lib.FUSIONS)] + [('concat', 'input'), ('mmft', 'tokens')]
+CASES = [(f, 'embedding') for f in sorted(fusions.FUSIONS)] + [('concat', 'input'), ('mmft', 'tokens')]
 
 
 @pytest.mark.parametrize(

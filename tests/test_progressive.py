@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_model import INFO, toy_batch, toy_config
 
-from refnet_jax.models import fusion as fusion_lib
+from refnet_jax.models import fusions
 from refnet_jax.models import model as model_lib
 
 
@@ -106,9 +106,9 @@ def test_rounds_below_one_are_refused():
         jax.eval_shape(model.init, jax.random.key(0), toy_batch())
 
 
-def test_progressive_is_registered_as_a_feedback_fusion():
-    assert fusion_lib.takes_feedback(fusion_lib.FUSIONS['progressive'])
-    assert not any(fusion_lib.takes_feedback(c) for k, c in fusion_lib.FUSIONS.items() if k != 'progressive')
+def test_progressive_is_the_built_in_fusion_that_takes_encode():
+    assert fusions.takes_encode(fusions.FUSIONS['progressive'])
+    assert not any(fusions.takes_encode(c) for k, c in fusions.FUSIONS.items() if k != 'progressive')
 
 
 def test_the_module_fuses_what_encode_returns_once_per_further_round():
@@ -123,18 +123,20 @@ def test_the_module_fuses_what_encode_returns_once_per_further_round():
         calls.append(context)
         return {m: e + context[:, :1] for m, e in embeddings.items()}
 
-    module = fusion_lib.ProgressiveFusion(rounds=3, hidden=(8,), fused_dim=6)
+    module = fusions.FUSIONS['progressive'](rounds=3, hidden=(8,), fused_dim=6)
     params = module.init(jax.random.key(0), embeddings, encode=encode)
-    late = fusion_lib.ConcatMLP(hidden=(8,), fused_dim=6)
+    late = fusions.FUSIONS['concat'](hidden=(8,), fused_dim=6)
     late_params = {'params': params['params']['late']}
     calls.clear()
-    z = module.apply(params, embeddings, encode=encode)
+    out = module.apply(params, embeddings, encode=encode)
+    assert isinstance(out, fusions.FusionOutput) and out.readouts is None and out.stats is None
+    z = out.z
     assert len(calls) == 2
-    z1 = late.apply(late_params, embeddings)
+    z1 = late.apply(late_params, embeddings).z
     np.testing.assert_allclose(calls[0], z1, rtol=1e-6)
-    z2 = late.apply(late_params, {m: e + z1[:, :1] for m, e in embeddings.items()})
+    z2 = late.apply(late_params, {m: e + z1[:, :1] for m, e in embeddings.items()}).z
     np.testing.assert_allclose(calls[1], z2, rtol=1e-6)
     np.testing.assert_allclose(
-        z, late.apply(late_params, {m: e + z2[:, :1] for m, e in embeddings.items()}), rtol=1e-6
+        z, late.apply(late_params, {m: e + z2[:, :1] for m, e in embeddings.items()}).z, rtol=1e-6
     )
     assert not np.allclose(z, z1)

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refnet_jax.models import encoders, fusion, layers, modules
+from refnet_jax.models import encoders, fusions, layers, modules
+from refnet_jax.models.fusions import coupled_mamba
 
-TOKEN_FUSIONS = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
+TOKEN_FUSIONS = sorted(k for k, v in fusions.FUSIONS.items() if fusions.input_kind(v) == 'tokens')
+POOLED_FUSIONS = sorted(k for k, v in fusions.FUSIONS.items() if fusions.input_kind(v) == 'pooled')
 # Every fusion variant whose read-out differs: (kind, fields).
 FUSION_CASES = [
     ('mmft', dict(readout='mean', readout_layer=1)),
@@ -42,7 +44,7 @@ def token_inputs(seed=0, pad_value=0.0):
 
 
 def make_fusion(kind, fields):
-    cls = fusion.FUSIONS[kind]
+    cls = fusions.FUSIONS[kind]
     common = {
         k: v for k, v in dict(fused_dim=8, depth=2, num_heads=2).items() if k in modules.module_fields(cls)
     }
@@ -57,7 +59,7 @@ def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
 
     def loss(params, tokens, inputs):  # `tokens` replace the token arrays of `inputs`
         inputs = dict(inputs, **{m: layers.Tokens(t, inputs[m].mask) for m, t in tokens.items()})
-        z, readouts = module.apply(params, inputs)
+        z, readouts = (out := module.apply(params, inputs)).z, out.readouts
         return (z**2).sum() + sum((r**3).sum() for r in readouts.values()), (z, readouts)
 
     # One compiled function gives the outputs and the gradients for the parameters and the token inputs.
@@ -116,9 +118,8 @@ def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer(read
     module = make_fusion('mmft', dict(readout=readout, readout_layer=2))
     inputs = token_inputs(pad_value=np.nan)
     params = jax.jit(module.init)(jax.random.key(0), inputs)
-    (z, readouts), state = module.apply(
-        params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
-    )
+    out, state = module.apply(params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm')
+    z, readouts = out.z, out.readouts
     h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, [1 +] T, D)
     # Sorted modalities a (5 tokens), b (4), c (1, pooled): their token slices in the concatenation, after
     # the class token with readout='cls'.
@@ -149,20 +150,21 @@ def test_mmft_reads_out_at_layer_k_from_the_last():
     deep = make_fusion('mmft', dict(readout='mean', readout_layer=2))
     params = jax.jit(deep.init)(jax.random.key(0), inputs)
     assert 'encoderblock_1' not in params['params']  # the blocks above the read-out are never built
-    shallow = fusion.MMFT(fused_dim=8, depth=1, num_heads=2, readout_layer=1)
+    shallow = fusions.FUSIONS['mmft'](fused_dim=8, depth=1, num_heads=2, readout_layer=1)
     jax.tree.map(np.testing.assert_array_equal, deep.apply(params, inputs), shallow.apply(params, inputs))
     full = make_fusion('mmft', dict(readout='mean', readout_layer=1))
     p_full = jax.jit(full.init)(jax.random.key(0), inputs)
-    assert not np.allclose(full.apply(p_full, inputs)[0], shallow.apply(p_full, inputs)[0])
+    assert not np.allclose(full.apply(p_full, inputs).z, shallow.apply(p_full, inputs).z)
 
 
 def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
     module = make_fusion('mbt', dict(fusion_layer=1))
     inputs = token_inputs(pad_value=np.nan)
     params = jax.jit(module.init)(jax.random.key(0), inputs)
-    (z, readouts), state = module.apply(
+    out, state = module.apply(
         params, inputs, capture_intermediates=lambda mdl, _: (mdl.name or '').endswith('_encoder_norm')
     )
+    z, readouts = out.z, out.readouts
     masks = {m: np.asarray(inputs[m].mask) for m in ('a', 'b')} | {'c': np.ones((3, 1), bool)}
     for m, mask in masks.items():
         h = np.asarray(state['intermediates'][f'{m}_encoder_norm']['__call__'][0], np.float64)
@@ -179,7 +181,7 @@ def test_mbt_modalities_exchange_information_through_two_fused_blocks(fusion_lay
     changed = dict(inputs, b=layers.Tokens(inputs['b'].tokens + 1.0, inputs['b'].mask))
     module = make_fusion('mbt', dict(fusion_layer=fusion_layer))
     params = jax.jit(module.init)(jax.random.key(0), inputs)
-    (_, r0), (_, r1) = module.apply(params, inputs), module.apply(params, changed)
+    r0, r1 = module.apply(params, inputs).readouts, module.apply(params, changed).readouts
     assert np.array_equal(r0['a'], r1['a']) != exchanged
 
 
@@ -274,9 +276,9 @@ def test_vit_pooled_outputs(pooling):
     assert ('cls' in params['params']) == (pooling == 'cls')
 
 
-@pytest.mark.parametrize('kind', ['concat', 'transformer', 'lowrank', 'gated', 'deq', 'progressive'])
+@pytest.mark.parametrize('kind', POOLED_FUSIONS)
 def test_pooled_fusion_does_not_depend_on_modality_order(kind):
-    cls = fusion.FUSIONS[kind]
+    cls = fusions.FUSIONS[kind]
     fields = {
         k: v
         for k, v in dict(fused_dim=8, hidden=(8,), num_heads=2).items()
@@ -286,7 +288,7 @@ def test_pooled_fusion_does_not_depend_on_modality_order(kind):
     rs = np.random.RandomState(0)
     inputs = {m: jnp.asarray(rs.randn(3, d), jnp.float32) for m, d in (('b', 5), ('a', 4), ('c', 6))}
     extra = {}
-    if fusion.takes_feedback(cls):  # a stand-in for the encoders: the context shifts every modality
+    if fusions.takes_encode(cls):  # a stand-in for the encoders: the context shifts every modality
         extra['encode'] = lambda context: {m: x + context.mean(-1, keepdims=True) for m, x in inputs.items()}
     params = jax.jit(lambda key, x: module.init(key, x, **extra))(jax.random.key(0), inputs)
     reverse = {m: inputs[m] for m in reversed(list(inputs))}
@@ -300,8 +302,6 @@ def test_pooled_fusion_does_not_depend_on_modality_order(kind):
 def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
     """The chains' scan gets each modality's mask, padded to the longest (a padded step keeps a chain's state:
     tests/test_coupled_mamba.py), in every layer; and each readout is that modality's chain."""
-    from refnet_jax.models import coupled_mamba
-
     seen = []
     scan = coupled_mamba.coupled_scan
     monkeypatch.setattr(coupled_mamba, 'coupled_scan', lambda *a, **k: seen.append(a[3]) or scan(*a, **k))
@@ -309,9 +309,8 @@ def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
     inputs = token_inputs()
     params = module.init(jax.random.key(0), inputs)
     seen.clear()
-    (z, readouts), state = module.apply(
-        params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
-    )
+    out, state = module.apply(params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm')
+    z, readouts = out.z, out.readouts
     want = np.zeros((3, 5, 3), bool)  # (B, T_max, M): a (5 tokens), b (4), c (1, pooled)
     want[:, :5, 0], want[:, :4, 1], want[:, :1, 2] = inputs['a'].mask, inputs['b'].mask, True
     assert len(seen) == 2  # depth 2

@@ -107,7 +107,11 @@ def test_modules_instantiate_fills_data_fields_and_names_missing_ones():
     assert enc.vocab_size == 7
     with pytest.raises(ValueError, match=re.escape("f: TokenEncoder needs field(s) ['vocab_size']")):
         modules.instantiate(encoders.TokenEncoder, {'embed_dim': 4}, 'f')
-    assert modules.module_fields(encoders.TokenEncoder) == {'embed_dim': 128, 'use_positions': True}
+    assert modules.module_fields(encoders.TokenEncoder) == {
+        'embed_dim': 128,
+        'use_positions': True,
+        'pad_id': 0,
+    }
     assert contract.KINDS['tokens'].encoder in encoders.ENCODERS
 
 
@@ -135,17 +139,18 @@ def test_readme_example_is_what_the_fast_test_runs():
     textwrap.dedent(blocks[0][1])  # a complete file
 
 
-FLAGGED_FUSIONS = '''
+USER_FUSIONS = '''
 import flax.linen as nn
 import jax.numpy as jnp
+
+from refnet_jax import FusionOutput
 from refnet_jax.models import layers
 
 
 class TokenStats(nn.Module):
-    """Token-level and reporting stats: gets Tokens for every modality, returns (z, readouts, stats)."""
+    """Takes Tokens and reports stats: FusionOutput(z, readouts, stats)."""
 
-    TOKEN_LEVEL = True
-    STATS = True
+    inputs = 'tokens'
     fused_dim: int = 16
 
     @nn.compact
@@ -153,14 +158,13 @@ class TokenStats(nn.Module):
         assert all(isinstance(t, layers.Tokens) for t in inputs.values()), inputs
         readouts = {m: nn.Dense(self.fused_dim, name=f'proj_{m}')(layers.pooled(t)) for m, t in inputs.items()}
         z = sum(readouts[m] for m in sorted(readouts))
-        return z, readouts, {'tokens_seen': jnp.mean(jnp.asarray([t.mask.sum(1).mean() for t in inputs.values()]))}
+        seen = jnp.mean(jnp.asarray([t.mask.sum(1).mean() for t in inputs.values()]))
+        return FusionOutput(z, readouts, {'tokens_seen': seen})
 
 
 class FeedbackStats(nn.Module):
-    """Feeding back and reporting stats: gets encode=, returns (z, stats)."""
+    """Takes encode= (so it gets it) and reports stats: FusionOutput(z, stats=...)."""
 
-    FEEDBACK = True
-    STATS = True
     fused_dim: int = 16
 
     @nn.compact
@@ -168,25 +172,70 @@ class FeedbackStats(nn.Module):
         z = nn.Dense(self.fused_dim, name='first')(jnp.concatenate([embeddings[m] for m in sorted(embeddings)], -1))
         again = encode(z)
         z2 = nn.Dense(self.fused_dim, name='second')(jnp.concatenate([again[m] for m in sorted(again)], -1))
-        return z2, {'change': jnp.mean(jnp.abs(z2 - z))}
+        return FusionOutput(z2, stats={'change': jnp.mean(jnp.abs(z2 - z))})
+
+
+class OldFlags(nn.Module):
+    """The contract before FusionOutput: a class flag that changed the tuple returned."""
+
+    TOKEN_LEVEL = True
+    fused_dim: int = 16
+
+    @nn.compact
+    def __call__(self, inputs, *, train=False):
+        return nn.Dense(self.fused_dim)(jnp.concatenate([layers.pooled(t) for t in inputs.values()], -1)), {}
+
+
+class ReturnsATuple(nn.Module):
+    """Returns (z, stats) without saying which is which."""
+
+    fused_dim: int = 16
+
+    @nn.compact
+    def __call__(self, embeddings, *, train=False):
+        return nn.Dense(self.fused_dim)(jnp.concatenate(list(embeddings.values()), -1)), {}
 '''
+
+
+def build_with_fusion(tmp_path, fusion_class, target='embedding'):
+    path = tmp_path / 'user_fusions.py'
+    path.write_text(USER_FUSIONS)
+    config = toy_config('lowrank', target=target)  # its tiny fields are the user fusions': fused_dim only
+    config.model.fusion.kind = f'{path}:{fusion_class}'
+    config.model.encoders.question.module = 'bow'
+    return config
 
 
 @pytest.mark.parametrize(
     'fusion_class, target, stat',
     [('TokenStats', 'tokens', 'tokens_seen'), ('FeedbackStats', 'embedding', 'change')],
 )
-def test_the_fusion_class_variables_combine(tmp_path, fusion_class, target, stat):
-    """TOKEN_LEVEL, FEEDBACK and STATS are independent: a token-level fusion that reports stats, and a
-    feedback one that does, train a step with their stats in the metrics; a token-level fusion gets Tokens
-    for a pooled encoder's output too (`bow`: one token)."""
-    path = tmp_path / 'flagged.py'
-    path.write_text(FLAGGED_FUSIONS)
-    config = toy_config('lowrank', target=target)  # its tiny fields are MyFusion's: fused_dim only
-    config.model.fusion.kind = f'{path}:{fusion_class}'
-    config.model.encoders.question.module = 'bow'
-    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
+def test_what_a_fusion_takes_and_returns_combine_freely(tmp_path, fusion_class, target, stat):
+    """`inputs = 'tokens'`, the `encode` keyword and `FusionOutput`'s readouts and stats are independent: a
+    token fusion that reports stats (its readouts the `tokens` targets), and a feedback one that does, train a
+    step with their stats in the metrics; a token fusion gets Tokens for a pooled encoder's output too (`bow`:
+    one token)."""
+    run = trainer.build(
+        build_with_fusion(tmp_path, fusion_class, target), info=INFO, devices=jax.devices()[:1]
+    )
     with jax.set_mesh(run.mesh):
-        _, metrics = run.train_step(run.state, sharding.shard_batch(toy_batch(), run.mesh), jax.random.key(0))
+        state, metrics = run.train_step(
+            run.state, sharding.shard_batch(toy_batch(), run.mesh), jax.random.key(0)
+        )
     assert np.isfinite(float(metrics['loss']))
     assert np.isfinite(float(metrics[f'fusion/{stat}']))
+    if target == 'tokens':
+        _, aux = run.model.apply({'params': jax.device_get(state.params)}, toy_batch())
+        readouts = {m: np.asarray(aux['targets'][m]) for m in ('image', 'question')}
+        assert all(r.shape == (8, 16) for r in readouts.values())
+
+
+def test_a_fusion_with_the_old_class_flags_or_a_tuple_is_refused_by_name(tmp_path):
+    config = build_with_fusion(tmp_path, 'OldFlags')
+    with pytest.raises(
+        ValueError, match=re.escape("config.model.fusion.kind: OldFlags sets ['TOKEN_LEVEL']")
+    ):
+        model_lib.create_model(config, INFO)
+    model = model_lib.create_model(build_with_fusion(tmp_path, 'ReturnsATuple'), INFO)
+    with pytest.raises(ValueError, match=r'ReturnsATuple returned a tuple; expected a FusionOutput'):
+        jax.eval_shape(model.init, jax.random.key(0), toy_batch())

@@ -6,7 +6,8 @@
 `ReFNet` receives the module instances and composes them. Its output is `(logits, aux)`; `aux` carries what
 the losses need (docs/architecture.md, "Decisions"): `embeddings` {m: e_m} (pooled), `fused` z,
 `present` {m: (B,) bool} for the modalities absent somewhere in the batch, and, when the refiner is on,
-`reconstructions` {m: ê_m} and `targets` {m: t_m}. No loss reaches into the model.
+`reconstructions` {m: ê_m} and `targets` {m: t_m} (`refiner.refiner_targets`), and `fusion_stats`
+when the fusion reports any. No loss reaches into the model.
 """
 
 import inspect
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from refnet_jax.data import contract
-from refnet_jax.models import encoders, fusion, layers, modules, refiner
+from refnet_jax.models import encoders, fusions, layers, modules, refiner
 
 
 class _Encoders(nn.Module):
@@ -84,9 +85,9 @@ class ReFNet(nn.Module):
       modalities: (name, ModalityInfo) pairs of the dataset, in sorted-name order.
       encoders: (name, encoder module) pairs, one per modality; each maps the modality's batch to
         (B, D) or `layers.Tokens`.
-      fusion: the fusion module; token-level ones (`fusion.is_token_level`) take {m: Tokens} (a pooled
-        encoder's output as one token) and return `(z, readouts)`, pooled ones take {m: (B, D)} and return z;
-        `fusion.takes_feedback` ones also get `encode=`, `fusion.reports_stats` ones return stats last.
+      fusion: the fusion module (the contract: `refnet_jax.models.fusions`): it takes {m: (B, D)}, or
+        {m: Tokens} when its `inputs` are 'tokens' (a pooled encoder's output as one token), also `encode=`
+        when its `__call__` takes it, and returns a `FusionOutput` (or a bare z).
       num_classes: outputs of the task head.
       refiner_modalities: the modalities that get a refiner decoder (those with a non-zero refiner weight);
         empty for the plain fusion baseline, which then has no refiner parameters at all.
@@ -140,10 +141,9 @@ class ReFNet(nn.Module):
         run_encoders = _Encoders(self.encoders, name='encoders')
         stand_ins = _StandIns(self.dtype, self.param_dtype, name='missing')
         inputs = {m: batch[m] for m in infos}  # per example: the refiner's `input` targets
+        kind = type(self.fusion)
         for m, info in self.modalities:
-            if info.shared and (
-                (refine and self.refiner_target == 'input') or fusion.takes_feedback(type(self.fusion))
-            ):
+            if info.shared and ((refine and self.refiner_target == 'input') or fusions.takes_encode(kind)):
                 inputs[m] = jnp.take(batch[m], batch[contract.index_key(m)], axis=0)
 
         def encode(context: jax.Array | None = None) -> dict[str, Any]:
@@ -164,8 +164,7 @@ class ReFNet(nn.Module):
         encoded = encode()
         embeddings = {m: layers.pooled(e) for m, e in encoded.items()}  # {m: (B, D_m)}
 
-        kind = type(self.fusion)
-        token_level = fusion.is_token_level(kind)
+        token_level = fusions.input_kind(kind) == 'tokens'
 
         def fusion_inputs(outputs: dict[str, Any], pooled: dict[str, jax.Array]) -> dict[str, Any]:
             """What the fusion sees: Tokens for a token-level one (a pooled output is one token), else the
@@ -173,7 +172,7 @@ class ReFNet(nn.Module):
             return {m: layers.as_tokens(e) for m, e in outputs.items()} if token_level else dict(pooled)
 
         extra = {}
-        if fusion.takes_feedback(kind):  # it runs the encoders again with its context
+        if fusions.takes_encode(kind):  # it runs the encoders again with its context
 
             def encode_again(context: jax.Array) -> dict[str, Any]:
                 outputs = encode(context)
@@ -182,26 +181,23 @@ class ReFNet(nn.Module):
                 return fusion_inputs(outputs, pooled)
 
             extra['encode'] = encode_again
-        outputs = self.fusion(fusion_inputs(encoded, embeddings), train=train, **extra)
-        stats = {}
-        if fusion.reports_stats(kind):  # a fusion that reports how it went (DEQ): its stats come last
-            *outputs, stats = outputs
-            outputs = tuple(outputs) if len(outputs) > 1 else outputs[0]
-        z, readouts = outputs if token_level else (outputs, None)
+        out = fusions.as_output(self.fusion(fusion_inputs(encoded, embeddings), train=train, **extra), kind)
+        z = out.z
         logits = layers.precision(self).Dense(self.num_classes, name='head')(z)  # (B, C)
         aux = {'embeddings': embeddings, 'fused': z, 'present': present}
-        if stats:
-            aux['fusion_stats'] = stats
+        if out.stats:
+            aux['fusion_stats'] = out.stats
 
         if refine:
-            ms = self.refiner_modalities
-            if self.refiner_target == 'input':
-                targets = {m: contract.KINDS[infos[m].kind].input_target(inputs[m], infos[m]) for m in ms}
-            else:
-                source = embeddings if self.refiner_target == 'embedding' else readouts
-                targets = {m: source[m] for m in ms}
-                if self.stop_gradient_target:
-                    targets = jax.lax.stop_gradient(targets)
+            targets = refiner.refiner_targets(
+                self.refiner_target,
+                embeddings=embeddings,
+                readouts=out.readouts,
+                inputs=inputs,
+                infos=infos,
+                modalities=self.refiner_modalities,
+                stop_gradient=self.stop_gradient_target,
+            )
             aux['reconstructions'] = refiner.Refiner(
                 self.refiner_hidden, self.dtype, self.param_dtype, name='refiner'
             )(z, targets)
@@ -257,12 +253,13 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
 
     fields = dict(config.model.fusion)
     fields.pop('init_from', None)
-    cls = modules.resolve(fields.pop('kind'), fusion.FUSIONS, 'config.model.fusion.kind')
+    cls = modules.resolve(fields.pop('kind'), fusions.FUSIONS, 'config.model.fusion.kind')
+    fusions.check_class(cls, 'config.model.fusion.kind')
     fusion_module = modules.instantiate(
-        cls, fields, 'config.model.fusion', builtins=fusion.FUSIONS.values(), **precision
+        cls, fields, 'config.model.fusion', builtins=fusions.FUSIONS.values(), **precision
     )
 
-    if fusion.takes_feedback(cls):
+    if fusions.takes_encode(cls):
         for m, enc in built:
             if 'context' not in inspect.signature(type(enc).__call__).parameters:
                 raise ValueError(
@@ -275,8 +272,8 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
     if rcfg.target not in refiner.TARGETS:
         raise ValueError(f'config.model.refiner.target is {rcfg.target!r}; expected one of {refiner.TARGETS}')
     refined = tuple(m for m in names if config.loss.refiner_weights[m] > 0)
-    if refined and rcfg.target == 'tokens' and not fusion.is_token_level(cls):
-        token_level = sorted(k for k, v in fusion.FUSIONS.items() if fusion.is_token_level(v))
+    if refined and rcfg.target == 'tokens' and fusions.input_kind(cls) != 'tokens':
+        token_level = [k for k, v in fusions.FUSIONS.items() if fusions.input_kind(v) == 'tokens']
         raise ValueError(
             f"config.model.refiner.target is 'tokens', which needs a token-level fusion ({token_level}); "
             f'config.model.fusion.kind is {config.model.fusion.kind!r}'

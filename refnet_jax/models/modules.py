@@ -1,6 +1,6 @@
 """Config names -> Linen module classes and instances, for encoders and fusion modules alike.
 
-A module is named by a built-in name (a key of `encoders.ENCODERS` or `fusion.FUSIONS`), by
+A module is named by a built-in name (a key of `encoders.ENCODERS` or `fusions.FUSIONS`), by
 `FILE.py:Class` (a Python file, relative to the working directory or absolute), or by
 `package.module:Class` (an importable module). Its fields are the other entries of the config section;
 their defaults are the dataclass defaults of the class (`module_fields`), never typed a second time.

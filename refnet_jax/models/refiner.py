@@ -8,6 +8,8 @@ modality's own information. Which target (`config.model.refiner.target`, docs/ar
   [0, 1], a bag of words for tokens, the raw values otherwise), which a constant network cannot reconstruct;
 - `tokens`: the masked mean of modality m's own tokens at the token fusion's read-out layer (the author's
   scheme on MMF's single-stream transformer); needs a token-level fusion.
+
+`refiner_targets` makes them, `Refiner` decodes z into each modality's; `losses.refiner_loss` compares the two.
 """
 
 from collections.abc import Mapping, Sequence
@@ -17,10 +19,56 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from refnet_jax.data import contract
 from refnet_jax.models import layers
 
 TARGETS = ('embedding', 'input', 'tokens')
 COLLAPSIBLE = ('embedding', 'tokens')  # targets made by the network itself: pre-training can collapse on them
+
+
+def refiner_targets(
+    kind: str,
+    *,
+    embeddings: Mapping[str, jax.Array],
+    readouts: Mapping[str, jax.Array] | None = None,
+    inputs: Mapping[str, jax.Array] | None = None,
+    infos: Mapping[str, contract.ModalityInfo] | None = None,
+    modalities: Sequence[str] | None = None,
+    stop_gradient: bool = True,
+) -> dict[str, jax.Array]:
+    """The refiner's target t_m for each modality m: what R_m(z) is trained to reconstruct.
+
+    Args:
+      kind: one of `TARGETS` (see the module docstring).
+      embeddings: {m: (B, D_m)} the pooled encoder outputs; the targets of kind 'embedding'.
+      readouts: {m: (B, D)} a token fusion's `FusionOutput.readouts`; needed by kind 'tokens'.
+      inputs: {m: (B, *shape)} each modality's input, one row per example; needed by kind 'input'.
+      infos: {m: `contract.ModalityInfo`}; needed by kind 'input', which flattens each input as its kind
+        says (`contract.KINDS[kind].input_target`).
+      modalities: the modalities to make targets for (None: every modality of `embeddings`).
+      stop_gradient: whether 'embedding' and 'tokens' targets, which the network makes itself, are
+        constants for the refiner loss (its gradient then trains the decoders and z, not the target).
+
+    Returns:
+      {m: (B, F_m)} for each of `modalities`: F_m = D_m ('embedding'), D ('tokens') or the flattened input
+      size ('input').
+
+    >>> e = {'a': jnp.ones((2, 3)), 'b': jnp.zeros((2, 4))}
+    >>> {m: t.shape for m, t in refiner_targets('embedding', embeddings=e, modalities=['b']).items()}
+    {'b': (2, 4)}
+    """
+    names = tuple(embeddings) if modalities is None else tuple(modalities)
+    if kind not in TARGETS:
+        raise ValueError(f'refiner target kind is {kind!r}; expected one of {TARGETS}')
+    if kind == 'input':
+        if inputs is None or infos is None:
+            raise ValueError("refiner target 'input' needs `inputs` and `infos`")
+        return {m: contract.KINDS[infos[m].kind].input_target(inputs[m], infos[m]) for m in names}
+    source = embeddings if kind == 'embedding' else readouts
+    if source is None:
+        raise ValueError("refiner target 'tokens' needs `readouts`: FusionOutput.readouts of a token fusion")
+    targets = {m: source[m] for m in names}
+    return jax.lax.stop_gradient(targets) if stop_gradient else targets
 
 
 class RefinerDecoder(nn.Module):

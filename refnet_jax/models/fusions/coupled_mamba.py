@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from refnet_jax.models import layers
+from refnet_jax.models.fusions.base import Fusion, FusionOutput
 
 
 def _compose(first, second):
@@ -125,8 +126,12 @@ def coupled_scan(
     return jnp.moveaxis(h, -1, 2)  # (B, T, M, D, N)
 
 
-class CoupledMamba(nn.Module):
-    """Coupled Mamba fusion of token inputs (see the module docstring); `(z, readouts)` as the token fusions.
+class CoupledMamba(Fusion):
+    """Coupled Mamba fusion (Li et al., NeurIPS 2024) of token inputs: one selective state-space chain per
+    modality, each state mixing every chain's previous state.
+
+    The module docstring gives the recurrence. z is the mean over modalities of each one's readout, as in
+    the other token fusions.
 
     Attributes:
       fused_dim: token width D and size of z.
@@ -135,7 +140,8 @@ class CoupledMamba(nn.Module):
       dropout: dropout rate after each layer.
     """
 
-    TOKEN_LEVEL: ClassVar[bool] = True
+    kind: ClassVar[str] = 'coupled_mamba'
+    inputs: ClassVar[str] = 'tokens'
     fused_dim: int = 128
     depth: int = 2
     state_size: int = 8
@@ -144,9 +150,7 @@ class CoupledMamba(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(
-        self, inputs: Mapping[str, layers.Tokens], *, train: bool = False
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, inputs: Mapping[str, layers.Tokens], *, train: bool = False) -> FusionOutput:
         p = layers.precision(self)
         names, tokens, masks = layers.token_inputs(self, inputs, self.fused_dim)
         lengths = [t.shape[1] for t in tokens]
@@ -182,4 +186,4 @@ class CoupledMamba(nn.Module):
         h = p.LayerNorm(name='readout_norm')(x)
         readouts = {m: layers.masked_mean(h[:, : lengths[j], j], masks[j]) for j, m in enumerate(names)}
         z = jnp.mean(jnp.stack([readouts[m] for m in names]), axis=0)
-        return z, readouts
+        return FusionOutput(z, readouts)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from refnet_jax.models import layers
+from refnet_jax.models.fusions.base import Fusion, FusionOutput
 
 
 def _iterate(step: Callable[[jax.Array], jax.Array], z0: jax.Array, tol: float, max_iter: int):
@@ -98,12 +99,13 @@ class _PurifyCombine(nn.Module):
         return jnp.tanh(combined)
 
 
-class DEQFusion(nn.Module):
-    """Deep Equilibrium fusion of pooled embeddings: z* = f(z*; x) (see the module docstring).
+class DEQFusion(Fusion):
+    """Deep Equilibrium fusion (Ni et al., 2023) of pooled embeddings: z is the fixed point z* = f(z*; x) of
+    one weight-tied block, found by iteration and differentiated implicitly.
 
-    Returns `(z, stats)` (`STATS = True`): `stats` holds the solver's iterations and final relative
-    residual, which the objective logs as `fusion/deq_iterations` and `fusion/deq_residual`; a residual
-    above `tol` means the iteration hit `max_iter` without converging.
+    The module docstring says how. Its `FusionOutput.stats` hold the solver's iterations and final relative
+    residual, which the objective logs as `fusion/deq_iterations` and `fusion/deq_residual`; a residual above
+    `tol` means the iteration hit `max_iter` without converging.
 
     Attributes:
       fused_dim: size of z.
@@ -111,7 +113,7 @@ class DEQFusion(nn.Module):
       max_iter: the most iterations (forward, and backward).
     """
 
-    STATS: ClassVar[bool] = True
+    kind: ClassVar[str] = 'deq'
     fused_dim: int = 128
     tol: float = 1e-4
     max_iter: int = 30
@@ -119,9 +121,7 @@ class DEQFusion(nn.Module):
     param_dtype: Any = jnp.float32  # parameter dtype (config.model.param_dtype)
 
     @nn.compact
-    def __call__(
-        self, embeddings: Mapping[str, jax.Array], *, train: bool = False
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, embeddings: Mapping[str, jax.Array], *, train: bool = False) -> FusionOutput:
         del train
         p = layers.precision(self)
         names = tuple(sorted(embeddings))
@@ -138,4 +138,4 @@ class DEQFusion(nn.Module):
             'deq_iterations': iterations.astype(jnp.float32),
             'deq_residual': residual.astype(jnp.float32),
         }
-        return z, stats
+        return FusionOutput(z, stats=stats)
