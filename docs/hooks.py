@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
-import inspect
 import pathlib
 import sys
 
@@ -80,16 +79,8 @@ def api_page() -> str:
 
 def _fusion_rows() -> list[tuple[str, str, str, str]]:
     """(name, class path, what it takes, one-line description) of every registered fusion module."""
-    if importlib.util.find_spec(f'{PACKAGE}.models.fusions') is not None:
-        fusions = importlib.import_module(f'{PACKAGE}.models.fusions')
-        return [(f.kind, f.path, f.inputs, f.description) for f in fusions.describe()]
-    fusion = importlib.import_module(f'{PACKAGE}.models.fusion')  # before the registry became a package
-    rows = []
-    for name, cls in fusion.FUSIONS.items():
-        paragraph = (inspect.getdoc(cls) or '').split('\n\n', 1)[0]
-        inputs = 'tokens' if fusion.is_token_level(cls) else 'pooled'
-        rows.append((name, f'{cls.__module__}.{cls.__qualname__}', inputs, ' '.join(paragraph.split())))
-    return rows
+    fusions = importlib.import_module(f'{PACKAGE}.models.fusions')
+    return [(f.kind, f.path, f.inputs, f.description) for f in fusions.describe()]
 
 
 def fusions_page() -> str:
