@@ -93,14 +93,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = config_lib.base_config(opts, dataset='custom', modalities=tuple(modalities))
     data = config.data  # manual_dir (your directory) and data_dir come from base_config
     data.kinds = dict(modalities)  # modality -> kind, checked against the data
-    # None: arrays (train.npz, validation.npz, test.npz); or a CSV file in manual_dir (a header row, a row per
-    # example), which holds 'features', 'tokens' (integer columns), 'text' (a column of strings) and 'image'
-    # (a column of file paths).
+    # None: arrays (train.npz, validation.npz, test.npz); or a table in manual_dir, by extension a CSV (.csv),
+    # JSON Lines (.jsonl) or Parquet (.parquet) file, or a directory of such shards, one example per row, which
+    # holds 'features', 'tokens' (integer columns), 'text' (a column of strings) and 'image' (a column of file
+    # paths, relative to the table).
     data.table = ml_collections.config_dict.placeholder(str)
     # Tables only: each modality's columns: a name, a tuple of names, or a pattern ('signal_*': those columns in
     # header order).
     data.columns = {m: m if kind in ('image', 'text') else f'{m}_*' for m, kind in modalities.items()}
-    # The labels' array or column: class ids, (N, C) multi-hot 0/1 (arrays), or class names (tables).
+    # 'classification' (class labels) or 'regression' (real-valued targets: a linear head and a squared-error
+    # loss, config.loss.task; metrics mse, mae, pearson_r).
+    data.task = 'classification'
+    # The labels' array or column: class ids, (N, C) multi-hot 0/1 (arrays), or class names (tables); for
+    # regression, (N,) or (N, K) numbers (arrays) or a column of numbers (tables; a tuple or pattern: K targets).
     data.label = 'label'
     data.split_column = ml_collections.config_dict.placeholder(str)  # tables: a column of each row's split
     # (train, validation, test) fractions for the splits not given: drawn from the train rows, per class, seeded.
@@ -120,6 +125,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Per text modality: ids per example (longer texts are cut); None: the training text's 99th percentile
     # length, at most 256.
     data.max_tokens = {m: ml_collections.config_dict.placeholder(int) for m in texts}
+
+    # The task loss: 'auto' (cross-entropy for classes, squared error for regression), or for regression 'mse'
+    # or 'l1' (absolute error). Regression takes no Multi-Similarity loss (config.loss.ms_weight=0).
+    config.loss.task = 'auto'
+    # Regression with one target: also report the accuracy of its sign (examples whose target is not 0).
+    config.eval.sign_accuracy = False
 
     tokens = config_lib.token_level(opts)
     encoders = TOKEN_ENCODERS if tokens else ENCODERS

@@ -6,10 +6,18 @@ workdir as a ValueError, an OSError (FileNotFoundError: a missing file, a config
 or a FloatingPointError (`trainer.NonFiniteLossError`); those, a flag that does not parse, an unknown
 config field and an `app.UsageError` print `error: <message>` on stderr and exit with status 2. A run
 stopped on purpose (SIGTERM: `preemption.Interrupted`, an exception with an `exit_code`) prints
-`stopped: <message>` and exits with that code (143). Any other exception is a bug and shows its
-traceback; with `--debug` (or REFNET_DEBUG=1 in the environment) every one does.
+`stopped: <message>` and exits with that code (143); Ctrl-C prints `stopped: interrupted (Ctrl-C)` and
+exits with 130 (a training run resumes from its last checkpoint when started again). Any other exception
+is a bug and shows its traceback; with `--debug` (or REFNET_DEBUG=1 in the environment) every one does.
+
+What is logged (refnet_jax/console.py): this library's lines from INFO up, other libraries' (orbax, grain,
+tensorflow_datasets, jax) from WARNING up. `--log_level=info` (or `debug`, `warning`, `error`), or
+REFNET_LOG_LEVEL=info in the environment, sets the second threshold and brings back absl's detailed line
+format; absl's `--verbosity` (`-v`) given on the command line sets both thresholds at once (`--verbosity=0`:
+every INFO line, `1`: DEBUG too).
 """
 
+import logging as py_logging
 import os
 import sys
 import traceback
@@ -19,9 +27,13 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from refnet_jax import console
+
 USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 DEBUG_ENV = 'REFNET_DEBUG'
+LOG_LEVEL_ENV = 'REFNET_LOG_LEVEL'
 
 flags.DEFINE_bool(
     'debug',
@@ -30,16 +42,32 @@ flags.DEFINE_bool(
 )
 
 
+flags.DEFINE_enum(
+    'log_level',
+    None,
+    ['debug', 'info', 'warning', 'error'],
+    f'Show the log lines of other libraries (orbax, grain, TFDS, jax) from this level (default warning; '
+    f'{LOG_LEVEL_ENV} in the environment too).',
+)
+
+
 def run(main: Callable[[list[str]], object]) -> None:
-    """`app.run(main)`, with the errors of the module docstring printed as one `error: ...` line."""
+    """`app.run(main)`, with the errors of the module docstring printed as one `error: ...` line and the
+    logging of the module docstring."""
 
     def plain_main(argv):
         try:
+            configure_logging()
             return main(argv)
         except USER_ERRORS as e:
             if _debugging():
                 raise
             _fail(str(e) or type(e).__name__)
+        except KeyboardInterrupt:
+            if _debugging():
+                raise
+            print('stopped: interrupted (Ctrl-C)', file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as e:
             code = getattr(e, 'exit_code', None)  # a run stopped on purpose (preemption.Interrupted)
             if code is None or _debugging():
@@ -47,8 +75,25 @@ def run(main: Callable[[list[str]], object]) -> None:
             print(f'stopped: {e}', file=sys.stderr)
             sys.exit(code)
 
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS['debug'])  # --helpshort shows it
+    for name in ('debug', 'log_level'):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])  # --helpshort shows them
     app.run(plain_main, flags_parser=_parse_flags)
+
+
+def configure_logging() -> None:
+    """The logging of the module docstring, from `--log_level`, REFNET_LOG_LEVEL and `--verbosity`."""
+    name = flags.FLAGS.log_level or os.environ.get(LOG_LEVEL_ENV, '')
+    if name:
+        what = '--log_level' if flags.FLAGS.log_level else LOG_LEVEL_ENV
+        others = console.level_from_name(name, what)
+        console.configure_logging(
+            own=min(others, py_logging.INFO), others=others, detailed=others <= py_logging.INFO
+        )
+    elif flags.FLAGS['verbosity'].present:  # absl's --verbosity, on everything
+        level = py_logging.root.level  # absl set it from the flag
+        console.configure_logging(own=level, others=level, detailed=True)
+    else:
+        console.configure_logging()
 
 
 def run_experiment(fn: Callable[[ml_collections.ConfigDict, str], object]) -> None:
@@ -65,18 +110,25 @@ def run_experiment(fn: Callable[[ml_collections.ConfigDict, str], object]) -> No
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-        logging.set_verbosity(logging.INFO)
+        if not flags.FLAGS.workdir.strip():
+            raise app.UsageError(
+                '--workdir is empty; expected the directory of the run (new, or one to resume)'
+            )
         counts = enable_compilation_cache(flags.FLAGS.config)
         try:
-            fn(flags.FLAGS.config, flags.FLAGS.workdir)
+            results = fn(flags.FLAGS.config, flags.FLAGS.workdir)
         finally:
-            if counts is not None:
+            if counts is not None and counts['hits'] + counts['misses']:
                 logging.info(
                     'Compilation cache %s: %d program(s) read from it, %d compiled.',
                     counts['dir'],
                     counts['hits'],
                     counts['misses'],
                 )
+        import jax
+
+        if isinstance(results, dict) and jax.process_index() == 0:
+            print(console.run_summary(results, flags.FLAGS.workdir), flush=True)
 
     run(main)
 

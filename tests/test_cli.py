@@ -101,12 +101,67 @@ def test_a_bad_config_value_raised_by_the_run_is_one_plain_line(tmp_path):
             ['config.json not found'],
         ),
         (['tools/analyze.py', '--workdirs', 'a', '--output', '{tmp}/out'], ["--workdirs entry 'a'"]),
+        (
+            ['tools/export.py', '--workdir', '{tmp}/run', '--output', '{tmp}/out', '--step', '3'],
+            ['--step 3', 'holds the checkpoints of steps [2, 4]'],
+        ),
+        (
+            ['tools/export.py', '--workdir', '{tmp}/run', '--output', '{tmp}/out', '--platforms', 'cpu,gpu'],
+            ["['gpu'] unknown", "'cpu', 'cuda', 'rocm', 'tpu'"],  # jax.export would lower for 'gpu' silently
+        ),
+        (['train.py', '--config', 'configs/easy_vqa.py:tiny', '--workdir', ''], ['--workdir is empty']),
+        (
+            ['train.py', '--config', 'configs/easy_vqa.py:tiny', '--workdir', '{tmp}/run/config.json'],
+            ['run/config.json is a file; expected a directory'],
+        ),
+        (
+            ['train.py', '--config', 'configs/easy_vqa.py:tiny', '--workdir', '{tmp}/x', '--log_level=loud'],
+            ['loud'],
+        ),
+        (
+            ['train.py', '--config', 'configs/custom.py:kinds=signal:audio', '--workdir', '{tmp}/x'],
+            ['kinds', 'audio'],
+        ),
     ],
-    ids=['pretrain-embedding-target', 'export-no-run', 'analyze-no-run', 'analyze-usage'],
+    ids=[
+        'pretrain-embedding-target',
+        'export-no-run',
+        'analyze-no-run',
+        'analyze-usage',
+        'export-no-such-step',
+        'export-unknown-platform',
+        'empty-workdir',
+        'workdir-is-a-file',
+        'unknown-log-level',
+        'unknown-modality-kind',
+    ],
 )
 def test_every_entry_point_prints_a_users_mistake_plainly(tmp_path, args, names):
+    # A workdir with checkpoints of steps 2 and 4 (their contents are not read before the error).
+    for step in (2, 4):
+        (tmp_path / 'run' / 'checkpoints' / str(step)).mkdir(parents=True)
+    (tmp_path / 'run' / 'config.json').write_text('{}')
     rc, stderr = run(*(a.format(tmp=tmp_path) for a in args))
     assert_plain(rc, stderr, *names)
+    for name in ('config.json', 'claim.json', 'checkpoints'):  # an empty --workdir is not the repository
+        assert not os.path.exists(os.path.join(ROOT, name))
+
+
+@pytest.mark.slow
+def test_an_init_from_that_is_not_a_run_is_refused_and_left_alone(tmp_path, easy_vqa_dir):
+    (tmp_path / 'a_file').write_text('')
+    for source in (tmp_path / 'nothing', tmp_path / 'a_file'):
+        rc, stderr = run(
+            'train.py',
+            '--config',
+            'configs/easy_vqa.py:tiny',
+            '--workdir',
+            str(tmp_path / f'run_{source.name}'),
+            f'--config.data.data_dir={easy_vqa_dir}',
+            f'--config.init_from={source}',
+        )
+        assert_plain(rc, stderr, f"config.init_from is '{source}', which is not the workdir of a run")
+    assert not (tmp_path / 'nothing').exists()  # the checkpoint manager did not create it
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -153,6 +208,14 @@ def test_only_a_users_mistake_loses_its_traceback(error, plain):
         assert rc == 1
         assert 'Traceback (most recent call last)' in stderr and f'{error}: ' in stderr, stderr
         assert 'error: ' not in stderr
+
+
+def test_ctrl_c_stops_without_a_traceback():
+    rc, stderr = run('-c', PROGRAM.format(error='KeyboardInterrupt'))
+    assert rc == 130, stderr
+    assert stderr.strip().splitlines()[-1] == 'stopped: interrupted (Ctrl-C)' and 'Traceback' not in stderr, (
+        stderr
+    )
 
 
 @pytest.mark.parametrize('how', ['flag', 'environment'])

@@ -537,8 +537,8 @@ def test_an_interrupted_preparation_is_never_used(tmp_path, monkeypatch):
     config = make_config(tmp_path / 'data', tmp_path / 'tfds')
     generate = custom.Builder._generate_examples
 
-    def interrupted(self, part):
-        for k, example in enumerate(generate(self, part)):
+    def interrupted(self, *args):
+        for k, example in enumerate(generate(self, *args)):
             if k == 3:
                 raise KeyboardInterrupt
             yield example

@@ -1,4 +1,5 @@
-"""End to end: train.py on the tiny config, resumption after SIGKILL, 1 vs 8 devices, bad input."""
+"""End to end: train.py on the tiny config, one run per workdir, resumption after SIGKILL, 1 vs 8 devices, bad
+input."""
 
 import json
 import os
@@ -75,7 +76,7 @@ def test_unknown_config_key_is_an_error(tmp_path, easy_vqa_dir):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=60)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir):
     args = (
         '--config.train.num_steps=300',
@@ -89,8 +90,26 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir
         '--config.train.select_mode=max',
         '--config.train.early_stop=2',
     )
+    # A second run on the workdir of a running one stops at once, naming the holder; the first goes on.
+    straight = run_train(tmp_path / 'straight', easy_vqa_dir, *args, wait=False)
+    claim = tmp_path / 'straight' / 'claim.json'
+    deadline = time.time() + 300
+    while time.time() < deadline and straight.poll() is None and not claim.exists():
+        time.sleep(0.01)
+    t = time.time()
     rc, out = run_train(tmp_path / 'straight', easy_vqa_dir, *args)
-    assert rc == 0, out
+    assert rc == 2 and time.time() - t < 60, out
+    assert (
+        f'error: workdir {tmp_path / "straight"} is in use by another run: process {straight.pid} on host'
+        in out
+    )
+    assert 'Traceback' not in out
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    assert not claim.exists()  # released at the end
+    rows = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
+    steps = [r['step'] for r in rows if 'train/loss' in r]
+    assert steps == sorted(set(steps)) and steps[0] == 25, steps  # each logged step once
 
     proc = run_train(tmp_path / 'killed', easy_vqa_dir, *args, wait=False)
     ckpt_dir = tmp_path / 'killed' / 'checkpoints'
@@ -105,10 +124,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir
     assert not (tmp_path / 'killed' / 'results.json').exists(), 'the run finished before it could be killed'
     killed_at = checkpointing.Checkpointer(ckpt_dir).latest_step()
     assert killed_at is not None and killed_at < 300
+    # The killed run's claim is left behind; the same command takes it over, with a warning, and resumes.
+    assert json.loads((tmp_path / 'killed' / 'claim.json').read_text())['pid'] == proc.pid
 
     rc, out = run_train(tmp_path / 'killed', easy_vqa_dir, *args)
     assert rc == 0, out
+    assert f'Taking over {tmp_path / "killed" / "claim.json"} from process {proc.pid} on host' in out, out
+    assert 'that process no longer exists' in out
     assert f'Restoring step {killed_at}' in out
+    assert not (tmp_path / 'killed' / 'claim.json').exists()
     a = json.loads((tmp_path / 'straight' / 'results.json').read_text())
     b = json.loads((tmp_path / 'killed' / 'results.json').read_text())
     assert a['test'] == b['test'] and a['val'] == b['val'] and a['train']['loss'] == b['train']['loss']

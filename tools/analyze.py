@@ -40,7 +40,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refnet_jax import cli, config_lib
+from refnet_jax import cli, config_lib, console
 from refnet_jax.analysis import graph, report
 from refnet_jax.train import inference
 
@@ -130,7 +130,6 @@ def import_plots():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    logging.set_verbosity(logging.INFO)
     sources = parse_sources(FLAGS.workdirs, FLAGS.config)
     plots = import_plots() if FLAGS.plot else None
     output = pathlib.Path(FLAGS.output)
@@ -177,7 +176,7 @@ def main(argv):
         )
         collected[name] = data
         models[name] = {'source': source, 'step': data['step'], 'metrics': scores[name]}
-        logging.info('%s: %s', name, scores[name])
+        logging.info('%s: %s', name, console.format_metrics(scores[name], limit=12))
 
     table = markdown_table(scores)
     print(table)
@@ -195,14 +194,15 @@ def main(argv):
         settings['config'] = json.loads(FLAGS.config.to_json_best_effort())
     json_path = output.with_name(output.name + '.json')
     json_path.write_text(json.dumps({**settings, 'models': models, 'table': table}, indent=2))
-    logging.info('Wrote %s.', json_path)
+    written = [('numbers', str(json_path))]
 
     if FLAGS.plot:
         png_path = output.with_name(output.name + '.png')
         plots.plot_models(
             collected, png_path, scores=scores, k=FLAGS.k, num_similarity=FLAGS.plot_examples, seed=FLAGS.seed
         )
-        logging.info('Wrote %s.', png_path)
+        written.append(('picture', str(png_path)))
+    print(f'\nAnalysed {len(models)} model(s) on {FLAGS.split} (k={FLAGS.k}).\n{console.aligned(written)}')
 
 
 if __name__ == '__main__':

@@ -10,10 +10,12 @@ directory, then train on it with configs/custom.py.
 The command prints the second one for the directory it wrote (refnet_jax/export/features.py).
 """
 
-from absl import app, flags, logging
+import os
+
+from absl import app, flags
 from ml_collections import config_flags
 
-from refnet_jax import cli, config_lib
+from refnet_jax import cli, config_lib, console
 from refnet_jax.export import features
 from refnet_jax.train import checkpointing, pretrained, trainer
 
@@ -31,7 +33,6 @@ flags.mark_flags_as_required(['encode', 'output'])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    logging.set_verbosity(logging.INFO)
     if (FLAGS.config is None) == (FLAGS.workdir is None):
         raise app.UsageError('give one of --config and --workdir')
     if FLAGS.workdir:
@@ -50,8 +51,16 @@ def main(argv):
         config, params, run.model, run.info, FLAGS.output, FLAGS.encode, tokens_out=FLAGS.tokens
     )
     spec = '+'.join(f'{m}:{k}' for m, k in kinds.items())
-    print(
-        f'Wrote {FLAGS.output}. Train on it:\n  python train.py --config configs/custom.py:kinds={spec} '
+    rows = [(split, os.path.join(FLAGS.output, f'{split}.npz')) for split in features.SPLITS]
+    rows.append(
+        (
+            'kinds',
+            f'{os.path.join(FLAGS.output, "kinds.json")} ({", ".join(f"{m}: {k}" for m, k in kinds.items())})',
+        )
+    )
+    print(f'Wrote {FLAGS.output}.\n{console.aligned(rows)}')
+    print(  # the last line: the command (tests and scripts read it)
+        f'Train on it:\n  python train.py --config configs/custom.py:kinds={spec} '
         f'--workdir runs/on_features --config.data.manual_dir {FLAGS.output}'
     )
 

@@ -3,6 +3,7 @@
 - `contract`: the data contract (`ModalityInfo`, `DatasetInfo`, the modality kinds, `DatasetModule`).
 - `input_pipeline`: TFDS array_record files read through grain into per-process batches; `PerRecordDataset`.
 - `splits`, `corruption`: stratified splits; modality corruption for robustness studies.
-- `common`, `custom_spec`, `custom_values`: code the builders share; the own-data spec and its readers.
+- `common`, `tokenizers`: code the builders share (images, word lists; subword tokenizers of text).
+- `custom_spec`, `tables`, `custom_values`: the own-data spec, its table readers, and its values.
 - `datasets/`: one builder module per dataset (`config.data.name`).
 """

@@ -11,11 +11,13 @@ import collections
 import importlib.util
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from jax.typing import ArrayLike
 from PIL import Image
+
+if TYPE_CHECKING:  # not imported when run: image-decoding worker processes import this module without jax
+    from jax.typing import ArrayLike
 
 # --- Tokens ---
 
@@ -82,6 +84,12 @@ def load_image(path: str | pathlib.Path, size: int | None = None, *, where: str 
             return np.asarray(image, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f'{where}{": " if where else ""}image {path} cannot be decoded: {e}') from e
+
+
+def decode_image(job: tuple[str, int | None, str]) -> np.ndarray:
+    """`load_image(path, size, where=where)` of a job `(path, size, where)`: what worker processes run."""
+    path, size, where = job
+    return load_image(path, size, where=where)
 
 
 # --- Files: of an installed package, of a manual download ---

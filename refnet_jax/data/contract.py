@@ -3,7 +3,8 @@
 Imports neither TFDS nor grain, so the model, the losses and the tests can speak about data without them.
 
 A batch is a dict of NumPy (or jax) arrays keyed by modality name, plus
-- `label`: class ids (B,) int32, or multi-hot (B, C) int32 for multi-label data (absent in pre-training);
+- `label`: class ids (B,) int32, or multi-hot (B, C) int32 for multi-label data, or real-valued targets (B, K)
+  float32 for regression (`DatasetInfo.task`); absent in pre-training;
 - `<m>_index` (`index_key(m)`): for a modality stored once for several examples (`ModalityInfo.shared`,
   easy-VQA's image shared by the questions about it), `batch[m]` has fewer rows than the batch and this
   (B,) int32 array gives each example's row in it;
@@ -112,10 +113,11 @@ class DatasetInfo:
     Attributes:
       name: dataset name (`config.data.name`).
       modalities: modality name (a batch key) -> its description.
-      num_classes: number of classes (output width of the task head).
+      num_classes: number of classes (output width of the task head); for regression, the K targets.
       multi_label: True when `label` is multi-hot (B, num_classes), else class ids (B,).
-      class_names: the classes' names, in label-id order.
+      class_names: the classes' names, in label-id order (regression: the targets').
       num_examples: examples per split (for easy-VQA: questions, not images).
+      task: 'classification', or 'regression': `label` is (B, num_classes) float32 targets.
     """
 
     name: str
@@ -124,6 +126,17 @@ class DatasetInfo:
     multi_label: bool
     class_names: tuple[str, ...]
     num_examples: dict[str, int]
+    task: str = 'classification'
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f'DatasetInfo.task={self.task!r}, expected one of {TASKS}')
+        if self.task == 'regression' and self.multi_label:
+            raise ValueError('DatasetInfo.multi_label=True with task=regression; expected one of them')
+
+
+TASKS = ('classification', 'regression')
+"""What the labels are: class ids (or multi-hot), or real-valued targets."""
 
 
 def index_key(modality: str) -> str:
@@ -194,8 +207,8 @@ def dummy_batch(info: DatasetInfo, batch_size: int) -> dict[str, np.ndarray]:
         batch[m] = np.zeros((batch_size, *mi.shape), mi.dtype)
         if mi.shared:
             batch[index_key(m)] = np.arange(batch_size, dtype=np.int32)
-    shape = (batch_size, info.num_classes) if info.multi_label else (batch_size,)
-    batch['label'] = np.zeros(shape, np.int32)
+    shape = (batch_size, info.num_classes) if info.multi_label or info.task == 'regression' else (batch_size,)
+    batch['label'] = np.zeros(shape, np.float32 if info.task == 'regression' else np.int32)
     return batch
 
 
@@ -259,7 +272,13 @@ def check_batch(batch: Mapping[str, np.ndarray], info: DatasetInfo, labeled: boo
         return
     labels = np.asarray(batch['label'])
     valid = np.asarray(batch['mask'], bool) if 'mask' in batch else np.ones((n,), bool)
-    if info.multi_label:
+    if info.task == 'regression':
+        if labels.shape != (n, info.num_classes) or labels.dtype.kind != 'f':
+            fail(
+                'label',
+                f'must be real-valued targets of shape ({n}, {info.num_classes}); got {labels.dtype} {labels.shape}',
+            )
+    elif info.multi_label:
         if labels.shape != (n, info.num_classes) or not np.isin(labels, (0, 1)).all():
             fail(
                 'label',

@@ -3,10 +3,8 @@ checked from their headers before any value is read (refnet_jax/data/datasets/cu
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fnmatch
-import functools
 import os
 import pathlib
 import zipfile
@@ -16,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from refnet_jax.data import contract, tokenizers
+from refnet_jax.data import contract, tables, tokenizers
 
 SPLITS = ('train', 'validation', 'test')
 ARRAY_FILES = {split: f'{split}.npz' for split in SPLITS}
@@ -38,6 +36,7 @@ TABLE_KINDS = ('image', 'tokens', 'text', 'features')
 TRAIN = 'train'  # config.data.tokenizer.<m>: a tokenizer trained on m's training text
 MAX_TOKENS_CAP = 256  # the default config.data.max_tokens.<m> (the 99th percentile length) is at most this
 NAN_POLICIES = ('error', 'zero')
+TASKS = ('classification', 'regression')
 # The config.data fields that shape the prepared data (all set by configs/custom.py).
 FIELDS = (
     'kinds',
@@ -52,6 +51,7 @@ FIELDS = (
     'standardize',
     'nan',
     'image_size',
+    'task',
     'tokenizer',
     'vocab_size',
     'max_tokens',
@@ -67,8 +67,15 @@ def _is_int(v: Any) -> bool:
 
 
 FIELD_CHECKS = {  # config.data field -> (test of its value, what is expected); kinds, split, class_names apart
-    'table': (lambda v: v is None or _is_name(v), 'None or a CSV file name'),
-    'label': (_is_name, 'an array or column name'),
+    'table': (
+        lambda v: v is None or _is_name(v),
+        f'None or a table in config.data.manual_dir: a {", ".join(tables.SUFFIXES)} file or a directory of them',
+    ),
+    'label': (
+        lambda v: _is_name(v) or (isinstance(v, Sequence) and v and all(_is_name(c) for c in v)),
+        'an array or column name (regression tables: a tuple of column names or a pattern too)',
+    ),
+    'task': (lambda v: v in TASKS, f'one of {TASKS}'),
     'split_column': (lambda v: v is None or _is_name(v), 'None or a column name'),
     'split_seed': (_is_int, 'an int'),
     'num_classes': (lambda v: v is None or (_is_int(v) and v >= 1), 'None or an int >= 1'),
@@ -78,8 +85,9 @@ FIELD_CHECKS = {  # config.data field -> (test of its value, what is expected); 
     'vocab_size': (lambda v: _is_int(v) and v >= 3, 'an int >= 3'),
 }
 LAYOUT = (
-    'train.npz (and optionally validation.npz, test.npz) with an array per modality and the labels, or the CSV '
-    'file named by config.data.table; see refnet_jax/data/datasets/custom.py'
+    'train.npz (and optionally validation.npz, test.npz) with an array per modality and the labels, or the table '
+    '(CSV, JSON Lines, Parquet, or a directory of shards) named by config.data.table; see '
+    'refnet_jax/data/datasets/custom.py'
 )
 
 
@@ -90,11 +98,12 @@ class Spec:
     Attributes:
       root: the manual directory.
       kinds: modality -> kind.
-      files: the source files: split -> .npz file given, or {'table': the CSV file}.
-      shapes: modality -> item shape, as stored.
-      label_width: C for multi-hot labels, None for class ids.
+      files: the source files: split -> .npz file given, or {'table': the table file or directory}.
+      shapes: modality -> item shape, as stored (None where the data decide: a text modality's max_tokens).
+      label_width: C for multi-hot labels, K for regression (targets (N, K), or (N,) as K = 1), None for
+        class ids (N,).
       columns: modality -> its column names (tables only).
-      images: modality -> one image file per table row (image modalities of tables only).
+      label_columns: the label's columns (tables; regression may have several), or (label,) for arrays.
       tokenizer: text modality -> 'train' or the absolute path of its tokenizer file.
       tokenizer_sha256: text modality with a tokenizer file -> the file's SHA-256 (part of the data's identity).
       max_tokens: text modality -> its ids per example, or None for the training text's 99th percentile length.
@@ -107,8 +116,8 @@ class Spec:
     shapes: dict[str, tuple[int, ...]]
     label_width: int | None
     columns: dict[str, tuple[str, ...]]
-    images: dict[str, tuple[pathlib.Path, ...]]
-    label: str
+    label_columns: tuple[str, ...]
+    label: Any
     split_column: str | None
     split: tuple[float, float, float]
     split_seed: int
@@ -117,6 +126,7 @@ class Spec:
     standardize: bool
     nan: str
     image_size: int
+    task: str
     tokenizer: dict[str, str]
     tokenizer_sha256: dict[str, str]
     vocab_size: int
@@ -157,12 +167,23 @@ def read_spec(data_config: ml_collections.ConfigDict) -> Spec:
                 f'config.data.split_column={fields["split_column"]!r} is for a table (config.data.table), but '
                 'config.data.table is None: arrays give their own splits as validation.npz and test.npz'
             )
-        files, shapes, label_width = _peek_arrays(root, kinds, fields['label'])
-        columns, images = {}, {}
+        if not _is_name(fields['label']):
+            raise ValueError(f'config.data.label={fields["label"]!r}, expected the name of the labels array')
+        files, shapes, label_width = _peek_arrays(root, kinds, fields['label'], fields['task'])
+        columns, label_columns = {}, (fields['label'],)
     else:
-        files, shapes, columns, images = _peek_table(root / table, kinds, d.columns, fields)
+        files, shapes, columns, label_columns = _peek_table(root / table, kinds, d.columns, fields)
         label_width = None
-    return Spec(root, kinds, files, shapes, label_width, columns, images, **fields)
+        if fields['task'] != 'regression' and len(label_columns) != 1:
+            raise ValueError(
+                f'config.data.label={fields["label"]!r} selects columns {list(label_columns)}; classification takes '
+                "one label column (several real-valued targets need config.data.task='regression')"
+            )
+    if fields['task'] == 'regression':  # K targets, stored as (K,) even for K = 1
+        label_width = len(label_columns) if table is not None else label_width or 1
+    if isinstance(fields['label'], list):
+        fields['label'] = tuple(fields['label'])
+    return Spec(root, kinds, files, shapes, label_width, columns, label_columns, **fields)
 
 
 def _plain(value: Any) -> Any:
@@ -293,7 +314,7 @@ def _check_item(where: str, m: str, kind: str, item: tuple[int, ...], dtype: np.
 
 
 def _peek_arrays(
-    root: pathlib.Path, kinds: dict[str, str], label: str
+    root: pathlib.Path, kinds: dict[str, str], label: str, task: str
 ) -> tuple[dict[str, pathlib.Path], dict[str, tuple[int, ...]], int | None]:
     """(files, item shapes, multi-hot width or None) of the arrays layout, checked from the .npz headers."""
     files = {split: root / name for split, name in ARRAY_FILES.items() if (root / name).is_file()}
@@ -313,10 +334,15 @@ def _peek_arrays(
                 f'per modality of config.data.kinds {list(kinds)} and the labels {label!r} (config.data.label)'
             )
         label_shape, label_dtype = headers[label]
-        if len(label_shape) not in (1, 2) or label_dtype.kind not in 'biu':
+        if task == 'regression' and (len(label_shape) not in (1, 2) or label_dtype.kind not in 'biuf'):
+            raise ValueError(
+                f'{path}: array {label!r} holds {label_dtype} of shape {label_shape}; '
+                "config.data.task='regression' expects real-valued labels: (N,) or (N, K) numbers"
+            )
+        if task != 'regression' and (len(label_shape) not in (1, 2) or label_dtype.kind not in 'biu'):
             raise ValueError(
                 f'{path}: array {label!r} holds {label_dtype} of shape {label_shape}; expected the labels: (N,) '
-                'integer class ids, or (N, C) multi-hot 0/1'
+                "integer class ids, or (N, C) multi-hot 0/1 (real-valued labels: config.data.task='regression')"
             )
         n = label_shape[0]
         if n == 0:
@@ -351,47 +377,11 @@ def _label_text(width: int | None) -> str:
     return 'class ids (N,)' if width is None else f'multi-hot (N, {width})'
 
 
-def read_table(path: pathlib.Path) -> tuple[tuple[str, ...], list[list[str]], list[int]]:
-    """(header, rows, line numbers) of a CSV file with a header row; blank lines are skipped.
-
-    Cached per file version (size, modification time): `make_builder` runs more than once per run.
-    """
-    stat = path.stat()
-    return _read_table(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_table(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], list[list[str]], list[int]]:
-    del size, mtime_ns  # the cache key
-    try:
-        with open(path, newline='', encoding='utf-8-sig') as f:
-            reader = csv.reader(f)
-            header = tuple(name.strip() for name in next(reader, ()))
-            rows, lines = [], []
-            for row in reader:
-                if not any(value.strip() for value in row):
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(
-                        f'{path} line {reader.line_num}: {len(row)} fields, but the header has {len(header)}'
-                    )
-                rows.append(row)
-                lines.append(reader.line_num)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f'{path} cannot be read as a UTF-8 CSV file: {e}') from e
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if not header or repeated or '' in header:
-        raise ValueError(
-            f'{path}: header {list(header)} has repeated or empty column names {repeated}; expected a header row '
-            'naming every column once'
-        )
-    if not rows:
-        raise ValueError(f'{path} holds a header but no rows; expected one example per row')
-    return header, rows, lines
-
-
-def _resolve_columns(path: pathlib.Path, header: Sequence[str], m: str, spec: Any) -> tuple[str, ...]:
+def _resolve_columns(
+    path: pathlib.Path, header: Sequence[str], m: str, spec: Any, field: str | None = None
+) -> tuple[str, ...]:
     """The column names that `config.data.columns.<m>` (a name, a tuple of names, or a pattern) selects."""
+    field = field or f'config.data.columns.{m}'
     if isinstance(spec, str) and any(c in spec for c in '*?['):
         names = tuple(name for name in header if fnmatch.fnmatchcase(name, spec))
     elif isinstance(spec, str):
@@ -400,30 +390,31 @@ def _resolve_columns(path: pathlib.Path, header: Sequence[str], m: str, spec: An
         names = tuple(spec)
     else:
         raise ValueError(
-            f'config.data.columns.{m}={spec!r}, expected a column name, a tuple of names, or a pattern such as '
-            f"'{m}_*'"
+            f"{field}={spec!r}, expected a column name, a tuple of names, or a pattern such as '{m}_*'"
         )
     absent = [name for name in names if name not in header]
     if not names or absent:
         raise ValueError(
-            f'{path}: no column {absent or spec!r} (config.data.columns.{m}={spec!r}); the header has {list(header)}'
+            f'{path}: no column {absent or spec!r} ({field}={spec!r}); the header has {list(header)}'
         )
     return names
 
 
 def _peek_table(
     path: pathlib.Path, kinds: dict[str, str], columns_field: Any, fields: dict[str, Any]
-) -> tuple[dict[str, pathlib.Path], dict[str, tuple[int, ...]], dict, dict]:
-    """(files, item shapes, columns, image files) of the table layout, checked against the table's header."""
-    if not path.is_file():
+) -> tuple[dict[str, pathlib.Path], dict[str, tuple[int, ...]], dict, tuple[str, ...]]:
+    """(files, item shapes, columns, label columns) of the table layout, checked against the table's header
+    (no value is read here; `custom_values.plan` reads and checks them)."""
+    if not path.exists():
         raise FileNotFoundError(
-            f'config.data.table: no file {path}; expected a CSV file with a header row in config.data.manual_dir'
+            f'config.data.table: no file {path}; expected a table in config.data.manual_dir: a '
+            f'{", ".join(tables.SUFFIXES)} file with a header (column names), or a directory of them'
         )
-    header, rows, lines = read_table(path)
+    header = tables.Table(path).header
     columns_field = _plain(columns_field)
     if not isinstance(columns_field, dict):
         raise ValueError(f'config.data.columns={columns_field!r}, expected {{modality: column(s)}}')
-    columns, shapes, images = {}, {}, {}
+    columns, shapes = {}, {}
     for m, kind in kinds.items():
         if kind not in TABLE_KINDS:
             raise ValueError(
@@ -445,37 +436,34 @@ def _peek_table(
             shapes[m] = (None,)
         elif kind == 'image':
             shapes[m] = (fields['image_size'], fields['image_size'], 3)
-            j = header.index(columns[m][0])
-            images[m] = tuple(
-                _image_path(path, columns[m][0], row[j], r, lines[r]) for r, row in enumerate(rows)
-            )
         else:
             shapes[m] = (len(columns[m]),)
+    label = fields['label']
+    if _is_name(label) and not any(c in label for c in '*?['):
+        if label not in header:
+            raise ValueError(
+                f'{path}: no column {label!r} for the labels (config.data.label); the header has {list(header)}'
+            )
+        label_columns = (label,)
+    else:
+        label_columns = _resolve_columns(path, header, 'label', label, field='config.data.label')
     owners: dict[str, list[str]] = {}
     for m, names in columns.items():
         for name in names:
             owners.setdefault(name, []).append(f'modality {m!r}')
-    for name, owner in (
-        (fields['label'], 'the labels (config.data.label)'),
-        (fields['split_column'], 'the split (config.data.split_column)'),
-    ):
-        if name is not None and name not in header:
-            raise ValueError(f'{path}: no column {name!r} for {owner}; the header has {list(header)}')
-        if name is not None:
-            owners.setdefault(name, []).append(owner)
+    for name in label_columns:
+        owners.setdefault(name, []).append('the labels (config.data.label)')
+    split_column = fields['split_column']
+    if split_column is not None:
+        if split_column not in header:
+            raise ValueError(
+                f'{path}: no column {split_column!r} for the split (config.data.split_column); the header has '
+                f'{list(header)}'
+            )
+        owners.setdefault(split_column, []).append('the split (config.data.split_column)')
     for name, users in owners.items():
         if len(users) > 1:
             raise ValueError(
                 f'{path}: column {name!r} is used by {" and ".join(users)}; expected one use each'
             )
-    return {'table': path}, shapes, columns, images
-
-
-def _image_path(table: pathlib.Path, column: str, value: str, row: int, line: int) -> pathlib.Path:
-    where = f'{table} row {row} (line {line}): column {column!r}'
-    if not value.strip():
-        raise ValueError(f'{where} is empty; expected an image file path')
-    path = table.parent / value.strip()
-    if not path.is_file():
-        raise FileNotFoundError(f'{where}: image file {path} not found')
-    return path
+    return {'table': path}, shapes, columns, label_columns

@@ -41,14 +41,16 @@ DATASET_ATTRIBUTE = 'DATASET'  # the object of a dataset module that implements 
 
 
 class ToExample(grain.transforms.Map):
-    """A stored record -> its modalities and an int32 label (a class id, or multi-hot), for datasets with one
-    example per record."""
+    """A stored record -> its modalities and its label: int32 (a class id, or multi-hot), or float32 targets
+    (regression), for datasets with one example per record."""
 
     def __init__(self, modalities: tuple[str, ...]):
         self.modalities = tuple(modalities)
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        return {**{m: record[m] for m in self.modalities}, 'label': np.asarray(record['label'], np.int32)}
+        label = np.asarray(record['label'])
+        label = label.astype(np.float32 if label.dtype.kind == 'f' else np.int32)
+        return {**{m: record[m] for m in self.modalities}, 'label': label}
 
 
 class PadBatch(grain.transforms.Map):
@@ -145,9 +147,10 @@ def per_record_info(
     modalities: dict[str, contract.ModalityInfo],
     *,
     multi_label: bool = False,
+    task: str = 'classification',
 ) -> contract.DatasetInfo:
     """The `DatasetInfo` of a prepared builder with one example per record, whose metadata holds the
-    `class_names` (in label-id order)."""
+    `class_names` (in label-id order; regression: the targets' names)."""
     class_names = tuple(builder.info.metadata['class_names'])
     return contract.DatasetInfo(
         name=builder.name,
@@ -156,6 +159,7 @@ def per_record_info(
         multi_label=multi_label,
         class_names=class_names,
         num_examples={split: info.num_examples for split, info in builder.info.splits.items()},
+        task=task,
     )
 
 

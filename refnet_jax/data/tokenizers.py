@@ -11,6 +11,9 @@ A tokenizer turns texts into ids exactly as its library does (normalization, low
 as BERT's [CLS]/[SEP] as the file says), truncates them to `max_tokens` and pads them with the file's padding
 id, which need not be 0; the mask (True on real tokens) says what is padding. A file without a padding token
 gets one more id, `vocab_size - 1`, that no text encodes to.
+
+The own-data `text` kind tokenizes with this module. The built-in easy-VQA and Hateful Memes builders keep
+their word vocabularies (`common.build_vocabulary`): their recorded results depend on those exact ids.
 """
 
 from __future__ import annotations

@@ -261,6 +261,10 @@ def init_from_pretrained(state: Any, workdir: str, tx: optax.GradientTransformat
     The head and the optimizer state start fresh. A parameter whose shape differs is an error naming its
     path and both shapes; parameters the pre-training run lacks (the head) keep their initialization.
     """
+    if not (epath.Path(workdir) / 'checkpoints').is_dir():  # before the manager, which would create it
+        raise ValueError(
+            f'config.init_from is {workdir!r}, which is not the workdir of a run (no checkpoints/ in it)'
+        )
     pretrained = Checkpointer(epath.Path(workdir) / 'checkpoints')
     step = pretrained.latest_step()
     if step is None:

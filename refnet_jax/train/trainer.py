@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -26,12 +25,13 @@ from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from refnet_jax import config_lib
+from refnet_jax import config_lib, console
 from refnet_jax.data import contract, input_pipeline
 from refnet_jax.models import model as model_lib
 from refnet_jax.train import accumulation, checkpointing, optim, preemption, pretrained, profiling, sharding
 from refnet_jax.train import objective as objective_lib
 from refnet_jax.train import selection as selection_lib
+from refnet_jax.train import workdir as workdir_lib
 from refnet_jax.train.metric_writer import MetricWriter
 
 TrainState = train_state.TrainState
@@ -273,46 +273,94 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) -> dict[str, Any]:
+    """A run in its steps: the workdir, the run's parts, restore-or-init, the loop, the final results."""
     t_start = time.time()
+    workdir = _prepare_workdir(config, workdir)
+    with workdir_lib.claimed(workdir):  # one run per workdir; a second stops here, having written nothing
+        config_lib.check_workdir_config(config, workdir)
+        run = build(config, pretraining=pretraining)
+        _log_run(run)
+        with jax.set_mesh(run.mesh):
+            state, session = _restore_or_init(run, workdir)
+            logging.info(
+                'Training steps %d to %d, %d examples each, into %s.',
+                int(state.step),
+                config.train.num_steps,
+                config.train.batch_size,
+                workdir,
+            )
+            try:
+                loop = _Loop(run, session, t_start)
+                state = loop.train(state)
+                results = _final_results(run, session, state, loop)
+            finally:  # the writer's files and the checkpoint managers are closed however the run ends
+                session.close()
+        if jax.process_index() == 0:
+            (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
+        logging.info('Wrote %s.', workdir / 'results.json')
+    return results
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+    """Checks the config and starts multi-process JAX (when asked) before the workdir is made."""
     config_lib.check_ranges(config)  # before the workdir records the config
     sharding.maybe_initialize_distributed(config)
     workdir = epath.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(
+            f'workdir {workdir} is a file; expected a directory (a new one, or the workdir of a run)'
+        )
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.check_workdir_config(config, workdir)
+    return workdir
 
-    run = build(config, pretraining=pretraining)
-    info, mesh, objective, state = run.info, run.mesh, run.objective, run.state
-    num_steps = config.train.num_steps
-    logging.info(
-        '%s run on %s: %s examples; %d devices; %d steps of %d.',
-        type(objective).__name__,
-        info.name,
-        info.num_examples,
-        mesh.devices.size,
-        num_steps,
-        config.train.batch_size,
-    )
 
-    def evaluate_split(state, split, absent=()):
-        batches = input_pipeline.eval_batches(config, split)
-        return evaluate(state, batches, objective, info, mesh, absent=absent)
+@dataclasses.dataclass
+class _Session:
+    """What a run opens in its workdir, closed by `close` however it ends.
 
-    def evaluate_all(state):  # val, test, and each without a modality of config.eval.without
-        out = {}
-        for key, split in (('val', 'validation'), ('test', 'test')):
-            out[key] = evaluate_split(state, split)
-            for m in config.eval.get('without', ()):
-                out[f'{key}_without_{m}'] = evaluate_split(state, split, absent=(m,))
-        return out
+    Attributes:
+      workdir: the run's workdir.
+      train_iter: the training data iterator, at the position of the restored checkpoint.
+      ckpt: the manager of `<workdir>/checkpoints`.
+      selection: the checkpoint selection of `config.train.select` (None without).
+      best: the manager of `<workdir>/best`, the selected checkpoint (None without selection).
+      writer: metrics.jsonl and TensorBoard.
+      sigterm: records SIGTERM while training runs.
+    """
 
-    selection_lib.check_config(config, objective.metric_names(info.num_classes))
+    workdir: epath.Path
+    train_iter: Any
+    ckpt: checkpointing.Checkpointer
+    selection: selection_lib.Selection | None
+    best: checkpointing.Checkpointer | None
+    writer: MetricWriter
+    sigterm: preemption.SigtermFlag
+
+    def consider(self, state: TrainState, val: Mapping[str, float]) -> None:
+        """Records a validation for selection; saves the best checkpoint when it improves."""
+        step = int(state.step)
+        if self.selection.update(step, val) and step not in self.best.all_steps():
+            self.best.save(state, value=self.selection.best)  # a rerun after a kill finds it saved already
+        self.writer.write(step, {'best': self.selection.best}, f'val/{self.selection.metric}_')
+
+    def close(self) -> None:
+        self.sigterm.restore()
+        self.writer.close()
+        self.ckpt.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def _restore_or_init(run: Run, workdir: epath.Path) -> tuple[TrainState, _Session]:
+    """The state to start from (the latest checkpoint, else `init_from` and pretrained modules, else the
+    initialization), with the iterator and selection restored to the same step."""
+    config, state = run.config, run.state
+    selection_lib.check_config(config, run.objective.metric_names(run.info.num_classes))
     selection = selection_lib.Selection.from_config(config)
-    with jax.set_mesh(mesh):
-        _, step_rng = init_rngs(config)
-        logging.info('Parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
-        train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=objective.labeled)
-        ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
-        best = None
+    train_iter = input_pipeline.make_train_iterator(config, seed=config.seed, labeled=run.objective.labeled)
+    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints')
+    best = None
+    try:
         if selection is not None:
             best = checkpointing.Checkpointer(workdir / 'best', best_mode=selection.mode)
             saved = ckpt.restore_selection()
@@ -323,138 +371,185 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, pretraining: bool) 
         if ckpt.latest_step() is None:  # modules with their own init_from (pretrained towers)
             state = pretrained.init_modules(state, config, run.tx)
         state = ckpt.restore_or_init(state, train_iter)
+    except BaseException:
+        for manager in (ckpt, best):
+            if manager is not None:
+                manager.close()
+        raise
+    writer = MetricWriter(workdir)
+    session = _Session(workdir, train_iter, ckpt, selection, best, writer, preemption.SigtermFlag().install())
+    return state, session
+
+
+def _log_run(run: Run) -> None:
+    """What a person wants to know as a run starts: the data, the model's size, the devices."""
+    info = run.info
+    counts = ' / '.join(f'{n:,} {split}' for split, n in info.num_examples.items())
+    logging.info('Data: %s, %s examples.', info.name, counts)
+    logging.info(
+        'Model: %s parameters, %s fusion, %s objective; %d %s device(s).',
+        f'{sum(x.size for x in jax.tree.leaves(run.state.params)):,}',
+        run.config.model.fusion.kind,
+        type(run.objective).__name__,
+        run.mesh.devices.size,
+        jax.default_backend(),
+    )
+
+
+class _Loop:
+    """The training loop, and what its steps share: the metrics not yet logged, timings, the last save."""
+
+    def __init__(self, run: Run, session: _Session, t_start: float):
+        self.run, self.session, self.config = run, session, run.config
+        self.t_start = t_start
+        self.last_train: dict[str, float] = {}
+        self.first_step_seconds: float | None = None  # None: no step run (the run had finished)
+        self.last_saved = session.ckpt.latest_step()
+        self.pending: list[dict[str, jax.Array]] = []
+        self.t_log, self.n_log = time.time(), 0
+        self.bar: tqdm.tqdm | None = None  # while `train` runs
+
+    def train(self, state: TrainState) -> TrainState:
+        """Steps from `state.step` to `config.train.num_steps` (or an early stop), logging, validating and
+        checkpointing on the way; raises `preemption.Interrupted` after saving when SIGTERM came."""
+        run, session, num_steps = self.run, self.session, self.config.train.num_steps
         start = int(state.step)
-        writer = MetricWriter(workdir)
-        sigterm = preemption.SigtermFlag().install()
-        profiler = profiling.StepProfiler(config, workdir)
-
-        def consider(state, val):
-            """Records a validation for selection; saves the best checkpoint when it improves."""
-            step = int(state.step)
-            if selection.update(step, val) and step not in best.all_steps():
-                best.save(state, value=selection.best)  # a rerun after a kill finds it saved already
-            writer.write(step, {'best': selection.best}, f'val/{selection.metric}_')
-
-        try:
-            last_train: dict[str, float] = {}
-            first_step_seconds = None  # None: no step run (the run had finished)
-            last_saved = ckpt.latest_step()
-            pending = []
-            t_log, n_log = time.time(), 0
-            bar = tqdm.tqdm(
-                total=num_steps,
-                initial=start,
-                desc='train',
-                disable=not sys.stderr.isatty(),
-                dynamic_ncols=True,
-            )
+        step_rng = init_rngs(self.config)[1]
+        profiler = profiling.StepProfiler(self.config, session.workdir)
+        with console.progress(num_steps, initial=start, desc='train') as bar:
+            self.bar = bar
             try:
                 for step in range(start, num_steps):
-                    if selection is not None and selection.should_stop:
+                    if session.selection is not None and session.selection.should_stop:
                         break  # a resumed run that had stopped early
-                    batch = _checked_and_sharded(next(train_iter), objective, info, mesh)
+                    batch = _checked_and_sharded(next(session.train_iter), run.objective, run.info, run.mesh)
                     with profiler.annotate(step):
                         state, metrics = run.train_step(state, batch, step_rng)
                     profiler.after(step, metrics)
                     if step == start:  # compilation included (none when the compilation cache has it)
                         jax.block_until_ready(metrics)
-                        first_step_seconds = time.time() - t_start
-                        logging.info('First step done %.1f s after the start of the run.', first_step_seconds)
-                    pending.append(metrics)
-                    n_log += config.train.batch_size
-                    bar.update(1)
-                    done = step + 1
-                    log_now = done % config.train.log_every_steps == 0 or done == num_steps
-                    save_now = done % config.train.checkpoint_every_steps == 0 or done == num_steps
-                    if log_now or save_now:
-                        rows = jax.device_get(pending)
-                        pending = []
-                        for i, row in enumerate(rows):
-                            if not math.isfinite(float(row['loss'])):
-                                raise NonFiniteLossError(
-                                    f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. '
-                                    f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is kept.'
-                                )
-                        last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
-                        if log_now:
-                            elapsed = time.time() - t_log
-                            last_train['examples_per_second'] = n_log / elapsed
-                            last_train['step_seconds'] = elapsed * config.train.batch_size / n_log
-                            last_train.update(profiling.device_memory())
-                            t_log, n_log = time.time(), 0
-                            writer.write(done, last_train, 'train/')
-                            shown = {k: last_train[k] for k in ('loss', 'accuracy') if k in last_train}
-                            bar.set_postfix({k: f'{v:.4f}' for k, v in shown.items()})
-                            if bar.disable:
-                                logging.info(
-                                    'step %d/%d: %s, %.0f examples/s',
-                                    done,
-                                    num_steps,
-                                    ', '.join(f'{k} {v:.4f}' for k, v in shown.items()),
-                                    last_train['examples_per_second'],
-                                )
-                    every = config.train.eval_every_steps
-                    if every and done % every == 0 and done != num_steps:
-                        # Before the checkpoint, which then holds the selection state after this validation.
-                        val = evaluate_split(state, 'validation')
-                        writer.write(done, val, 'val/')
-                        logging.info('step %d: validation %s', done, val)
-                        if selection is not None:
-                            consider(state, val)
-                            if selection.should_stop:
-                                logging.info(
-                                    'Stopping early at step %d: %d validations without a better %s than %s '
-                                    '(step %d).',
-                                    done,
-                                    selection.since_best,
-                                    config.train.select,
-                                    selection.best,
-                                    selection.best_step,
-                                )
-                                save_now = True
-                    # Every step on one process; at log and save steps on several, which must agree.
-                    stop = (jax.process_count() == 1 or log_now or save_now) and sigterm.any_process()
-                    if save_now or stop:
-                        extra = None if selection is None else selection.state()
-                        ckpt.save(state, train_iter, selection=extra)
-                        last_saved = done
-                    if stop:
-                        raise preemption.Interrupted(
-                            f'SIGTERM at step {done} of {num_steps}; its checkpoint is in '
-                            f'{ckpt.directory}: the same command resumes there'
+                        self.first_step_seconds = time.time() - self.t_start
+                        logging.info(
+                            'First step done %.1f s after the start of the run.', self.first_step_seconds
                         )
+                    self.pending.append(metrics)
+                    self.n_log += self.config.train.batch_size
+                    bar.update(1)
+                    self._after_step(state, step + 1)
             finally:
                 # Also when a step fails (a non-finite loss): the checkpoint in flight is the last good one.
                 profiler.stop()
-                bar.close()
-                ckpt.wait()
+                session.ckpt.wait()
+        return state
 
-            results = {'step': int(state.step), 'train': last_train}
-            results.update(evaluate_all(state))
-            for key, values in results.items():
-                if key.startswith(('val', 'test')):
-                    writer.write(int(state.step), values, f'{key}/')
-            if selection is not None:
-                if int(state.step) != selection.last_step:  # the last step's validation is a candidate too
-                    consider(state, results['val'])
-                best.wait()
-                chosen = best.restore(state, step=selection.best_step)
-                results['selected'] = {
-                    'metric': config.train.select,
-                    'mode': selection.mode,
-                    'step': selection.best_step,
-                    'stopped_early': selection.should_stop,
-                    **evaluate_all(chosen),
-                }
-            results['wall_seconds'] = time.time() - t_start
-            results['first_step_seconds'] = first_step_seconds
-        finally:  # the writer's files and the checkpoint managers are closed however the run ends
-            sigterm.restore()
-            writer.close()
-            ckpt.close()
-            if best is not None:
-                best.close()
-    if jax.process_index() == 0:
-        (workdir / 'results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
-    logging.info('Results: %s', json.dumps(results))
+    def _after_step(self, state: TrainState, done: int) -> None:
+        """Logs, validates, saves and stops on SIGTERM as the step `done` asks."""
+        train = self.config.train
+        log_now = done % train.log_every_steps == 0 or done == train.num_steps
+        save_now = done % train.checkpoint_every_steps == 0 or done == train.num_steps
+        if log_now or save_now:
+            self._flush(done, log_now)
+        if train.eval_every_steps and done % train.eval_every_steps == 0 and done != train.num_steps:
+            # Before the checkpoint, which then holds the selection state after this validation.
+            save_now |= self._validate(state, done)
+        # Every step on one process; at log and save steps on several, which must agree.
+        stop = (jax.process_count() == 1 or log_now or save_now) and self.session.sigterm.any_process()
+        if save_now or stop:
+            selection = self.session.selection
+            self.session.ckpt.save(
+                state, self.session.train_iter, selection=None if selection is None else selection.state()
+            )
+            self.last_saved = done
+        if stop:
+            raise preemption.Interrupted(
+                f'SIGTERM at step {done} of {train.num_steps}; its checkpoint is in '
+                f'{self.session.ckpt.directory}: the same command resumes there'
+            )
+
+    def _flush(self, done: int, log_now: bool) -> None:
+        """Fetches the pending step metrics, stops on a non-finite loss, and at log steps writes their mean."""
+        rows = jax.device_get(self.pending)
+        self.pending = []
+        for i, row in enumerate(rows):
+            if not math.isfinite(float(row['loss'])):
+                raise NonFiniteLossError(
+                    f'loss is {float(row["loss"])} at step {done - len(rows) + i + 1}; stopping. '
+                    f'The last good checkpoint (step {self.last_saved}) in {self.session.ckpt.directory} is kept.'
+                )
+        self.last_train = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+        if not log_now:
+            return
+        elapsed = time.time() - self.t_log
+        train = self.last_train
+        train['examples_per_second'] = self.n_log / elapsed
+        train['step_seconds'] = elapsed * self.config.train.batch_size / self.n_log
+        train.update(profiling.device_memory())
+        self.t_log, self.n_log = time.time(), 0
+        self.session.writer.write(done, train, 'train/')
+        shown = ', '.join(f'{k} {train[k]:.4f}' for k in ('loss', 'accuracy') if k in train)
+        speed = f'{train["examples_per_second"]:,.0f} examples/s'
+        self.bar.set_postfix_str(f'{shown}, {speed}')
+        if self.bar.disable:  # no terminal: a plain line instead of the bar
+            logging.info('step %d/%d: %s, %s', done, self.config.train.num_steps, shown, speed)
+
+    def _validate(self, state: TrainState, done: int) -> bool:
+        """Validation during training (and selection); whether the run stops early here."""
+        val = _evaluate_split(self.run, state, 'validation')
+        self.session.writer.write(done, val, 'val/')
+        logging.info('step %d: validation %s', done, console.format_metrics(val))
+        selection = self.session.selection
+        if selection is None:
+            return False
+        self.session.consider(state, val)
+        if selection.should_stop:
+            logging.info(
+                'Stopping early at step %d: %d validations without a better %s than %s (step %d).',
+                done,
+                selection.since_best,
+                self.config.train.select,
+                selection.best,
+                selection.best_step,
+            )
+        return selection.should_stop
+
+
+def _evaluate_split(run: Run, state: TrainState, split: str, absent: Sequence[str] = ()) -> dict[str, float]:
+    batches = input_pipeline.eval_batches(run.config, split)
+    return evaluate(state, batches, run.objective, run.info, run.mesh, absent=absent)
+
+
+def _evaluate_all(run: Run, state: TrainState) -> dict[str, dict[str, float]]:
+    """val, test, and each without a modality of `config.eval.without`."""
+    out = {}
+    for key, split in (('val', 'validation'), ('test', 'test')):
+        out[key] = _evaluate_split(run, state, split)
+        for m in run.config.eval.get('without', ()):
+            out[f'{key}_without_{m}'] = _evaluate_split(run, state, split, absent=(m,))
+    return out
+
+
+def _final_results(run: Run, session: _Session, state: TrainState, loop: _Loop) -> dict[str, Any]:
+    """The contents of results.json: the last training metrics, the evaluations of the last step and, when
+    the run selects a checkpoint, of the selected one."""
+    logging.info('Evaluating step %d on the validation and test splits.', int(state.step))
+    results = {'step': int(state.step), 'train': loop.last_train}
+    results.update(_evaluate_all(run, state))
+    for key, values in results.items():
+        if key.startswith(('val', 'test')):
+            session.writer.write(int(state.step), values, f'{key}/')
+    selection = session.selection
+    if selection is not None:
+        if int(state.step) != selection.last_step:  # the last step's validation is a candidate too
+            session.consider(state, results['val'])
+        session.best.wait()
+        chosen = session.best.restore(state, step=selection.best_step)
+        results['selected'] = {
+            'metric': run.config.train.select,
+            'mode': selection.mode,
+            'step': selection.best_step,
+            'stopped_early': selection.should_stop,
+            **_evaluate_all(run, chosen),
+        }
+    results['wall_seconds'] = time.time() - loop.t_start
+    results['first_step_seconds'] = loop.first_step_seconds
     return results
