@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from absl.testing import absltest
 
@@ -125,3 +126,28 @@ def test_of_many_runs_taking_over_one_stale_claim_one_wins(tmp_path, monkeypatch
     assert (tmp_path / 'claim.json').read_text() == winners[0]._text
     winners[0].release()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_in_a_multi_process_run_process_0_claims_for_all(tmp_path, monkeypatch, index):
+    """Process 0 claims and tells the others (here: a stand-in for the broadcast) whether it could."""
+    told = []
+
+    def broadcast(ok):  # process 0's value reaches every process
+        told.append(int(ok))
+        return ok if index == 0 else np.int32(told_by_0[0])
+
+    monkeypatch.setattr(workdir_lib.jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(workdir_lib.jax, 'process_index', lambda: index)
+    monkeypatch.setattr(workdir_lib.multihost_utils, 'broadcast_one_to_all', broadcast)
+    told_by_0 = [1]
+    with workdir_lib.claimed(tmp_path):
+        assert (tmp_path / 'claim.json').exists() == (index == 0)  # one claim, process 0's
+    assert not (tmp_path / 'claim.json').exists()
+    # The workdir is held by another run: every process stops.
+    told_by_0 = [0]
+    with workdir_lib.Claim(tmp_path), pytest.raises(workdir_lib.WorkdirInUseError) as e:
+        with workdir_lib.claimed(tmp_path):
+            pytest.fail('ran on a held workdir')
+    expected = 'is in use by another run: process' if index == 0 else 'process 0 could not claim it'
+    assert expected in str(e.value)

@@ -243,7 +243,8 @@ def claimed(workdir: epath.PathLike) -> Iterator[None]:
 
     Raises:
       WorkdirInUseError: another run holds the workdir (in every process; process 0's message names the
-        holder).
+        holder). Process 0 raises whatever else stopped its claim (an unwritable workdir); the others then
+        raise WorkdirInUseError.
     """
     if jax.process_count() == 1:
         with Claim(workdir):
@@ -253,12 +254,12 @@ def claimed(workdir: epath.PathLike) -> Iterator[None]:
     if jax.process_index() == 0:
         try:
             claim = Claim(workdir).acquire()
-        except WorkdirInUseError as e:
+        except Exception as e:  # noqa: BLE001 - any failure (an unwritable workdir too) must reach every process
             error = e
     ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
     if not ok:
         raise error or WorkdirInUseError(
-            f'workdir {workdir} is in use by another run (process 0 found its claim)'
+            f'workdir {workdir}: process 0 could not claim it (its log says why)'
         )
     try:
         yield
