@@ -1,7 +1,8 @@
 """Evaluation metrics on whole evaluation sets, in NumPy on the host (after jitted prediction).
 
 Each takes an optional ``where`` (N,) bool mask that drops examples (padding). The classification metrics
-agree with scikit-learn: ``accuracy_score``, ``f1_score(..., zero_division=0)`` and ``roc_auc_score``;
+agree with scikit-learn: ``accuracy_score``, ``f1_score(..., zero_division=0)`` and ``roc_auc_score``; the
+regression ones with ``mean_squared_error``, ``mean_absolute_error`` and scipy's ``pearsonr``;
 ``embedding_spread`` measures how far a set of embeddings is from collapsing to one direction.
 """
 
@@ -133,3 +134,77 @@ def embedding_spread(embeddings: ArrayLike, where: ArrayLike | None = None) -> f
     (x,) = _apply_where(where, x)
     x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     return float(x.std(axis=0).mean())
+
+
+# ----------------------------------------------------------------------------------------------- regression
+
+
+def _targets(predictions: ArrayLike, targets: ArrayLike, where: ArrayLike | None) -> tuple[np.ndarray, ...]:
+    """(N, K) float64 predictions and targets ((N,) taken as K = 1), the rows of `where` kept."""
+    pred, true = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
+    if pred.ndim == 1:
+        pred, true = pred[:, None], true.reshape(len(true), -1)
+    if pred.ndim != 2 or pred.shape != true.shape:
+        raise ValueError(
+            f'`predictions` and `targets` must both be (N, K) (or (N,)), got {pred.shape} and {true.shape}.'
+        )
+    pred, true = _apply_where(where, pred, true)
+    if not len(true):
+        raise ValueError('regression metrics of no examples: `targets` is empty or `where` selects nothing.')
+    return pred, true
+
+
+def mean_squared_error(predictions: ArrayLike, targets: ArrayLike, where: ArrayLike | None = None) -> float:
+    """Mean over examples and targets of (prediction - target)², as sklearn's ``mean_squared_error``.
+
+    Args:
+      predictions: (N, K) or (N,) predicted values.
+      targets: the same shape, the true values.
+      where: optional (N,) bool mask of the examples to count.
+
+    >>> mean_squared_error(np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0]))
+    1.6666666666666667
+    """
+    pred, true = _targets(predictions, targets, where)
+    return float(np.mean((pred - true) ** 2))
+
+
+def mean_absolute_error(predictions: ArrayLike, targets: ArrayLike, where: ArrayLike | None = None) -> float:
+    """Mean over examples and targets of |prediction - target|, as sklearn's ``mean_absolute_error``.
+
+    >>> mean_absolute_error(np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0]))
+    1.0
+    """
+    pred, true = _targets(predictions, targets, where)
+    return float(np.mean(np.abs(pred - true)))
+
+
+def pearson_r(predictions: ArrayLike, targets: ArrayLike, where: ArrayLike | None = None) -> float:
+    """Pearson's correlation of predictions and targets, per target, averaged over the K targets
+    (``scipy.stats.pearsonr`` of each column); a constant column correlates 0.
+
+    >>> round(pearson_r(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 7.0])), 6)
+    0.993399
+    """
+    pred, true = _targets(predictions, targets, where)
+    dp, dt = pred - pred.mean(0), true - true.mean(0)
+    denom = np.sqrt((dp**2).sum(0) * (dt**2).sum(0))
+    r = np.where(denom > 0, (dp * dt).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
+    return float(r.mean())
+
+
+def sign_accuracy(predictions: ArrayLike, targets: ArrayLike, where: ArrayLike | None = None) -> float:
+    """For one real-valued target, the accuracy of its sign: over the examples whose target is not 0, the
+    fraction whose prediction is > 0 exactly where the target is (MultiBench's binary accuracy of affect
+    scores, `eval_affect(..., exclude_zero=True)`).
+
+    >>> sign_accuracy(np.array([0.5, -1.0, 2.0, 0.3]), np.array([1.0, 2.0, 0.0, 0.7]))
+    0.6666666666666666
+    """
+    pred, true = _targets(predictions, targets, where)
+    if pred.shape[1] != 1:
+        raise ValueError(f'sign accuracy is of one target, got {pred.shape[1]}.')
+    nonzero = true[:, 0] != 0
+    if not nonzero.any():
+        raise ValueError('sign accuracy of no examples: every target is 0.')
+    return float(np.mean((pred[nonzero, 0] > 0) == (true[nonzero, 0] > 0)))

@@ -6,7 +6,10 @@ outputs (computed in the jitted eval step) and the metrics of a whole split from
 `losses`, the metrics of a split from `metrics`.
 
 Supervised: L = L_task(H(z), y) + sum_m w_m L_ref(R_m(z), t_m) + gamma L_MS(z, y); evaluated by the task
-loss, accuracy (and AUROC with two classes) or the multi-label F1 scores.
+loss, accuracy (and AUROC with two classes) or the multi-label F1 scores. With `config.data.task =
+'regression'` the head's K outputs are real values and L_task is their squared error (or absolute error,
+`config.loss.task = 'l1'`), evaluated by MSE, MAE and Pearson's r (and the sign accuracy of one target,
+`config.eval.sign_accuracy`); the MS loss, which needs classes, is refused (`check_config`).
 Pretraining: sum_m w_m L_ref(R_m(z), t_m), labels never read; evaluated by the refiner losses and the spread
 of the fused embeddings. Every term is averaged over the real examples of the batch (`batch['mask']`).
 
@@ -30,6 +33,9 @@ import numpy as np
 from refnet_jax import losses
 from refnet_jax.models import refiner
 from refnet_jax.train import metrics
+
+TASK_LOSSES = ('auto', 'mse', 'l1')
+"""`config.loss.task`: 'auto' (cross-entropy for classes, 'mse' for regression), or a regression loss."""
 
 TermValue = jax.Array | dict[str, jax.Array]
 """A term's value on a batch: a scalar, or {m: scalar} for a term per modality."""
@@ -57,6 +63,46 @@ class Term:
     def metric(self, modality: str | None = None) -> str:
         """The logged name of the term, or of its part for `modality`."""
         return f'{self.name}_loss' if modality is None else f'{self.name}_loss/{modality}'
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses, naming the field, a supervised config whose task and losses do not go together (before any
+    work: the trainer calls it before it reads the data): the MS loss or sign accuracy without classes to
+    use, a regression loss for classes."""
+    task = config.data.get('task', 'classification')
+    loss = config.loss.get('task', 'auto')
+    if loss not in TASK_LOSSES:
+        raise ValueError(f'config.loss.task is {loss!r}; expected one of {TASK_LOSSES}')
+    if task == 'regression':
+        if config.loss.ms_weight > 0:
+            raise ValueError(
+                f"config.loss.ms_weight is {config.loss.ms_weight} with config.data.task='regression'; the "
+                'Multi-Similarity loss needs classes: set config.loss.ms_weight=0 (or the variant=refiner config)'
+            )
+    else:
+        if loss != 'auto':
+            raise ValueError(
+                f'config.loss.task is {loss!r}, a regression loss, but config.data.task is {task!r}; expected '
+                "'auto' (cross-entropy) for classes"
+            )
+        if config.eval.get('sign_accuracy', False):
+            raise ValueError(
+                f"config.eval.sign_accuracy is True, which needs config.data.task='regression' (it is {task!r})"
+            )
+
+
+def regression_loss(
+    predictions: jax.Array, targets: jax.Array, kind: str, where: jax.Array | None
+) -> jax.Array:
+    """(B,) per-example squared (`kind` 'mse') or absolute ('l1') error of (B, K) predictions, averaged over
+    the K targets; 0 where `where` is False.
+
+    >>> regression_loss(jnp.array([[1.0], [3.0]]), jnp.array([[2.0], [0.0]]), 'mse', jnp.array([True, False]))
+    Array([1., 0.], dtype=float32)
+    """
+    error = predictions - jnp.asarray(targets, predictions.dtype)
+    values = jnp.mean(jnp.square(error) if kind == 'mse' else jnp.abs(error), -1)
+    return values if where is None else jnp.where(where, values, 0.0)
 
 
 def _where(mask: jax.Array | None, aux: Mapping[str, Any], m: str) -> jax.Array | None:
@@ -199,6 +245,8 @@ class Objective(abc.ABC):
 class Supervised(Objective):
     """The ReFNet supervised loss: task, refiner and Multi-Similarity terms.
 
+    Classification, or regression when `config.data.task` is 'regression' (see the module docstring).
+
     Attributes:
       multi_label: sigmoid task loss, multi-label MS positives and F1 scores; else softmax and accuracy.
     """
@@ -207,8 +255,20 @@ class Supervised(Objective):
     labeled: ClassVar[bool] = True
     eval_with_refiner: ClassVar[bool] = False  # evaluation scores the task head alone
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_config(self.config)
+
+    @property
+    def regression(self) -> bool:
+        """Whether the labels are real-valued targets (`config.data.task`)."""
+        return self.config.data.get('task', 'classification') == 'regression'
+
     def task_loss(self, logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """(B,) per-example task losses of (B, C) logits."""
+        """(B,) per-example task losses of (B, C) logits (regression: (B, K) predictions)."""
+        if self.regression:
+            kind = self.config.loss.get('task', 'auto')
+            return regression_loss(logits, labels, 'mse' if kind == 'auto' else kind, mask)
         if self.multi_label:
             return losses.sigmoid_cross_entropy(logits, labels, where=mask)
         return losses.softmax_cross_entropy(logits, labels, where=mask)
@@ -218,6 +278,9 @@ class Supervised(Objective):
         `batch['label']` is (B,) class ids, or (B, C) multi-hot when `multi_label`."""
         loss, metrics = super().loss(logits, aux, batch)
         labels, mask = batch['label'], batch.get('mask')
+        if self.regression:  # instead of accuracy, the mean absolute error
+            metrics['mae'] = losses.masked_mean(regression_loss(logits, labels, 'l1', mask), mask)
+            return loss, metrics
         if self.multi_label:
             correct = ((logits > 0) == (labels > 0)).all(-1)
         else:
@@ -231,14 +294,31 @@ class Supervised(Objective):
         return {'logits': logits, 'label': labels, 'loss': self.task_loss(logits, labels, batch.get('mask'))}
 
     def metric_names(self, num_classes):
+        if self.regression:
+            if self.config.eval.get('sign_accuracy', False) and num_classes != 1:
+                raise ValueError(
+                    f'config.eval.sign_accuracy is True, but the data have {num_classes} regression targets; '
+                    'it is the accuracy of the sign of one target'
+                )
+            return ('mae', 'mse', 'pearson_r', 'loss') + (
+                ('sign_accuracy',) if self.config.eval.get('sign_accuracy', False) else ()
+            )
         if self.multi_label:
             return ('micro_f1', 'macro_f1', 'weighted_f1', 'samples_f1', 'loss')
         return ('accuracy', 'loss') + (('auroc',) if num_classes == 2 else ())
 
     def split_metrics(self, outputs):
-        """num_examples and the mean task loss; accuracy (and auroc with two classes), or the *_f1 scores."""
+        """num_examples and the mean task loss; accuracy (and auroc with two classes), the *_f1 scores, or
+        (regression) mae, mse, pearson_r and sign_accuracy."""
         logits, labels = np.asarray(outputs['logits'], np.float64), np.asarray(outputs['label'])
         out = {'num_examples': len(labels), 'loss': np.mean(outputs['loss'], dtype=np.float64)}
+        if self.regression:
+            out['mae'] = metrics.mean_absolute_error(logits, labels)
+            out['mse'] = metrics.mean_squared_error(logits, labels)
+            out['pearson_r'] = metrics.pearson_r(logits, labels)
+            if self.config.eval.get('sign_accuracy', False):
+                out['sign_accuracy'] = metrics.sign_accuracy(logits, labels)
+            return {k: float(v) for k, v in out.items()}
         if self.multi_label:
             f1 = metrics.multilabel_f1(logits, labels, threshold=0.0)  # sigmoid(logit) > 0.5
             out.update({f'{k}_f1': v for k, v in f1.items()})

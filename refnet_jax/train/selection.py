@@ -1,10 +1,10 @@
 """Choosing a checkpoint by a validation metric, and stopping when it no longer improves.
 
 `config.train.select = 'val/accuracy'` (any metric of the validation split, `config.train.select_mode` 'max'
-or 'min'; 'auto' is 'min' for a loss and 'max' otherwise) keeps, besides the latest checkpoints, the one with
-the best value in `<workdir>/best` (an orbax manager with `best_fn`, one checkpoint kept), and the run reports
-its test metrics at that checkpoint as well as at the last step. `config.train.early_stop = N` stops training
-after N validations in a row without improvement.
+or 'min'; 'auto' is 'min' for a loss and the regression errors `mae` and `mse`, and 'max' otherwise) keeps,
+besides the latest checkpoints, the one with the best value in `<workdir>/best` (an orbax manager with
+`best_fn`, one checkpoint kept), and the run reports its test metrics at that checkpoint as well as at the last
+step. `config.train.early_stop = N` stops training after N validations in a row without improvement.
 
 `Selection` is the bookkeeping, a small JSON-able state saved with every latest checkpoint, so that a run
 killed and restarted selects and stops exactly as an uninterrupted one would.
@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 MODES = ('auto', 'max', 'min')
+LOWER_IS_BETTER = ('mae', 'mse')  # besides losses: what 'auto' selects by its minimum
 
 
 def check_config(config: ml_collections.ConfigDict, metric_names: tuple[str, ...]) -> None:
@@ -82,7 +83,7 @@ class Selection:
         metric = select.partition('/')[2]
         mode = config.train.get('select_mode', 'auto')
         if mode == 'auto':
-            mode = 'min' if 'loss' in metric else 'max'
+            mode = 'min' if 'loss' in metric or metric in LOWER_IS_BETTER else 'max'
         return cls(metric, mode, int(config.train.get('early_stop', 0)))
 
     def update(self, step: int, metrics: Mapping[str, float]) -> bool:

@@ -104,6 +104,8 @@ def build(
       seed: overrides the initialization seed (default: `config.seed`, as a training run).
     """
     config_lib.check_ranges(config)
+    if not pretraining:
+        objective_lib.check_config(config)  # the task and its losses agree, before the data are read
     mesh = sharding.make_mesh(config, devices=devices)
     sharding.check_batch_divisibility(config, mesh)  # before the data is read (and maybe prepared)
     info = input_pipeline.get_dataset_info(config.data) if info is None else info
