@@ -90,9 +90,10 @@ def test_finetuning_starts_from_the_pretrained_encoders_fusion_refiner_and_stand
 ):
     config = tiny_config(easy_vqa_dir)
     config.model.refiner.target = 'input'
+    config.init_from = str(pretrained)
     _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
     with jax.set_mesh(mesh):
-        new = checkpointing.init_from_pretrained(state, str(pretrained), tx)
+        new = pretrained_lib.init_modules(state, config, tx)
     source = checkpointing.Checkpointer(pretrained / 'checkpoints').restore_params()
     assert set(source) == {'encoders', 'fusion', 'refiner', 'missing', 'head'}
     assert set(source['encoders']) == set(source['refiner']) == {'image', 'question'}
@@ -115,15 +116,19 @@ def test_finetuning_starts_from_the_pretrained_encoders_fusion_refiner_and_stand
 @pytest.mark.slow
 def test_finetuning_from_a_run_that_does_not_fit_names_the_parameter(pretrained, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)  # refiner target 'embedding': decoders of another width
+    config.init_from = str(pretrained)
     _, mesh, tx, _, state = fresh_state(config, devices=jax.devices()[:1], seed=7)
     with (
         jax.set_mesh(mesh),
         pytest.raises(
-            checkpointing.ShapeMismatchError,
-            match=r'refiner/image/Dense_1/kernel: checkpoint \(16, 12288\), config \(16, 16\)',
+            ValueError,
+            match=(
+                r'config.init_from is .*\n(.*\n)*'
+                r'  refiner/image/Dense_1/kernel: source \(16, 12288\), module \(16, 16\)'
+            ),
         ),
     ):
-        checkpointing.init_from_pretrained(state, str(pretrained), tx)
+        pretrained_lib.init_modules(state, config, tx)
 
 
 @pytest.mark.slow

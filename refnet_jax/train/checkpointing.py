@@ -15,7 +15,6 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -253,30 +252,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def init_from_pretrained(state: Any, workdir: str, tx: optax.GradientTransformation) -> Any:
-    """`state` with every parameter of the pre-training run in `workdir` except the task head.
-
-    The head and the optimizer state start fresh. A parameter whose shape differs is an error naming its
-    path and both shapes; parameters the pre-training run lacks (the head) keep their initialization.
-    """
-    if not (epath.Path(workdir) / 'checkpoints').is_dir():  # before the manager, which would create it
-        raise ValueError(
-            f'config.init_from is {workdir!r}, which is not the workdir of a run (no checkpoints/ in it)'
-        )
-    pretrained = Checkpointer(epath.Path(workdir) / 'checkpoints')
-    step = pretrained.latest_step()
-    if step is None:
-        raise ValueError(f'config.init_from is {workdir!r}, which holds no checkpoint')
-    source = {k: v for k, v in pretrained.restore_params(step).items() if k != 'head'}
-    target = {k: v for k, v in state.params.items() if k in source}
-    check_shapes(source, target, f'the pre-training checkpoint at step {step} in {workdir}')
-    params = dict(state.params)
-    for k, v in source.items():
-        params[k] = jax.tree.map(
-            lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), v, target[k]
-        )
-    logging.info('Initialized %s from step %d of %s; the head is new.', sorted(source), step, workdir)
-    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state))(params)
-    return state.replace(params=params, opt_state=opt_state)

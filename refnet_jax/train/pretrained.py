@@ -47,6 +47,11 @@ def module_sources(config: ml_collections.ConfigDict, params: Any = None) -> dic
     """
     out = {}
     if config.get('init_from'):
+        if not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
+            raise ValueError(
+                f'config.init_from is {config.init_from!r}, which is not the workdir of a run (no checkpoints/ in '
+                'it); a single module starts from a .npz or an orbax checkpoint with its own init_from'
+            )
         tops = ('encoders', 'fusion', 'refiner', 'missing') if params is None else tuple(params)
         out.update({(k,): config.init_from for k in tops if k != 'head'})
     for m, entry in config.model.encoders.items():

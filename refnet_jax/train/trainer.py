@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains ReFNet as `config` says, resuming from `workdir` if it holds a checkpoint.
 
     With `config.init_from` set to a pre-training workdir, a fresh run starts from that run's encoders,
-    fusion and refiner (see `checkpointing.init_from_pretrained`).
+    fusion, refiner and stand-ins, the head left new (see `pretrained.init_modules`).
 
     Returns:
       The contents of `workdir/results.json`: the final step, the last training metrics, validation and
@@ -368,9 +368,7 @@ def _restore_or_init(run: Run, workdir: epath.Path) -> tuple[TrainState, _Sessio
             saved = ckpt.restore_selection()
             if saved is not None:
                 selection.restore(saved)
-        if ckpt.latest_step() is None and config.get('init_from'):
-            state = checkpointing.init_from_pretrained(state, config.init_from, run.tx)
-        if ckpt.latest_step() is None:  # modules with their own init_from (pretrained towers)
+        if ckpt.latest_step() is None:  # a fresh run: config.init_from and the modules' own init_from
             state = pretrained.init_modules(state, config, run.tx)
         state = ckpt.restore_or_init(state, train_iter)
     except BaseException:
