@@ -15,9 +15,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from refnet_jax import cli, config_lib, console
+from refnet_jax import cli, console
 from refnet_jax.export import features
-from refnet_jax.train import checkpointing, pretrained, trainer
+from refnet_jax.train import inference, pretrained, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -36,13 +36,8 @@ def main(argv):
     if (FLAGS.config is None) == (FLAGS.workdir is None):
         raise app.UsageError('give one of --config and --workdir')
     if FLAGS.workdir:
-        config = config_lib.load_workdir_config(FLAGS.workdir)
-        with config.unlocked():
-            config.mesh.data = 1
-        run = trainer.build(config, init=False)
-        ckpt = checkpointing.Checkpointer(f'{FLAGS.workdir}/checkpoints')
-        params = ckpt.restore_params()
-        ckpt.close()
+        loaded = inference.load_run(FLAGS.workdir)
+        config, run, params = loaded.config, loaded.run, loaded.params
     else:
         config = FLAGS.config
         run = trainer.build(config)
