@@ -14,7 +14,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import doc_blocks, stored_records
+from helpers import doc_blocks, run_readme_bash, stored_records
 from PIL import Image
 
 from configs import custom as custom_config
@@ -567,3 +567,31 @@ def test_train_and_evaluate_on_own_data(arrays_dir, tmp_path):
     assert np.isfinite(results['train']['loss'])
     assert {'refiner_loss/image', 'refiner_loss/tokens'} <= set(results['train'])
     assert json.loads((tmp_path / 'run' / 'results.json').read_text())['step'] == config.train.num_steps
+
+
+# --- The own-data page's examples: image + text, text + text + numbers, regression; each run as written ---
+
+DOC_EXAMPLES = {  # marker -> (workdir, the test metric and the least it reaches, or the most for an error)
+    'own-data-image-text': ('runs/my_catalogue', 'accuracy', 0.95, None),
+    'own-data-text-numbers': ('runs/my_reviews', 'accuracy', 0.9, None),
+    'own-data-regression': ('runs/my_scores', 'mae', None, 0.2),
+}
+
+
+@pytest.mark.slow(seconds=90)
+@pytest.mark.parametrize('marker', sorted(DOC_EXAMPLES))
+def test_own_data_page_examples_run_as_written(marker, tmp_path):
+    blocks = doc_blocks('how-to/own-data.md', marker)
+    assert [lang for lang, _ in blocks] == ['python', 'bash']
+    proc = subprocess.run(
+        [sys.executable, '-c', blocks[0][1]], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_readme_bash(blocks[1][1], tmp_path, tfds_dir=tmp_path / 'tensorflow_datasets', timeout=600)
+    workdir, metric, least, most = DOC_EXAMPLES[marker]
+    results = json.loads((tmp_path / workdir / 'results.json').read_text())
+    value = results['test'][metric]
+    assert (least is None or value >= least) and (most is None or value <= most), results['test']
+    if marker == 'own-data-regression':  # selected by the lowest validation MAE
+        assert results['selected']['metric'] == 'val/mae' and results['selected']['mode'] == 'min'
+        assert results['test']['pearson_r'] > 0.95

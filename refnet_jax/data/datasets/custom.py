@@ -76,9 +76,11 @@ builder and `DATASET`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 import multiprocessing
 import os
 import re
@@ -143,7 +145,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         """TFDS's preparation; the pool of `IMAGE_WORKERS` processes, started when a split has many images, is
         closed after."""
         try:
-            super().download_and_prepare(*args, **kwargs)
+            with _quiet_tfds():
+                super().download_and_prepare(*args, **kwargs)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
@@ -303,6 +306,22 @@ def fingerprint(spec: Spec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Drops TFDS's warnings about what this module does on purpose: a config per version of the data
+    (`Using custom data configuration`), a directory not prepared yet (`Variant folder ... has no ...`)."""
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(('Using custom data configuration', 'Variant folder'))
+
+    logger = std_logging.getLogger('absl')
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 class Custom(input_pipeline.PerRecordDataset):
     """The user's data for the input pipeline: one example per row."""
 
@@ -315,7 +334,8 @@ class Custom(input_pipeline.PerRecordDataset):
         config = tfds.core.BuilderConfig(
             name=f'{slug}_{fingerprint(spec)}', description=f'{spec.root} as config.data describes it'
         )
-        return Builder(spec=spec, config=config, data_dir=data_dir, file_format=file_format)
+        with _quiet_tfds():
+            return Builder(spec=spec, config=config, data_dir=data_dir, file_format=file_format)
 
     def dataset_info(self, builder: tfds.core.DatasetBuilder) -> contract.DatasetInfo:
         metadata = builder.info.metadata
