@@ -13,7 +13,7 @@ from helpers import stored_records
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from refnet_jax import config_lib
-from refnet_jax.data import contract, input_pipeline, tokenizers
+from refnet_jax.data import contract, corruption, input_pipeline, tokenizers
 from refnet_jax.data.datasets import custom
 from refnet_jax.train import trainer
 
@@ -257,3 +257,11 @@ def test_two_text_columns_train_and_evaluate_with_no_code(table, tmp_path, fusio
     if fusion == 'concat':  # the words tell the label apart
         assert results['test']['accuracy'] == 1.0, results
     assert json.loads((tmp_path / 'run' / 'results.json').read_text())['step'] == config.train.num_steps
+
+
+def test_masking_text_for_robustness_pads_with_its_padding_id():
+    info = contract.ModalityInfo(kind='text', shape=(4,), dtype=np.int32, vocab_size=10, pad_id=3)
+    batch = {'t': np.array([[5, 6, 7, 8]], np.int32), 'label': np.zeros(1, np.int32)}
+    out = corruption.corrupt(batch, 't', info, 'mask', 1.0, np.random.default_rng(0))
+    assert out['t'].tolist() == [[3, 3, 3, 3]]
+    assert not corruption.applies('noise', info) and corruption.applies('mask', info)

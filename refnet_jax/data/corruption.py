@@ -4,7 +4,7 @@ Three kinds, each applied to one modality of a host batch:
 - `noise`: Gaussian noise of standard deviation `level` x the modality's own standard deviation (over the
   split), added to its values; pixels stay in [0, 255]. Not defined for token ids.
 - `mask`: a random share `level` of the modality's positions zeroed: pixels (all channels of one position),
-  time steps, features, or tokens (set to padding, id 0).
+  time steps, features, or tokens (set to padding: `ModalityInfo.pad_id`, 0 for `tokens`).
 - `absent`: the modality marked absent in every example (`contract.present_key`); its values are not read.
 
 Draws come from a NumPy generator that the caller seeds per batch, so an evaluation is reproducible.
@@ -27,8 +27,8 @@ def levels(kind: str) -> tuple[float, ...]:
 
 
 def applies(kind: str, info: contract.ModalityInfo) -> bool:
-    """Whether `kind` is defined for a modality (Gaussian noise is not, on token ids)."""
-    return not (kind == 'noise' and info.kind == 'tokens')
+    """Whether `kind` is defined for a modality (Gaussian noise is not, on token ids: tokens, text)."""
+    return not (kind == 'noise' and contract.KINDS[info.kind].needs_vocab)
 
 
 def modality_std(batches: Iterable[Mapping[str, np.ndarray]], modality: str) -> float:
@@ -88,5 +88,6 @@ def corrupt(
     positions = x.shape[:3] if info.kind == 'image' else x.shape[:2]
     keep = rng.random(positions) >= level
     keep = keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim))
-    out[modality] = np.where(keep, x, np.zeros((), x.dtype)).astype(x.dtype)
+    fill = info.pad_id if contract.KINDS[info.kind].needs_vocab else 0  # a masked token is padding
+    out[modality] = np.where(keep, x, np.asarray(fill, x.dtype)).astype(x.dtype)
     return out

@@ -253,6 +253,11 @@ class _Classes:
                     'expected a class id or a class name'
                 )
             text = str(text)
+            if tables.invalid_utf8(text) is not None:
+                raise ValueError(
+                    f'{chunk.where(i)}: column {self.spec.label!r} (the label) is not valid UTF-8; expected a class '
+                    'id or a class name'
+                )
             if text not in self.seen:
                 self.seen[text] = len(self.seen)
                 self.first[text] = chunk.where(i)
