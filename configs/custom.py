@@ -10,7 +10,10 @@ Expected on that example: test accuracy 1.0 (60 examples; measured for seeds 0, 
 alone reaches about 0.5 (`:only=signal`, `:only=profile`); under 30 s on 2 CPU cores.
 
 Your directory holds `train.npz` (optionally `validation.npz`, `test.npz`) with an array per modality and the
-labels, or a CSV table (`config.data.table`); what each field below does is in refnet_jax/data/datasets/custom.py.
+labels, or a table (`config.data.table`: CSV, JSON Lines, Parquet, or a directory of shards); text comes raw and
+is tokenized when the data are prepared; labels are classes or, with `config.data.task='regression'`, real
+values. What each field below does is in refnet_jax/data/datasets/custom.py; docs/how-to/own-data.md has an
+image + text, a text + text + numbers and a regression example.
 The first run prepares the data into `config.data.data_dir`; a later run with the same files and data fields
 reuses that copy, and editing either prepares a new one.
 
