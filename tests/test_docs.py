@@ -92,6 +92,9 @@ COVERED = {
     'own-modules': 'tests/test_user_modules.py',
     'own-data': 'tests/test_custom_data.py',
     'towers': 'tests/test_pretrained.py',
+    'own-data-image-text': 'tests/test_custom_data.py',
+    'own-data-text-numbers': 'tests/test_custom_data.py',
+    'own-data-regression': 'tests/test_custom_data.py',
 }
 # Pages whose Python blocks another test runs as written (it reads the page by name).
 COVERED_PAGES = {'docs/how-to/own-training-loop.md': 'tests/test_own_loop.py'}
