@@ -66,6 +66,7 @@ _API = {
     'pretrain': 'refnet_jax.train.trainer',
     'export_workdir': 'refnet_jax.export.serving',
     'load_export': 'refnet_jax.export.serving:load',
+    'load_tower': 'refnet_jax.models.towers',
 }
 
 __all__ = sorted(_API)

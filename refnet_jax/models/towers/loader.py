@@ -1,0 +1,295 @@
+"""`load_tower(source, part)`: a published tower as a Linen module, its parameters and its preprocessing.
+
+The architecture (sizes, activation, LayerNorm epsilon and placement, pooling) comes from the checkpoint, never
+from the caller. Every tensor the architecture needs is checked before anything runs: a missing one is named
+with the architecture, a shape that does not fit gives both shapes, and a tokenizer whose ids do not fit the
+embedding table is refused.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refnet_jax.models.towers import hf
+from refnet_jax.models.towers.module import Tower
+
+IMAGE_DEFAULTS = dict(
+    do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=0.5, image_std=0.5
+)
+
+
+@dataclasses.dataclass
+class LoadedTower:
+    """A tower ready to run: `tower(tower.preprocess(raw))` -> {'last_hidden_state', 'pooler_output'}.
+
+    Attributes:
+      module: the Linen `Tower`.
+      variables: {'params': ...}.
+      preprocess: raw inputs (uint8 images (B, H, W, 3) at the tower's size, or a list of strings) -> the
+        module's inputs, as the checkpoint's own image processor or tokenizer prepares them.
+      source: where it came from.
+      architecture: e.g. 'siglip/vision'.
+      config: the checkpoint's own config section of this tower (config.json's).
+      tokenizer: the text tokenizer (`TextPreprocessor`), None for an image tower.
+    """
+
+    module: Tower
+    variables: dict
+    preprocess: Callable[[Any], dict]
+    source: str
+    architecture: str
+    config: dict
+    tokenizer: Any = None
+
+    def __call__(self, inputs: dict) -> dict[str, jax.Array]:
+        """The module's outputs on `inputs` (what `preprocess` returns), jitted."""
+        return _apply(self.module, self.variables, inputs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: Tower, variables: dict, inputs: dict) -> dict[str, jax.Array]:
+    return module.apply(variables, **inputs)
+
+
+def load_tower(source: str, part: str | None = None, *, scan: bool = False) -> LoadedTower:
+    """The tower of `source`: 'hf:DIR', a Hugging Face model directory (`part` 'vision' or 'text' for a
+    two-tower SigLIP or CLIP checkpoint). `scan=True` builds it with its blocks under `nn.scan`.
+
+    Raises:
+      ValueError: one line naming what is wrong (see the module docstring).
+    """
+    if not source.startswith('hf:'):
+        raise ValueError(
+            f"load_tower: source is {source!r}; expected 'hf:DIR' (a Hugging Face model directory)"
+        )
+    path = source[len('hf:') :]
+    if not os.path.isdir(path):
+        raise ValueError(f'{source}: there is no directory {path!r}')
+    config, tensors = hf.read_dir(path, source)
+    family, part, section, prefix = hf.architecture(config, part, source)
+    fields = hf.tower_fields(family, part, section)
+    if family in ('vit', 'bert') and not any(k.startswith('embeddings.') for k in tensors):
+        if any(k.startswith(f'{family}.embeddings.') for k in tensors):
+            prefix = f'{family}.'  # saved from a task model (ViTForImageClassification, BertFor...)
+    if family in ('vit', 'bert') and f'{prefix}pooler.dense.weight' not in tensors:
+        fields['pooling'] = 'none'  # saved without its pooler, as transformers then returns no pooler_output
+    module = Tower(**fields, scan=scan)
+    table = hf.names(family, part, fields, set(tensors))
+    if fields['pooling'] == 'none':
+        table = {k: v for k, v in table.items() if not k.startswith('pooler/')}
+    params = convert(table, tensors, prefix, module, f'{source} ({family} {part})')
+    preprocess, tokenizer = _preprocessor(path, source, family, part, section, fields)
+    return LoadedTower(module, {'params': params}, preprocess, source, f'{family}/{part}', section, tokenizer)
+
+
+def _example(module: Tower) -> jax.Array:
+    if module.modality == 'image':
+        return jnp.zeros((1, module.image_size, module.image_size, module.num_channels), jnp.float32)
+    return jnp.zeros((1, min(module.max_positions, 8)), jnp.int32)
+
+
+def param_shapes(module: Tower) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined parameter name: shape} of `module`, unrolled (`block_{i}`) names."""
+    unrolled = module.clone(scan=False) if module.scan else module
+    shapes = jax.eval_shape(unrolled.init, jax.random.key(0), _example(unrolled))['params']
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {'/'.join(k.key for k in path): tuple(v.shape) for path, v in flat}
+
+
+def convert(table: hf.Table, tensors: dict, prefix: str, module: Tower, where: str) -> dict:
+    """The parameter tree of `module` from `tensors` by `table`, every name and shape checked."""
+    want = param_shapes(module)
+    flat, problems = {}, []
+    for name, shape in want.items():
+        tensor, to_flax = table[name]
+        if prefix + tensor not in tensors:
+            problems.append(f'tensor {prefix + tensor!r} is missing, which the architecture needs for {name}')
+            continue
+        value = np.asarray(to_flax(tensors[prefix + tensor]), np.float32)
+        if value.shape != shape:
+            problems.append(
+                f'tensor {prefix + tensor!r} has shape {tuple(tensors[prefix + tensor].shape)}, which gives '
+                f'{value.shape} for {name}; the config says {shape}'
+            )
+        flat[name] = value
+    if problems:
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        raise ValueError(f'{where}: {problems[0]}{more}')
+    if module.scan:
+        flat = stack_blocks(flat, module.depth)
+    return unflatten(flat)
+
+
+def stack_blocks(flat: dict[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
+    """`block_{i}/...` parameters stacked on a leading depth axis as `blocks/...` (the `nn.scan` layout)."""
+    out = {k: v for k, v in flat.items() if not k.startswith('block_')}
+    for name in [k[len('block_0/') :] for k in flat if k.startswith('block_0/')]:
+        out[f'blocks/{name}'] = np.stack([flat[f'block_{i}/{name}'] for i in range(depth)])
+    return out
+
+
+def unstack_blocks(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `stack_blocks`."""
+    out = {k: v for k, v in flat.items() if not k.startswith('blocks/')}
+    for k, v in flat.items():
+        if k.startswith('blocks/'):
+            for i in range(v.shape[0]):
+                out[f'block_{i}/{k[len("blocks/") :]}'] = v[i]
+    return out
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split('/')
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    return tree
+
+
+# ---- preprocessing ----
+
+
+def _json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _preprocessor(path, source, family, part, section, fields):
+    if part == 'vision':
+        return ImagePreprocessor.from_dir(path, fields['image_size'], fields['num_channels']), None
+    tokenizer = TextPreprocessor.from_dir(path, source, family, fields['max_positions'])
+    if tokenizer.vocab_size > fields['vocab_size']:
+        raise ValueError(
+            f"{source}: the tokenizer has {tokenizer.vocab_size} ids, more than the tower's embedding table "
+            f'({fields["vocab_size"]} rows)'
+        )
+    return tokenizer, tokenizer
+
+
+@dataclasses.dataclass
+class ImagePreprocessor:
+    """uint8 (B, H, W, C) -> {'x': float32 (B, H, W, C)}: rescaled and normalized as preprocessor_config.json
+    says (no resize: images must already be at the tower's size)."""
+
+    image_size: int
+    scale: float
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_dir(cls, path: str, image_size: int, channels: int) -> 'ImagePreprocessor':
+        c = {**IMAGE_DEFAULTS, **_json(os.path.join(path, 'preprocessor_config.json'))}
+        scale = c['rescale_factor'] if c['do_rescale'] else 1.0
+        mean = np.broadcast_to(np.asarray(c['image_mean'], np.float32), (channels,))
+        std = np.broadcast_to(np.asarray(c['image_std'], np.float32), (channels,))
+        if not c['do_normalize']:
+            mean, std = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+        return cls(image_size, scale, mean, std)
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        """Pixels -> the tower's input, traceable (used inside a model too)."""
+        x = x.astype(jnp.float32) * self.scale
+        return (x - self.mean) / self.std
+
+    def __call__(self, images: Any) -> dict:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f'images of shape {images.shape}; the tower takes (B, {self.image_size}, {self.image_size}, C)'
+            )
+        return {'x': np.asarray(self.normalize(images.astype(np.float32)), np.float32)}
+
+
+class TextPreprocessor:
+    """A list of strings -> {'x': ids (B, T), 'mask': (B, T)}, as the checkpoint's tokenizer prepares them.
+
+    BERT and CLIP: `tokenizer.json`, run by the `tokenizers` package (its normalization and special tokens,
+    truncated to `model_max_length` keeping them), padded to the longest text with tokenizer_config.json's
+    `pad_token`. SigLIP: its sentencepiece `spiece.model` with SiglipTokenizer's text canonicalization (lower
+    case, punctuation removed, whitespace collapsed) and an EOS, padded to `model_max_length`: its text tower
+    pools the last position, as it was trained.
+    """
+
+    def __init__(self, encode, pad_id: int, vocab_size: int, pad_to_max: bool, max_length: int):
+        self._encode, self.pad_id, self.vocab_size = encode, pad_id, vocab_size
+        self.pad_to_max, self.max_length = pad_to_max, max_length
+
+    @classmethod
+    def from_dir(cls, path: str, source: str, family: str, max_positions: int) -> 'TextPreprocessor':
+        config = _json(os.path.join(path, 'tokenizer_config.json'))
+        max_length = min(int(config.get('model_max_length', max_positions)), max_positions)
+        if family == 'siglip':
+            model = os.path.join(path, 'spiece.model')
+            if not os.path.isfile(model):
+                raise ValueError(f'{source}: a SigLIP text tower needs its tokenizer file spiece.model')
+            return cls._siglip(model, config, max_length)
+        file = os.path.join(path, 'tokenizer.json')
+        if not os.path.isfile(file):
+            raise ValueError(f'{source}: a {family} text tower needs its tokenizer file tokenizer.json')
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(file)
+        tok.no_padding()
+        tok.enable_truncation(max_length)
+        pad_token = _token(config.get('pad_token')) or ('[PAD]' if family == 'bert' else '<|endoftext|>')
+        pad = tok.token_to_id(pad_token)
+        if pad is None:
+            raise ValueError(f'{source}: the tokenizer has no pad_token {pad_token!r}')
+
+        def encode(texts):
+            return [e.ids for e in tok.encode_batch(list(texts))]
+
+        return cls(encode, pad, tok.get_vocab_size(with_added_tokens=True), False, max_length)
+
+    @classmethod
+    def _siglip(cls, model: str, config: dict, max_length: int) -> 'TextPreprocessor':
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=model)
+        eos = sp.piece_to_id(_token(config.get('eos_token')) or '</s>')
+        pad = sp.piece_to_id(_token(config.get('pad_token')) or '</s>')
+        lower = config.get('do_lower_case', True)
+
+        def encode(texts: Sequence[str]) -> list[list[int]]:
+            out = []
+            for text in texts:
+                text = text.lower() if lower else text
+                text = re.sub(r'\s+', ' ', text.translate(str.maketrans('', '', string.punctuation))).strip()
+                out.append(sp.encode(text)[: max_length - 1] + [eos])
+            return out
+
+        return cls(encode, pad, sp.get_piece_size(), True, max_length)
+
+    def __call__(self, texts: Sequence[str]) -> dict:
+        ids = self._encode(list(texts))
+        length = self.max_length if self.pad_to_max else max(len(i) for i in ids)
+        x = np.full((len(ids), length), self.pad_id, np.int32)
+        mask = np.zeros((len(ids), length), bool)
+        for row, i in enumerate(ids):
+            x[row, : len(i)], mask[row, : len(i)] = i, True
+        return {'x': x, 'mask': mask}
+
+
+def _token(value: Any) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken's {'content': ...}."""
+    return value.get('content') if isinstance(value, dict) else value
+
+
+def init_shapes(module: nn.Module) -> Any:
+    """The parameter shapes of `module` (for tests and the ReFNet encoder)."""
+    return jax.eval_shape(module.init, jax.random.key(0), _example(module))

@@ -1,0 +1,229 @@
+"""Published towers (`refnet_jax.load_tower`): Hugging Face ViT, BERT, SigLIP and CLIP give transformers' outputs.
+
+tests/fixtures/towers/ holds tiny random transformers models saved with `save_pretrained` and transformers'
+PyTorch outputs on fixed raw inputs (`tools/make_tower_fixtures.py` writes both); a slow test regenerates them
+where torch and transformers are installed (`pip install -e '.[towers-test]'`).
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import refnet_jax
+from refnet_jax.models.towers import Tower, hf
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'towers'
+TEXTS = ['A photo of a cat.', 'two dogs, playing in the snow!', 'hello']  # as tools/make_tower_fixtures.py
+TOWERS = [
+    ('vit', None),
+    ('bert', None),
+    ('siglip', 'vision'),
+    ('siglip', 'text'),
+    ('clip', 'vision'),
+    ('clip', 'text'),
+]
+
+
+def _part(name, part):
+    return part or ('vision' if name == 'vit' else 'text')
+
+
+def check_against(directory: pathlib.Path, expected, name: str, part: str | None) -> None:
+    """The tower `name` of `directory`, on the raw inputs of `expected`, gives its arrays to 1e-4."""
+    tower = refnet_jax.load_tower(f'hf:{directory / name}', part)
+    p = _part(name, part)
+    inputs = tower.preprocess(expected['images'] if p == 'vision' else TEXTS)
+    if p == 'text':  # the checkpoint's tokenizer's ids, padding as it pads
+        np.testing.assert_array_equal(inputs['x'], expected[f'{name}/{p}/input_ids'])
+    out = tower(inputs)
+    for key in ('last_hidden_state', 'pooler_output'):
+        want = expected[f'{name}/{p}/{key}']
+        assert out[key].shape == want.shape, key
+        np.testing.assert_allclose(np.asarray(out[key]), want, atol=1e-4, rtol=0, err_msg=f'{name} {p} {key}')
+
+
+@pytest.mark.parametrize('name,part', TOWERS)
+def test_tower_gives_the_outputs_of_transformers(name, part):
+    with np.load(FIXTURES / 'expected.npz') as expected:
+        check_against(FIXTURES, dict(expected), name, part)
+
+
+@pytest.mark.slow(seconds=40)
+def test_regenerated_fixtures_match(tmp_path):
+    """The fixtures made afresh by transformers (another seed's weights would do as well) give the same match."""
+    for module in ('torch', 'transformers'):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[towers-test]')")
+    script = pathlib.Path(__file__).parents[1] / 'tools' / 'make_tower_fixtures.py'
+    spec = importlib.util.spec_from_file_location('make_tower_fixtures', script)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    expected = make.make(str(tmp_path))
+    for name, part in TOWERS:
+        check_against(tmp_path, expected, name, part)
+
+
+def test_architecture_comes_from_the_checkpoint():
+    fields = {
+        k: (t.module.activation, t.module.eps, t.module.norm, t.module.pooling)
+        for k, t in ((n + str(p), refnet_jax.load_tower(f'hf:{FIXTURES / n}', p)) for n, p in TOWERS)
+    }
+    assert fields == {
+        'vitNone': ('gelu', 1e-12, 'pre', 'cls_dense_tanh'),
+        'bertNone': ('gelu', 1e-12, 'post', 'cls_dense_tanh'),
+        'siglipvision': ('gelu_tanh', 1e-6, 'pre', 'map'),
+        'sigliptext': ('gelu_tanh', 1e-6, 'pre', 'last'),
+        'clipvision': ('quick_gelu', 1e-5, 'pre', 'cls_norm'),
+        'cliptext': ('quick_gelu', 1e-5, 'pre', 'eos'),
+    }
+
+
+def test_bfloat16_shards_load(tmp_path):
+    """A checkpoint in bfloat16 split into shards with an index loads the same values (as float32)."""
+    shutil.copytree(FIXTURES / 'vit', tmp_path / 'vit')
+    tensors = safetensors.numpy.load_file(tmp_path / 'vit' / 'model.safetensors')
+    os.remove(tmp_path / 'vit' / 'model.safetensors')
+    names = sorted(tensors)
+    halves = {'model-00001-of-00002.safetensors': names[::2], 'model-00002-of-00002.safetensors': names[1::2]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        safetensors.numpy.save_file(
+            {k: tensors[k].astype(jnp.bfloat16) for k in keys}, tmp_path / 'vit' / shard
+        )
+        weight_map.update({k: shard for k in keys})
+    (tmp_path / 'vit' / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
+    full = refnet_jax.load_tower(f'hf:{FIXTURES / "vit"}')
+    shards = refnet_jax.load_tower(f'hf:{tmp_path / "vit"}')
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), full.variables)
+    jax.tree.map(np.testing.assert_array_equal, shards.variables, rounded)
+    assert jax.tree.leaves(shards.variables)[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    'name,part', [pytest.param('siglip', 'vision', marks=pytest.mark.slow(seconds=25)), ('bert', None)]
+)
+def test_scan_tower_equals_unrolled(name, part):
+    """`scan=True` stacks the blocks: the same outputs, and the same gradients (stacked), as the unrolled tower."""
+    unrolled = refnet_jax.load_tower(f'hf:{FIXTURES / name}', part)
+    scanned = refnet_jax.load_tower(f'hf:{FIXTURES / name}', part, scan=True)
+    assert scanned.variables['params']['blocks']['attn']['query']['kernel'].shape[0] == unrolled.module.depth
+    with np.load(FIXTURES / 'expected.npz') as expected:
+        inputs = unrolled.preprocess(expected['images'] if name != 'bert' else TEXTS)
+
+    def loss(module):
+        def f(params):
+            out = module.apply({'params': params}, **inputs)
+            return jnp.sum(out['last_hidden_state'] ** 2) + jnp.sum(jnp.sin(out['pooler_output']))
+
+        return f
+
+    a, ga = jax.jit(jax.value_and_grad(loss(unrolled.module)))(unrolled.variables['params'])
+    b, gb = jax.jit(jax.value_and_grad(loss(scanned.module)))(scanned.variables['params'])
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    from refnet_jax.models.towers import loader
+
+    flat_a = {'/'.join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(ga)[0]}
+    flat_b = {'/'.join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(gb)[0]}
+    flat_b = loader.unstack_blocks(flat_b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        scale = float(np.abs(flat_a[k]).max())  # float32 summation order differs between the two programs
+        np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=0, atol=1e-5 * max(scale, 1), err_msg=k)
+
+
+def test_tower_module_validates_its_fields():
+    with pytest.raises(ValueError, match='Tower.pooling is'):
+        Tower('image', 8, 1, 2, 16, pooling='avg', image_size=8, patch_size=4).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3))
+        )
+
+
+# ---- bad input: one plain line each ----
+
+
+def _copy(tmp_path, name='vit'):
+    shutil.copytree(FIXTURES / name, tmp_path / name)
+    return tmp_path / name
+
+
+def _error(source, part=None) -> str:
+    with pytest.raises(ValueError) as info:
+        refnet_jax.load_tower(source, part)
+    message = str(info.value)
+    assert '\n' not in message
+    return message
+
+
+def test_directory_without_config(tmp_path):
+    d = _copy(tmp_path)
+    os.remove(d / 'config.json')
+    assert 'has no config.json' in _error(f'hf:{d}')
+
+
+def test_missing_tensor_is_named_with_the_architecture(tmp_path):
+    d = _copy(tmp_path, 'bert')
+    tensors = safetensors.numpy.load_file(d / 'model.safetensors')
+    del tensors['encoder.layer.1.output.dense.weight']
+    safetensors.numpy.save_file(tensors, d / 'model.safetensors')
+    message = _error(f'hf:{d}')
+    assert "'encoder.layer.1.output.dense.weight' is missing" in message and '(bert text)' in message
+
+
+def test_shape_that_does_not_fit_gives_both_shapes(tmp_path):
+    d = _copy(tmp_path)
+    tensors = safetensors.numpy.load_file(d / 'model.safetensors')
+    tensors['pooler.dense.weight'] = np.zeros((16, 8), np.float32)
+    safetensors.numpy.save_file(tensors, d / 'model.safetensors')
+    message = _error(f'hf:{d}')
+    assert "'pooler.dense.weight' has shape (16, 8)" in message and 'the config says (16, 16)' in message
+
+
+def test_unknown_model_type(tmp_path):
+    d = _copy(tmp_path)
+    config = json.loads((d / 'config.json').read_text())
+    (d / 'config.json').write_text(json.dumps({**config, 'model_type': 'deit'}))
+    message = _error(f'hf:{d}')
+    assert "model_type 'deit'" in message and "'siglip_vision_model'" in message
+
+
+def test_part_missing_for_two_towers_or_given_for_one():
+    assert "two-tower siglip checkpoint: part is None; expected 'vision' or 'text'" in _error(
+        f'hf:{FIXTURES / "siglip"}'
+    )
+    assert "one-tower vit checkpoint (vision): part is 'text'" in _error(f'hf:{FIXTURES / "vit"}', 'text')
+
+
+def test_tokenizer_larger_than_the_embedding_table(tmp_path):
+    d = _copy(tmp_path, 'bert')
+    config = json.loads((d / 'config.json').read_text())
+    (d / 'config.json').write_text(json.dumps({**config, 'vocab_size': 12}))
+    tensors = safetensors.numpy.load_file(d / 'model.safetensors')
+    tensors['embeddings.word_embeddings.weight'] = tensors['embeddings.word_embeddings.weight'][:12]
+    safetensors.numpy.save_file(tensors, d / 'model.safetensors')
+    assert "the tokenizer has 20 ids, more than the tower's embedding table (12 rows)" in _error(f'hf:{d}')
+
+
+def test_source_of_another_kind():
+    assert "expected 'hf:DIR'" in _error('model.bin')
+    assert 'there is no directory' in _error('hf:/nonexistent/tower')
+
+
+def test_known_model_types_are_documented():
+    assert set(hf.MODEL_TYPES) == {
+        'vit',
+        'bert',
+        'siglip',
+        'siglip_vision_model',
+        'siglip_text_model',
+        'clip',
+        'clip_vision_model',
+        'clip_text_model',
+    }
