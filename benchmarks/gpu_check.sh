@@ -5,7 +5,7 @@
 #   REFNET_ALLOW_CPU=1 bash benchmarks/gpu_check.sh  # the same on CPU, to check the script itself
 #
 # Needs a JAX with CUDA (`pip install -U "jax[cuda12]"` into the project's environment, then the install of
-# the README). Steps, each failing loudly:
+# the README's first command). Steps, each failing loudly:
 #   1. the backend is a GPU (its name goes into the log);
 #   2. train.py on the tiny easy-VQA config in float32 and in bfloat16, on every GPU (data parallel), and once
 #      with parameters sharded over all of them (config.mesh.fsdp = device count) when there are several;

@@ -1,10 +1,10 @@
 """Two processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) against 1 and 8 devices.
 
 `train.py` is started twice with `--config.mesh.distributed` and an explicit coordinator, exactly as the
-README's local multi-process command does. 20 steps of the tiny easy-VQA config must give the same losses
-and final parameters as the same 20 steps on 1 device and on 8 devices in one process; the 2-process
-checkpoint must then resume in one process on 8 devices, identically to the 8-device run resumed the same
-way.
+local multi-process command of docs/how-to/many-devices.md does. 20 steps of the tiny easy-VQA config must
+give the same losses and final parameters as the same 20 steps on 1 device and on 8 devices in one process;
+the 2-process checkpoint must then resume in one process on 8 devices, identically to the 8-device run
+resumed the same way.
 """
 
 import json
