@@ -1,6 +1,6 @@
 r"""ReFNet on your own data: copy this file, name your modalities and their kinds, and point it at your directory.
 
-Run (from the repository root), for the worked example of the README ("Your own data"), whose `my_data/train.npz`
+Run (from the repository root), for the worked example of docs/how-to/own-data.md, whose `my_data/train.npz`
 holds `signal` (N, 32, 2) float, `profile` (N, 8) float and `label` (N,) in 4 classes:
 
   python train.py --config configs/custom.py --workdir runs/my_data --config.data.manual_dir my_data \
@@ -19,7 +19,7 @@ reuses that copy, and editing either prepares a new one.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/custom.py:fusion=transformer,variant=baseline`:
-  fusion=concat|transformer|lowrank|gated|deq|progressive|mmft|mbt|coupled_mamba,
+  fusion=KIND (a name in refnet_jax.models.fusions.FUSIONS: config_lib.ARG_HELP lists them),
   variant=baseline|refiner|refnet|pretrain, only=M[+M...], tiny,
   kinds=NAME:KIND[+NAME:KIND...] (your modalities without editing MODALITIES, e.g. as tools/features.py prints them).
 """
@@ -41,7 +41,7 @@ ENCODERS = {  # per kind, its encoder (`module`, a name in refnet_jax/models/enc
     'series': dict(module='conv1d', features=(32, 64), embed_dim=64),  # SeriesEncoder: 1-D convolutions
     'features': dict(module='mlp', hidden=(128,), embed_dim=64),  # FeatureMLP
 }
-TOKEN_ENCODERS = {  # the same with a token-level fusion (fusion=mmft|mbt): tokens out where the kind has them
+TOKEN_ENCODERS = {  # the same with a token-level fusion (a token-level fusion): tokens out where the kind has them
     'image': dict(module='cnn', features=(16, 32, 32), embed_dim=64, pooling='tokens'),  # grid tokens
     'tokens': dict(module='text_transformer', width=64, depth=1, num_heads=4),  # a transformer over word ids
     'text': dict(module='text_transformer', width=64, depth=1, num_heads=4),  # over subword ids

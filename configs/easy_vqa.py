@@ -4,8 +4,8 @@ Run (from the repository root):
 
   python train.py --config configs/easy_vqa.py --workdir runs/easy_vqa
 
-Expected: test accuracy >= 0.99 in under 5 minutes on 2 CPU cores, data preparation included (README,
-"Results"). The default fusion is `lowrank`.
+Expected: test accuracy >= 0.99 in under 5 minutes on 2 CPU cores, data preparation included
+(docs/results.md). The default fusion is `lowrank`.
 
 The argument picks a variant (refnet_jax/config_lib.py), e.g.
 `--config configs/easy_vqa.py:fusion=transformer,variant=baseline`:

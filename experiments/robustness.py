@@ -73,16 +73,11 @@ def evaluate_corruptions(workdir: str, seed: int) -> dict:
     import jax
 
     from refnet_jax.data import corruption, input_pipeline
-    from refnet_jax.train import checkpointing, trainer
+    from refnet_jax.train import inference, trainer
 
-    config = config_lib.load_workdir_config(workdir)
-    with config.unlocked():
-        config.mesh.data = 1
-    run = trainer.build(config, devices=jax.devices()[:1])
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
-    with jax.set_mesh(run.mesh):
-        state = ckpt.restore(run.state)
-    ckpt.close()
+    loaded = inference.load_run(workdir)
+    config, run = loaded.config, loaded.run
+    state = trainer.TrainState.create(apply_fn=run.model.apply, params=loaded.params, tx=run.tx)
     names = sorted(run.info.modalities)
 
     def accuracy(batches, absent=()):

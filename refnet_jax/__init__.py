@@ -64,6 +64,7 @@ _API = {
     'build': 'refnet_jax.train.trainer',
     'train_and_evaluate': 'refnet_jax.train.trainer',
     'pretrain': 'refnet_jax.train.trainer',
+    'load_run': 'refnet_jax.train.inference',
     'export_workdir': 'refnet_jax.export.serving',
     'load_export': 'refnet_jax.export.serving:load',
     'load_tower': 'refnet_jax.models.towers',

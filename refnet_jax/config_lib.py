@@ -20,7 +20,6 @@ import ml_collections
 from etils import epath
 
 from refnet_jax.models import fusions, modules
-from refnet_jax.train import optim
 
 VARIANTS = ('baseline', 'refiner', 'refnet', 'pretrain')
 
@@ -175,7 +174,7 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     # parameters that get weight decay (default: kernels; not biases, norm scales or embeddings).
     config.train.frozen = ()
     config.train.lr_multipliers = ()
-    config.train.decay_mask = optim.DEFAULT_DECAY_MASK
+    config.train.decay_mask = ('.*/kernel',)
     config.train.log_every_steps = 50  # scalars to metrics.jsonl / TensorBoard
     config.train.checkpoint_every_steps = 500  # orbax checkpoint (always one at the end)
     config.train.eval_every_steps = 0  # validation during training; 0: only at the end
@@ -186,7 +185,7 @@ def base_config(opts: dict, *, dataset: str, modalities: Sequence[str]) -> ml_co
     # Keep the checkpoint with the best value of this validation metric ('val/accuracy', 'val/loss', ...) in
     # <workdir>/best and report test metrics there too (needs eval_every_steps); None: the last step only.
     config.train.select = ml_collections.config_dict.placeholder(str)
-    config.train.select_mode = 'auto'  # 'max', 'min', or 'auto': 'min' for a loss, 'max' otherwise
+    config.train.select_mode = 'auto'  # 'max', 'min', or 'auto': 'min' for a loss, mae or mse, else 'max'
     config.train.early_stop = 0  # stop after this many validations without improvement; 0: never
 
     config.eval = ml_collections.ConfigDict()
@@ -376,7 +375,15 @@ def load_workdir_config(workdir) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / 'config.json'
     if not path.exists():
         raise FileNotFoundError(f'{path} not found: expected the workdir of a training run')
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(_read_json(path))
+
+
+def _read_json(path: epath.Path) -> dict:
+    """A workdir's `config.json`; a damaged one is an error naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not a config.json this library wrote ({e})') from None
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -390,7 +397,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
     if not path.exists():
         path.write_text(json.dumps(current, indent=2, sort_keys=True))
         return
-    before, now = _flatten(json.loads(path.read_text())), _flatten(current)
+    before, now = _flatten(_read_json(path)), _flatten(current)
     changed = sorted(
         k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_FIELDS
     )

@@ -122,6 +122,10 @@ def test_a_bad_config_value_raised_by_the_run_is_one_plain_line(tmp_path):
             ['train.py', '--config', 'configs/custom.py:kinds=signal:audio', '--workdir', '{tmp}/x'],
             ['kinds', 'audio'],
         ),
+        (
+            ['tools/export.py', '--workdir', '{tmp}/broken', '--output', '{tmp}/out'],
+            ['broken/config.json is not a config.json this library wrote'],
+        ),
     ],
     ids=[
         'pretrain-embedding-target',
@@ -134,6 +138,7 @@ def test_a_bad_config_value_raised_by_the_run_is_one_plain_line(tmp_path):
         'workdir-is-a-file',
         'unknown-log-level',
         'unknown-modality-kind',
+        'damaged-config-json',
     ],
 )
 def test_every_entry_point_prints_a_users_mistake_plainly(tmp_path, args, names):
@@ -141,6 +146,8 @@ def test_every_entry_point_prints_a_users_mistake_plainly(tmp_path, args, names)
     for step in (2, 4):
         (tmp_path / 'run' / 'checkpoints' / str(step)).mkdir(parents=True)
     (tmp_path / 'run' / 'config.json').write_text('{}')
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'config.json').write_text('{"seed": 0,')  # a run killed while writing it
     rc, stderr = run(*(a.format(tmp=tmp_path) for a in args))
     assert_plain(rc, stderr, *names)
     for name in ('config.json', 'claim.json', 'checkpoints'):  # an empty --workdir is not the repository

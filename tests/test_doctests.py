@@ -1,4 +1,5 @@
-"""The examples in the docstrings of the losses, metrics and report modules run and print what they say."""
+"""The examples in the docstrings of the losses, refiner, metrics and report modules run and print what they
+say."""
 
 import doctest
 
@@ -6,10 +7,11 @@ import pytest
 
 from refnet_jax import losses
 from refnet_jax.analysis import report
+from refnet_jax.models import refiner
 from refnet_jax.train import metrics
 
 
-@pytest.mark.parametrize('module', [losses, metrics, report], ids=lambda m: m.__name__)
+@pytest.mark.parametrize('module', [losses, refiner, metrics, report], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     # testmod prints each failing example (expected and got) to stdout, which pytest shows on failure.
     failed, attempted = doctest.testmod(module, verbose=False)

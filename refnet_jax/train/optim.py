@@ -20,7 +20,6 @@ import optax
 
 from refnet_jax.train import paths
 
-DEFAULT_DECAY_MASK = ('.*/kernel',)
 FROZEN = 'frozen'
 
 
