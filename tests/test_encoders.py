@@ -7,6 +7,7 @@ test says so when it lacks the entry. Each case checks the output contract ((B, 
 parameter.
 """
 
+import pathlib
 import re
 
 import jax
@@ -18,7 +19,7 @@ from refnet_jax.data import contract
 from refnet_jax.models import encoders, layers, modules
 
 # The kind of input of each encoder that is no kind's default (those take their kind's input).
-KIND_OF = {'vit': 'image', 'text_transformer': 'tokens'}
+KIND_OF = {'vit': 'image', 'text_transformer': 'tokens', 'pretrained': 'image'}
 # The values of each encoder's `pooling` field, as its __call__ checks them (ImageCNN keeps them in
 # encoders.POOLINGS; the others in their error messages, which `test_pooling_values_are_complete` reads).
 POOLINGS = {
@@ -26,6 +27,7 @@ POOLINGS = {
     'vit': ('tokens', 'gap', 'cls'),
     'text_transformer': ('tokens', 'gap', 'first', 'last'),
     'conv1d': ('mean', 'tokens'),
+    'pretrained': ('pooled', 'tokens'),
 }
 # Small widths, so that each case runs in about a second; an encoder not listed runs with its defaults.
 TINY = {
@@ -35,6 +37,10 @@ TINY = {
     'text_transformer': dict(width=8, depth=1, num_heads=2),
     'conv1d': dict(features=(4, 4), embed_dim=8),
     'mlp': dict(hidden=(8,), embed_dim=8),
+    # a tiny SigLIP image tower (tests/test_towers.py); its position embeddings follow the input's grid
+    'pretrained': dict(
+        init_from=f'hf:{pathlib.Path(__file__).parent / "fixtures" / "towers" / "siglip"}', part='vision'
+    ),
 }
 BATCH = 3
 VOCAB_SIZE = 11
@@ -45,7 +51,10 @@ def example_input(kind: str) -> np.ndarray:
     rng = np.random.default_rng(0)
     if kind == 'image':
         return rng.integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8)
-    if kind in ('tokens', 'text'):  # text: tokenized when prepared, ids like tokens (ModalityInfo.pad_id 0 here)
+    if kind in (
+        'tokens',
+        'text',
+    ):  # text: tokenized when prepared, ids like tokens (ModalityInfo.pad_id 0 here)
         ids = rng.integers(1, VOCAB_SIZE, (BATCH, 6)).astype(np.int32)
         ids[0, 3:] = 0  # padding at the end of one row
         return ids

@@ -227,3 +227,60 @@ def test_known_model_types_are_documented():
         'clip_vision_model',
         'clip_text_model',
     }
+
+
+# ---- in ReFNet: config.model.encoders.<m>.module = 'pretrained' ----
+
+
+@pytest.mark.slow(seconds=60)
+def test_pretrained_towers_in_refnet_load_freeze_and_train():
+    """A SigLIP image tower (frozen) and a BERT text tower, tokens into `mmft` with `tokens` refiner targets:
+    the encoders start from the checkpoints and compute what `load_tower` computes; after two steps the frozen
+    tower is bit-identical and the other has moved."""
+    from test_model import INFO, toy_batch, toy_config
+
+    from refnet_jax import config_lib
+    from refnet_jax.train import pretrained, sharding, trainer
+
+    config = toy_config('mmft', 'refnet', target='tokens')
+    image = dict(module='pretrained', init_from=f'hf:{FIXTURES / "siglip"}', part='vision', pooling='tokens')
+    text = dict(module='pretrained', init_from=f'hf:{FIXTURES / "bert"}', pooling='tokens')
+    config_lib.set_encoders(config, {'image': image, 'question': text})
+    config.train.frozen = ('encoders/image/.*',)
+    run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
+    batch = toy_batch()
+    with jax.set_mesh(run.mesh):
+        params = pretrained.load_into(run.state.params, config)
+        siglip = refnet_jax.load_tower(f'hf:{FIXTURES / "siglip"}', 'vision')
+        loaded = params['encoders']['image']['tower']  # tokens: every parameter but the MAP pooling head
+        assert set(siglip.variables['params']) - set(loaded) == {'probe', 'map_attn', 'map_norm', 'map_mlp'}
+        want = {k: siglip.variables['params'][k] for k in loaded}
+        jax.tree.map(np.testing.assert_array_equal, loaded, want)
+        tokens = run.model.encoders[0][1].apply({'params': params['encoders']['image']}, batch['image'])
+        want = siglip(siglip.preprocess(batch['image']))['last_hidden_state']
+        np.testing.assert_allclose(tokens.tokens, want, atol=1e-5)
+        state = pretrained.init_modules(run.state, config, run.tx)
+        before = jax.device_get(state.params)
+        for _ in range(2):  # the warm-up's first learning rate is 0
+            state, metrics = run.train_step(state, sharding.shard_batch(batch, run.mesh), jax.random.key(1))
+        after = jax.device_get(state.params)
+    assert np.isfinite(metrics['loss'])
+    jax.tree.map(np.testing.assert_array_equal, after['encoders']['image'], before['encoders']['image'])
+    moved = jax.tree.map(
+        lambda a, b: not np.allclose(a, b), after['encoders']['question'], before['encoders']['question']
+    )
+    assert any(jax.tree.leaves(moved))
+
+
+def test_pretrained_encoder_needs_its_source():
+    from test_model import INFO, toy_config
+
+    from refnet_jax import config_lib
+    from refnet_jax.models import model as model_lib
+
+    config = toy_config('concat', 'baseline')
+    config_lib.set_encoders(
+        config, {'image': dict(module='pretrained'), 'question': dict(config.model.encoders.question)}
+    )
+    with pytest.raises(ValueError, match=r"PretrainedTower needs field\(s\) \['init_from'\]"):
+        model_lib.create_model(config, INFO)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from refnet_jax.models import layers
+from refnet_jax.models.towers.encoder import PretrainedTower
 
 POOLINGS = ('max', 'mean', 'flatten', 'tokens')
 
@@ -309,5 +310,6 @@ ENCODERS: dict[str, type[nn.Module]] = {
     'text_transformer': TextTransformer,
     'conv1d': SeriesEncoder,
     'mlp': FeatureMLP,
+    'pretrained': PretrainedTower,  # a published tower, built from its checkpoint (models/towers/)
 }
 """Built-in encoders by `config.model.encoders.<m>.module`; a new one is its class and one line here."""

@@ -236,10 +236,12 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
     built = []
     for m in names:
         fields = dict(config.model.encoders[m])
-        fields.pop('init_from', None)  # read by pretrained.py, not a module field
+        source = fields.pop('init_from', None)  # read by pretrained.py, not a module field ...
         spec = fields.pop('module', None) or contract.KINDS[info.modalities[m].kind].encoder
         field = f'config.model.encoders.{m}'
         cls = modules.resolve(spec, encoders.ENCODERS, f'{field}.module')
+        if source and 'init_from' in cls.__dataclass_fields__:  # ... but for a module built from it ('pretrained')
+            fields['init_from'] = source
         enc = modules.instantiate(
             cls,
             fields,

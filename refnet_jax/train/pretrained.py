@@ -8,7 +8,9 @@ A source is one of
 - a refnet workdir `DIR[:sub/tree]`: the parameters of its latest checkpoint; by default the same module
   (`encoders/<m>` or `fusion`) of it, or the named subtree (`runs/x:encoders/image` into another modality);
 - an orbax checkpoint directory `DIR[:sub/tree]` (a step of a CheckpointManager, or a PyTree checkpoint)
-  holding a tree of parameters (under `params/` or `state/params/` too).
+  holding a tree of parameters (under `params/` or `state/params/` too);
+- `hf:DIR`, a Hugging Face tower directory, for an encoder of module 'pretrained' built from it (and its
+  `part`): `refnet_jax.models.towers` converts its tensors to the encoder's names.
 
 `config.init_from = DIR` (a refnet workdir, typically a pre-training run) is the same as giving every
 top-level module that both the run and DIR have (encoders, fusion, refiner, the stand-ins of absent modalities;
@@ -180,7 +182,10 @@ def load_into(params: Any, config: ml_collections.ConfigDict) -> Any:
         for key in where:
             node = node[key]
         want = {paths.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(node)}
-        given = read_source(source, module, field, cache)
+        if source.startswith('hf:'):  # a Hugging Face tower, for the 'pretrained' encoder built from it
+            given = _read_tower(config, where, source, field, want)
+        else:
+            given = read_source(source, module, field, cache)
         for pattern, replacement in rename:
             given = {pattern.sub(replacement, k): v for k, v in given.items()}
         problems, loaded = [], {}
@@ -221,6 +226,21 @@ def load_into(params: Any, config: ml_collections.ConfigDict) -> Any:
             'Initialized %s from %s: %d of its %d parameters.', module, source, len(loaded), len(want)
         )
     return params
+
+
+def _read_tower(config, where, source, field, want) -> dict[str, np.ndarray]:
+    """The parameters of the 'pretrained' encoder `where` from the Hugging Face directory of `source`."""
+    from refnet_jax.models.towers import encoder
+
+    entry = config.model.encoders[where[1]] if where[0] == 'encoders' and len(where) == 2 else {}
+    if entry.get('module') != 'pretrained':
+        raise ValueError(
+            f"{field} is {source!r}, a Hugging Face tower, which starts an encoder of module 'pretrained' only"
+        )
+    try:
+        return encoder.fit_layout(encoder.checkpoint_params(source, entry.get('part')), set(want))
+    except ValueError as e:
+        raise ValueError(f'{field}: {e}') from None
 
 
 def save_npz(workdir: str, subtree: str, path: str, prefix: str = '') -> int:

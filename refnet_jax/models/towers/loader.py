@@ -225,8 +225,10 @@ class TextPreprocessor:
     pools the last position, as it was trained.
     """
 
-    def __init__(self, encode, pad_id: int, vocab_size: int, pad_to_max: bool, max_length: int):
-        self._encode, self.pad_id, self.vocab_size = encode, pad_id, vocab_size
+    def __init__(
+        self, encode, pad_id: int, eos_id: int | None, vocab_size: int, pad_to_max: bool, max_length: int
+    ):
+        self._encode, self.pad_id, self.eos_id, self.vocab_size = encode, pad_id, eos_id, vocab_size
         self.pad_to_max, self.max_length = pad_to_max, max_length
 
     @classmethod
@@ -254,7 +256,8 @@ class TextPreprocessor:
         def encode(texts):
             return [e.ids for e in tok.encode_batch(list(texts))]
 
-        return cls(encode, pad, tok.get_vocab_size(with_added_tokens=True), False, max_length)
+        eos = tok.token_to_id(_token(config.get('eos_token')) or '')
+        return cls(encode, pad, eos, tok.get_vocab_size(with_added_tokens=True), False, max_length)
 
     @classmethod
     def _siglip(cls, model: str, config: dict, max_length: int) -> 'TextPreprocessor':
@@ -273,7 +276,7 @@ class TextPreprocessor:
                 out.append(sp.encode(text)[: max_length - 1] + [eos])
             return out
 
-        return cls(encode, pad, sp.get_piece_size(), True, max_length)
+        return cls(encode, pad, eos, sp.get_piece_size(), True, max_length)
 
     def __call__(self, texts: Sequence[str]) -> dict:
         ids = self._encode(list(texts))

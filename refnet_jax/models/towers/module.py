@@ -200,14 +200,18 @@ class Tower(nn.Module):
         token_type_ids: jax.Array | None = None,
         *,
         train: bool = False,
+        added: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
-        """x: images (B, H, W, C) or ids (B, T); mask (B, T) bool, True on real tokens (text; None: all)."""
+        """x: images (B, H, W, C) or ids (B, T); mask (B, T) bool, True on real tokens (text; None: all);
+        added: (B, width) added to every embedded token (a ReFNet encoder's feedback context)."""
         del train  # no dropout: the published towers are used as they were trained, at inference settings
         if self.pooling not in POOLINGS:
             raise ValueError(f'Tower.pooling is {self.pooling!r}; expected one of {POOLINGS}')
         p = layers.precision(self)
         ids = x
         x = self._embed(x, token_type_ids)
+        if added is not None:
+            x = x + added[:, None, :].astype(x.dtype)
         t = x.shape[1]
         allowed = None if mask is None else jnp.asarray(mask, bool)[:, None, :]  # (B, 1, T): keys
         if self.causal:
