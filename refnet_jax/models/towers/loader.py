@@ -75,6 +75,19 @@ def load_tower(source: str, part: str | None = None, *, scan: bool = False) -> L
     path = source[len('hf:') :]
     if not os.path.isdir(path):
         raise ValueError(f'{source}: there is no directory {path!r}')
+    config, tensors, family, part, section, prefix, fields = read(path, source, part)
+    module = Tower(**fields, scan=scan)
+    table = hf.names(family, part, fields, set(tensors))
+    if fields['pooling'] == 'none':
+        table = {k: v for k, v in table.items() if not k.startswith('pooler/')}
+    params = convert(table, tensors, prefix, module, f'{source} ({family} {part})')
+    preprocess, tokenizer = _preprocessor(path, source, family, part, section, fields)
+    return LoadedTower(module, {'params': params}, preprocess, source, f'{family}/{part}', section, tokenizer)
+
+
+def read(path: str, source: str, part: str | None) -> tuple[dict, dict, str, str, dict, str, dict]:
+    """(config.json, tensors, family, part, the tower's config section, its tensors' name prefix, `Tower`
+    fields) of the Hugging Face directory `path`."""
     config, tensors = hf.read_dir(path, source)
     family, part, section, prefix = hf.architecture(config, part, source)
     fields = hf.tower_fields(family, part, section)
@@ -83,13 +96,7 @@ def load_tower(source: str, part: str | None = None, *, scan: bool = False) -> L
             prefix = f'{family}.'  # saved from a task model (ViTForImageClassification, BertFor...)
     if family in ('vit', 'bert') and f'{prefix}pooler.dense.weight' not in tensors:
         fields['pooling'] = 'none'  # saved without its pooler, as transformers then returns no pooler_output
-    module = Tower(**fields, scan=scan)
-    table = hf.names(family, part, fields, set(tensors))
-    if fields['pooling'] == 'none':
-        table = {k: v for k, v in table.items() if not k.startswith('pooler/')}
-    params = convert(table, tensors, prefix, module, f'{source} ({family} {part})')
-    preprocess, tokenizer = _preprocessor(path, source, family, part, section, fields)
-    return LoadedTower(module, {'params': params}, preprocess, source, f'{family}/{part}', section, tokenizer)
+    return config, tensors, family, part, section, prefix, fields
 
 
 def _example(module: Tower) -> jax.Array:
