@@ -68,7 +68,7 @@ _API = {
     'export_workdir': 'refnet_jax.export.serving',
     'load_export': 'refnet_jax.export.serving:load',
     'load_tower': 'refnet_jax.models.towers',
-    'save_tower': 'refnet_jax.models.towers',
+    'save_tower': 'refnet_jax.train.pretrained',
 }
 
 __all__ = sorted(_API)

@@ -273,3 +273,50 @@ def _mutable(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _mutable(v) for k, v in tree.items()}
     return tree
+
+
+def tower_of(config: ml_collections.ConfigDict, modality: str, params: Any):
+    """The 'pretrained' encoder of `modality` with a run's `params` (its whole tree) as a
+    `towers.LoadedTower`: the checkpoint it started from (`init_from`, `part`) with the trained parameters.
+    With `pooling='tokens'` the encoder had no pooling head; the checkpoint's, untrained, is kept.
+
+    Raises:
+      ValueError: `modality` has no encoder of module 'pretrained'.
+    """
+    import dataclasses
+
+    from refnet_jax.models.towers import loader
+
+    entry = config.model.encoders.get(modality)
+    if entry is None or entry.get('module') != 'pretrained':
+        raise ValueError(
+            f"save_tower: modality {modality!r} has no encoder of module 'pretrained' in the run's config "
+            f'(its encoders: {sorted(config.model.encoders)})'
+        )
+    base = loader.load_tower(entry.init_from, entry.get('part'), scan=entry.get('scan', False))
+    trained = _flat(params['encoders'][modality]['tower'])
+    merged = {**_flat(base.variables['params']), **trained}
+    return dataclasses.replace(base, variables={'params': loader.unflatten(merged)})
+
+
+def save_tower(tower: Any, path: str, *, modality: str | None = None) -> str:
+    """Writes a tower as a Hugging Face directory at `path` (`towers.export.save_tower`): `tower` is a
+    `towers.LoadedTower`, or a refnet workdir whose `modality` encoder is a 'pretrained' tower (its latest
+    checkpoint's parameters). Returns `path`."""
+    from refnet_jax import config_lib
+    from refnet_jax.models.towers import export
+
+    if isinstance(tower, str | os.PathLike):
+        from refnet_jax.train import checkpointing
+
+        if modality is None:
+            raise ValueError(f'save_tower: {str(tower)!r} is a workdir; name the modality of its tower')
+        config = config_lib.load_workdir_config(epath.Path(tower))
+        ckpt = checkpointing.Checkpointer(epath.Path(tower) / 'checkpoints')
+        try:
+            if ckpt.latest_step() is None:
+                raise ValueError(f'save_tower: the workdir {str(tower)!r} holds no checkpoint')
+            tower = tower_of(config, modality, ckpt.restore_params())
+        finally:
+            ckpt.close()
+    return export.save_tower(tower, str(path))
