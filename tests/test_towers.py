@@ -263,7 +263,9 @@ def test_pretrained_towers_in_refnet_load_freeze_and_train(tmp_path):
         state = pretrained.init_modules(run.state, config, run.tx)
         before = jax.device_get(state.params)
         for step in range(20):
-            state, metrics = run.train_step(state, sharding.shard_batch(batch, run.mesh), jax.random.key(step))
+            state, metrics = run.train_step(
+                state, sharding.shard_batch(batch, run.mesh), jax.random.key(step)
+            )
         after = jax.device_get(state.params)
     assert np.isfinite(metrics['loss'])
     jax.tree.map(np.testing.assert_array_equal, after['encoders']['image'], before['encoders']['image'])
@@ -368,3 +370,26 @@ def test_save_tower_loads_in_transformers_with_our_outputs(tmp_path):
             np.testing.assert_allclose(
                 getattr(got, key).numpy(), ours[key], atol=1e-4, rtol=0, err_msg=f'{name} {part} {key}'
             )
+
+
+def test_another_image_size_resamples_the_position_embeddings():
+    """A CLIP image tower (class token) in a model of 8x8 images: the class token's position embedding is kept,
+    the 4x4 grid's resampled to 2x2."""
+    from test_model import INFO, toy_batch, toy_config
+
+    from refnet_jax import config_lib
+    from refnet_jax.models import model as model_lib
+    from refnet_jax.train import pretrained
+
+    config = toy_config('concat', 'baseline')
+    image = dict(module='pretrained', init_from=f'hf:{FIXTURES / "clip"}', part='vision')
+    config_lib.set_encoders(config, {'image': image, 'question': dict(config.model.encoders.question)})
+    batch = dict(toy_batch(), image=toy_batch()['image'][:, :8, :8])
+    params = jax.jit(model_lib.create_model(config, INFO).init)(jax.random.key(0), batch)['params']
+    loaded = pretrained.load_into(params, config)['encoders']['image']['tower']['pos_embedding']
+    clip = np.asarray(
+        refnet_jax.load_tower(f'hf:{FIXTURES / "clip"}', 'vision').variables['params']['pos_embedding']
+    )
+    assert loaded.shape == (1, 5, 16) and clip.shape == (1, 17, 16)
+    np.testing.assert_array_equal(loaded[:, 0], clip[:, 0])
+    np.testing.assert_allclose(loaded[:, 1:], pretrained.resample_posemb(clip[:, 1:], 4), rtol=1e-6)

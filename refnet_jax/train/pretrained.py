@@ -238,9 +238,27 @@ def _read_tower(config, where, source, field, want) -> dict[str, np.ndarray]:
             f"{field} is {source!r}, a Hugging Face tower, which starts an encoder of module 'pretrained' only"
         )
     try:
-        return encoder.fit_layout(encoder.checkpoint_params(source, entry.get('part')), set(want))
+        given = encoder.fit_layout(encoder.checkpoint_params(source, entry.get('part')), set(want))
     except ValueError as e:
         raise ValueError(f'{field}: {e}') from None
+    # Another image size: a class token's position embedding stays, the grid's is resampled (a tower without
+    # a class token, a square grid, is resampled by `_fit` like any position embedding).
+    pos, shape = (
+        given.get('tower/pos_embedding'),
+        tuple(getattr(want.get('tower/pos_embedding'), 'shape', ())),
+    )
+    if pos is not None and len(shape) == 3 and pos.shape != shape and pos.shape[2] == shape[2]:
+        old, new = pos.shape[1] - 1, shape[1] - 1
+        if (
+            math.isqrt(pos.shape[1]) ** 2 != pos.shape[1]
+            and math.isqrt(old) ** 2 == old
+            and math.isqrt(new) ** 2 == new
+        ):
+            logging.info('%s: position embeddings resampled %s -> %s.', field, pos.shape, shape)
+            given['tower/pos_embedding'] = np.concatenate(
+                [pos[:, :1], resample_posemb(pos[:, 1:], new)], axis=1
+            )
+    return given
 
 
 def save_npz(workdir: str, subtree: str, path: str, prefix: str = '') -> int:
