@@ -82,7 +82,7 @@ def test_package_module_class_names_a_module():
         ),
         ('refnet_jax.encoderz:ImageCNN', "no module 'refnet_jax.encoderz' can be imported"),
         ('refnet_jax.models.encoders:POOLINGS', 'which is a tuple, not a flax.linen.Module class'),
-        ('MyEncoder', "expected one of ['bow', 'cnn', 'conv1d', 'mlp', 'text_transformer', 'vit']"),
+        ('MyEncoder', "expected one of ['bow', 'cnn', 'conv1d', 'mlp', 'pretrained', 'text_transformer', 'vit']"),
     ],
 )
 def test_a_misspelt_module_is_named_before_training(my_modules, spec, message):
