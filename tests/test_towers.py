@@ -393,3 +393,30 @@ def test_another_image_size_resamples_the_position_embeddings():
     assert loaded.shape == (1, 5, 16) and clip.shape == (1, 17, 16)
     np.testing.assert_array_equal(loaded[:, 0], clip[:, 0])
     np.testing.assert_allclose(loaded[:, 1:], pretrained.resample_posemb(clip[:, 1:], 4), rtol=1e-6)
+
+
+def test_a_modality_vocabulary_larger_than_the_tower_is_refused():
+    from test_model import INFO, toy_batch, toy_config
+
+    from refnet_jax import config_lib
+    from refnet_jax.models import model as model_lib
+
+    config = toy_config('concat', 'baseline')
+    text = dict(
+        module='pretrained', init_from=f'hf:{FIXTURES / "siglip"}', part='text'
+    )  # 40 ids; the toy's 11
+    config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': text})
+    model_lib.create_model(config, INFO).init(jax.random.key(0), toy_batch())  # fits
+    bert = dict(text, init_from=f'hf:{FIXTURES / "bert"}', part=None)
+    config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': bert})
+    small = dataclasses.replace(
+        INFO,
+        modalities={
+            **INFO.modalities,
+            'question': dataclasses.replace(INFO.modalities['question'], vocab_size=64),
+        },
+    )
+    with pytest.raises(
+        ValueError, match=r"tokenizer has 64 ids, more than the tower's embedding table \(20 rows\)"
+    ):
+        jax.eval_shape(model_lib.create_model(config, small).init, jax.random.key(0), toy_batch())

@@ -81,6 +81,7 @@ class PretrainedTower(nn.Module):
         mask, for the token-level fusions and `tokens` refiner targets).
       scan: run the blocks under `nn.scan`.
       pad_id: the padding id of a text modality (from the dataset).
+      vocab_size: the ids of a text modality (from the dataset): at most the tower's embedding table.
     """
 
     init_from: str
@@ -88,6 +89,7 @@ class PretrainedTower(nn.Module):
     pooling: str = 'pooled'
     scan: bool = False
     pad_id: int = 0
+    vocab_size: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -98,6 +100,15 @@ class PretrainedTower(nn.Module):
         if self.pooling not in OUTPUTS:
             raise ValueError(f'PretrainedTower.pooling is {self.pooling!r}; expected one of {OUTPUTS}')
         fields, prep = spec(self.init_from, self.part)
+        if (
+            fields['modality'] == 'text'
+            and self.vocab_size is not None
+            and self.vocab_size > fields['vocab_size']
+        ):
+            raise ValueError(
+                f"{self.init_from}: the modality's tokenizer has {self.vocab_size} ids, more than the tower's "
+                f"embedding table ({fields['vocab_size']} rows); tokenize it with the tower's own tokenizer"
+            )
         if self.pooling == 'tokens':  # no pooling head: it would get no gradient (and is not loaded)
             fields = dict(fields, pooling='none', head_dim=None)
             if fields.get('final_norm') == 'pooled':  # CLIP vision: the LayerNorm of the pooled token only
