@@ -420,3 +420,74 @@ def test_a_modality_vocabulary_larger_than_the_tower_is_refused():
         ValueError, match=r"tokenizer has 64 ids, more than the tower's embedding table \(20 rows\)"
     ):
         jax.eval_shape(model_lib.create_model(config, small).init, jax.random.key(0), toy_batch())
+
+
+# ---- big_vision .npz ----
+
+BIG_VISION = [('gap', ''), ('tok', ':img'), ('map_scan', '')]  # as tools/make_tower_fixtures.py writes them
+
+
+def check_big_vision(directory: pathlib.Path, expected, images, name: str, sub: str, scan: bool) -> None:
+    tower = refnet_jax.load_tower(f'{directory / "big_vision" / name}.npz{sub}', scan=scan)
+    out = tower(tower.preprocess(images))
+    np.testing.assert_allclose(out['last_hidden_state'], expected[f'{name}/encoded'], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out['pooler_output'], expected[f'{name}/head_input'], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('scan', [False, True], ids=['unrolled', 'scan'])
+@pytest.mark.parametrize('name,sub', BIG_VISION)
+def test_big_vision_npz_gives_the_outputs_of_big_vision(name, sub, scan):
+    """Per-block and stacked (`Transformer/encoderblock`) files, gap/tok/map pooling, into an unrolled or a
+    scanned tower: big_vision's own `encoded` and `head_input` (tools/make_tower_fixtures.py --big_vision)."""
+    with (
+        np.load(FIXTURES / 'big_vision' / 'expected.npz') as expected,
+        np.load(FIXTURES / 'expected.npz') as e,
+    ):
+        check_big_vision(FIXTURES, dict(expected), e['images'], name, sub, scan)
+
+
+def test_big_vision_fixture_layouts():
+    with np.load(FIXTURES / 'big_vision' / 'map_scan.npz') as f:
+        assert f['params/Transformer/encoderblock/LayerNorm_0/scale'].shape == (2, 16)  # stacked: (depth, D)
+    with np.load(FIXTURES / 'big_vision' / 'tok.npz') as f:
+        assert 'params/img/Transformer/encoderblock_1/LayerNorm_0/scale' in f.files
+    poolings = {
+        n: refnet_jax.load_tower(f'{FIXTURES / "big_vision" / n}.npz{s}').module.pooling
+        for n, s in BIG_VISION
+    }
+    assert poolings == {'gap': 'gap', 'tok': 'cls', 'map_scan': 'map'}
+
+
+@pytest.mark.slow(seconds=20)
+def test_big_vision_fixtures_regenerated(tmp_path):
+    repo = os.environ.get('BIG_VISION_REPO')
+    if not repo:
+        pytest.skip('BIG_VISION_REPO is not set (a checkout of github.com/google-research/big_vision)')
+    spec = importlib.util.spec_from_file_location(
+        'make_tower_fixtures', pathlib.Path(__file__).parents[1] / 'tools' / 'make_tower_fixtures.py'
+    )
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    expected = make.make_big_vision(str(FIXTURES.parent / 'towers_regenerated'), repo)
+    try:
+        for name, sub in BIG_VISION:
+            check_big_vision(
+                FIXTURES.parent / 'towers_regenerated', expected, make.images(), name, sub, False
+            )
+    finally:
+        shutil.rmtree(FIXTURES.parent / 'towers_regenerated')
+
+
+def test_big_vision_bad_inputs(tmp_path):
+    assert 'there is no file' in _error(str(tmp_path / 'none.npz'))
+    assert "no subtree 'txt'" in _error(f'{FIXTURES / "big_vision" / "tok.npz"}:txt')
+    assert 'takes its tower as PATH.npz:sub/tree' in _error(
+        f'{FIXTURES / "big_vision" / "gap.npz"}', 'vision'
+    )
+    with np.load(FIXTURES / 'big_vision' / 'gap.npz') as f:
+        arrays = dict(f)
+    del arrays['params/Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel']
+    np.savez(tmp_path / 'broken.npz', **arrays)
+    assert "'Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel' is missing" in _error(
+        str(tmp_path / 'broken.npz')
+    )

@@ -1,7 +1,7 @@
 """Writes the tiny Hugging Face towers of tests/test_towers.py and transformers' outputs on fixed raw inputs.
 
     pip install -c constraints.txt -e '.[towers-test]'   # torch (CPU) and transformers
-    python tools/make_tower_fixtures.py [--out tests/fixtures/towers]
+    python tools/make_tower_fixtures.py [--out tests/fixtures/towers] [--big_vision REPO]
 
 For each of ViT, BERT, SigLIP and CLIP: a randomly initialized transformers model of a tiny size with its
 tokenizer (built here from a small vocabulary), saved with `save_pretrained`, and a hand-written
@@ -10,6 +10,11 @@ the images itself, as the processor's documented rescale-then-normalize does). `
 images, the token ids the checkpoint's tokenizer gives, and `last_hidden_state` / `pooler_output` of
 `ViTModel`, `BertModel`, `SiglipVisionModel`, `SiglipTextModel`, `CLIPVisionModel` and `CLIPTextModel`
 (the vision and text models of the two-tower files) on them. The same seed gives the same files.
+
+With `--big_vision REPO` (a checkout of github.com/google-research/big_vision, which is not on PyPI), it also
+writes tiny big_vision ViTs in big_vision's `.npz` layout (per-block and stacked for `scan=True`; `gap`, `tok`
+and `map` pooling) and the `encoded` / `head_input` outputs of big_vision's own `models/vit.py` on the same
+images, under big_vision/.
 """
 
 import argparse
@@ -166,13 +171,73 @@ def make(out: str) -> dict[str, np.ndarray]:
     return expected
 
 
+# big_vision ViTs: (file, vit.Model fields, the subtree its parameters are written under)
+BIG_VISION = {
+    'gap': (dict(pool_type='gap'), 'params/'),
+    'tok': (dict(pool_type='tok'), 'params/img/'),
+    'map_scan': (dict(pool_type='map', scan=True), 'params/'),
+}
+
+
+def import_big_vision(repo: str):
+    """big_vision's `models/vit.py` from a checkout at `repo` (github.com/google-research/big_vision; not on
+    PyPI). Its `big_vision.utils` needs TensorFlow and is used only for loading checkpoints: an empty module
+    stands in for it."""
+    import importlib
+    import sys
+    import types
+
+    sys.path.insert(0, os.path.abspath(repo))
+    utils = sys.modules.setdefault('big_vision.utils', types.ModuleType('big_vision.utils'))
+    importlib.import_module('big_vision').utils = utils
+    return importlib.import_module('big_vision.models.vit')
+
+
+def make_big_vision(out: str, repo: str) -> dict[str, np.ndarray]:
+    """Writes big_vision-layout .npz files of tiny ViTs (per-block and stacked; gap, tok and map pooling) under
+    `out`/big_vision with random parameters; returns big_vision's `encoded` and `head_input` on `images()`."""
+    import jax
+
+    vit = import_big_vision(repo)
+    raw = images()
+    x = raw.astype(np.float32) / 127.5 - 1  # big_vision's value_range(-1, 1)
+    os.makedirs(os.path.join(out, 'big_vision'), exist_ok=True)
+    expected = {}
+    for i, (name, (fields, prefix)) in enumerate(BIG_VISION.items()):
+        model = vit.Model(
+            None, width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(PATCH, PATCH), **fields
+        )
+        params = model.init(jax.random.key(i), x)['params']
+        params = jax.tree.map(
+            np.asarray, params
+        )  # every parameter moved off its initialization (cls starts at 0)
+        rng = np.random.default_rng(i)
+        leaves, tree = jax.tree.flatten(params)
+        params = jax.tree.unflatten(
+            tree, [a + rng.normal(0, 0.1, a.shape).astype(np.float32) for a in leaves]
+        )
+        _, outputs = model.apply({'params': params}, x)
+        flat = {
+            prefix + '/'.join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
+        np.savez(os.path.join(out, 'big_vision', f'{name}.npz'), **flat)
+        expected[f'{name}/encoded'] = np.asarray(outputs['encoded'])
+        expected[f'{name}/head_input'] = np.asarray(outputs['head_input'])
+    return expected
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default=os.path.join('tests', 'fixtures', 'towers'))
+    parser.add_argument('--big_vision', help='a checkout of big_vision: also write its ViT fixtures')
     args = parser.parse_args()
     expected = make(args.out)
     np.savez_compressed(os.path.join(args.out, 'expected.npz'), **expected)
     print(f'Wrote {args.out}: {len(expected)} expected arrays.')
+    if args.big_vision:
+        expected = make_big_vision(args.out, args.big_vision)
+        np.savez_compressed(os.path.join(args.out, 'big_vision', 'expected.npz'), **expected)
+        print(f'Wrote {args.out}/big_vision: {len(expected)} expected arrays.')
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refnet_jax.models.towers import hf
+from refnet_jax.models.towers import big_vision, hf
 from refnet_jax.models.towers.module import Tower
 
 IMAGE_DEFAULTS = dict(
@@ -63,14 +63,29 @@ def _apply(module: Tower, variables: dict, inputs: dict) -> dict[str, jax.Array]
 
 def load_tower(source: str, part: str | None = None, *, scan: bool = False) -> LoadedTower:
     """The tower of `source`: 'hf:DIR', a Hugging Face model directory (`part` 'vision' or 'text' for a
-    two-tower SigLIP or CLIP checkpoint). `scan=True` builds it with its blocks under `nn.scan`.
+    two-tower SigLIP or CLIP checkpoint), or 'PATH.npz[:sub/tree]', a big_vision ViT (`big_vision.py`).
+    `scan=True` builds it with its blocks under `nn.scan`.
 
     Raises:
       ValueError: one line naming what is wrong (see the module docstring).
     """
+    npz, dot, sub = source.partition('.npz')
+    if not source.startswith('hf:') and dot and (not sub or sub.startswith(':')):  # a big_vision .npz
+        if part is not None:
+            raise ValueError(
+                f'{source}: a big_vision file takes its tower as PATH.npz:sub/tree; part is {part!r}'
+            )
+        tensors = big_vision.read(npz + '.npz', sub[1:], source)
+        fields = big_vision.fields(tensors, source)
+        module = Tower(**fields, scan=scan)
+        params = convert(big_vision.names(fields), tensors, '', module, f'{source} (big_vision ViT)')
+        half = np.full(fields['num_channels'], 0.5, np.float32)  # big_vision's value_range(-1, 1)
+        prep = ImagePreprocessor(fields['image_size'], 1 / 255, half, half)
+        return LoadedTower(module, {'params': params}, prep, source, 'big_vision/vision', {})
     if not source.startswith('hf:'):
         raise ValueError(
-            f"load_tower: source is {source!r}; expected 'hf:DIR' (a Hugging Face model directory)"
+            f"load_tower: source is {source!r}; expected 'hf:DIR' (a Hugging Face model directory) or "
+            "'PATH.npz[:sub/tree]' (a big_vision ViT)"
         )
     path = source[len('hf:') :]
     if not os.path.isdir(path):

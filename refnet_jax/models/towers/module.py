@@ -131,6 +131,8 @@ class Tower(nn.Module):
       patch_size, image_size: image towers: square patches and the image side the position embeddings are for.
       patch_bias: the patch embedding has a bias (CLIP's has none).
       cls_token: a learned class token is prepended (ViT, CLIP vision) or, for text, position 0 is the CLS.
+      pos_before_cls: position embeddings are added to the patches before the class token is prepended
+        (big_vision's ViT: the class token has none).
       vocab_size, max_positions, type_vocab_size: text towers (type_vocab_size 0: no token types).
       embed_norm: a LayerNorm on the embeddings (BERT `embeddings.LayerNorm`, CLIP `pre_layrnorm`).
       final_norm: 'tokens' (a LayerNorm on every output token), 'pooled' (on the pooled token only, CLIP
@@ -156,6 +158,7 @@ class Tower(nn.Module):
     num_channels: int = 3
     patch_bias: bool = True
     cls_token: bool = False
+    pos_before_cls: bool = False
     vocab_size: int = 0
     max_positions: int = 0
     type_vocab_size: int = 0
@@ -177,6 +180,9 @@ class Tower(nn.Module):
                 x.astype(self.dtype)
             )
             x = x.reshape(x.shape[0], -1, self.width)  # (B, N, D)
+            if self.pos_before_cls:  # big_vision: the class token has no position embedding
+                pos = layers.param(self, 'pos_embedding', nn.initializers.normal(0.02), (1, *x.shape[1:]))
+                x = x + pos
             if self.cls_token:
                 cls = layers.param(self, 'cls', nn.initializers.normal(0.02), (self.width,))
                 x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
@@ -185,9 +191,10 @@ class Tower(nn.Module):
             if self.type_vocab_size:
                 types = jnp.zeros(x.shape[:2], jnp.int32) if token_type_ids is None else token_type_ids
                 x = x + p.Embed(self.type_vocab_size, self.width, name='type_embedding')(types)
-        n = x.shape[1] if self.modality == 'image' else self.max_positions
-        pos = layers.param(self, 'pos_embedding', nn.initializers.normal(0.02), (1, n, self.width))
-        x = x + pos[:, : x.shape[1]]
+        if not (self.modality == 'image' and self.pos_before_cls):
+            n = x.shape[1] if self.modality == 'image' else self.max_positions
+            pos = layers.param(self, 'pos_embedding', nn.initializers.normal(0.02), (1, n, self.width))
+            x = x + pos[:, : x.shape[1]]
         if self.embed_norm:
             x = p.LayerNorm(self.eps, name='embed_norm')(x)
         return x
