@@ -424,12 +424,13 @@ def test_a_modality_vocabulary_larger_than_the_tower_is_refused():
 
 # ---- big_vision .npz ----
 
-BIG_VISION = [('gap', ''), ('tok', ':img'), ('map_scan', '')]  # as tools/make_tower_fixtures.py writes them
+# as tools/make_tower_fixtures.py writes them: ViTs, and SigLIP text towers (per block and stacked)
+BIG_VISION = [('gap', ''), ('tok', ':img'), ('map_scan', ''), ('text', ':txt'), ('text_scan', ':txt')]
 
 
 def check_big_vision(directory: pathlib.Path, expected, images, name: str, sub: str, scan: bool) -> None:
     tower = refnet_jax.load_tower(f'{directory / "big_vision" / name}.npz{sub}', scan=scan)
-    out = tower(tower.preprocess(images))
+    out = tower({'x': expected['text/ids']} if name.startswith('text') else tower.preprocess(images))
     np.testing.assert_allclose(out['last_hidden_state'], expected[f'{name}/encoded'], atol=1e-4, rtol=0)
     np.testing.assert_allclose(out['pooler_output'], expected[f'{name}/head_input'], atol=1e-4, rtol=0)
 
@@ -437,8 +438,9 @@ def check_big_vision(directory: pathlib.Path, expected, images, name: str, sub: 
 @pytest.mark.parametrize('scan', [False, True], ids=['unrolled', 'scan'])
 @pytest.mark.parametrize('name,sub', BIG_VISION)
 def test_big_vision_npz_gives_the_outputs_of_big_vision(name, sub, scan):
-    """Per-block and stacked (`Transformer/encoderblock`) files, gap/tok/map pooling, into an unrolled or a
-    scanned tower: big_vision's own `encoded` and `head_input` (tools/make_tower_fixtures.py --big_vision)."""
+    """Per-block and stacked (`Transformer/encoderblock`) files, gap/tok/map pooling, and the SigLIP text tower,
+    into an unrolled or a scanned tower: big_vision's own `encoded` / `transformed` and `head_input` /
+    `pre_logits` (tools/make_tower_fixtures.py --big_vision)."""
     with (
         np.load(FIXTURES / 'big_vision' / 'expected.npz') as expected,
         np.load(FIXTURES / 'expected.npz') as e,
@@ -455,7 +457,10 @@ def test_big_vision_fixture_layouts():
         n: refnet_jax.load_tower(f'{FIXTURES / "big_vision" / n}.npz{s}').module.pooling
         for n, s in BIG_VISION
     }
-    assert poolings == {'gap': 'gap', 'tok': 'cls', 'map_scan': 'map'}
+    assert poolings == {'gap': 'gap', 'tok': 'cls', 'map_scan': 'map', 'text': 'last', 'text_scan': 'last'}
+    text = refnet_jax.load_tower(f'{FIXTURES / "big_vision" / "text.npz"}:txt')
+    with pytest.raises(ValueError, match='carries no tokenizer'):
+        text.preprocess(['a photo'])
 
 
 @pytest.mark.slow(seconds=20)

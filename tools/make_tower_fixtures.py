@@ -196,6 +196,8 @@ def import_big_vision(repo: str):
 def make_big_vision(out: str, repo: str) -> dict[str, np.ndarray]:
     """Writes big_vision-layout .npz files of tiny ViTs (per-block and stacked; gap, tok and map pooling) under
     `out`/big_vision with random parameters; returns big_vision's `encoded` and `head_input` on `images()`."""
+    import importlib
+
     import jax
 
     vit = import_big_vision(repo)
@@ -203,26 +205,37 @@ def make_big_vision(out: str, repo: str) -> dict[str, np.ndarray]:
     x = raw.astype(np.float32) / 127.5 - 1  # big_vision's value_range(-1, 1)
     os.makedirs(os.path.join(out, 'big_vision'), exist_ok=True)
     expected = {}
-    for i, (name, (fields, prefix)) in enumerate(BIG_VISION.items()):
-        model = vit.Model(
-            None, width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(PATCH, PATCH), **fields
-        )
-        params = model.init(jax.random.key(i), x)['params']
-        params = jax.tree.map(
-            np.asarray, params
-        )  # every parameter moved off its initialization (cls starts at 0)
-        rng = np.random.default_rng(i)
-        leaves, tree = jax.tree.flatten(params)
-        params = jax.tree.unflatten(
-            tree, [a + rng.normal(0, 0.1, a.shape).astype(np.float32) for a in leaves]
-        )
-        _, outputs = model.apply({'params': params}, x)
+
+    def moved(params, seed):  # every parameter moved off its initialization (cls starts at 0)
+        rng = np.random.default_rng(seed)
+        leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, params))
+        return jax.tree.unflatten(tree, [a + rng.normal(0, 0.1, a.shape).astype(np.float32) for a in leaves])
+
+    def write(name, params, prefix):
         flat = {
             prefix + '/'.join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
         }
         np.savez(os.path.join(out, 'big_vision', f'{name}.npz'), **flat)
+
+    for i, (name, (fields, prefix)) in enumerate(BIG_VISION.items()):
+        model = vit.Model(
+            None, width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(PATCH, PATCH), **fields
+        )
+        params = moved(model.init(jax.random.key(i), x)['params'], i)
+        _, outputs = model.apply({'params': params}, x)
+        write(name, params, prefix)
         expected[f'{name}/encoded'] = np.asarray(outputs['encoded'])
         expected[f'{name}/head_input'] = np.asarray(outputs['head_input'])
+    text = importlib.import_module('big_vision.models.proj.image_text.text_transformer')
+    ids = np.random.default_rng(5).integers(0, 30, (3, 8)).astype(np.int32)
+    expected['text/ids'] = ids
+    for i, (name, scan) in enumerate((('text', False), ('text_scan', True))):
+        model = text.Model(8, width=16, depth=2, mlp_dim=32, num_heads=2, vocab_size=30, scan=scan)
+        params = moved(model.init(jax.random.key(10 + i), ids)['params'], 10 + i)
+        _, outputs = model.apply({'params': params}, ids)
+        write(name, params, 'params/txt/')
+        expected[f'{name}/encoded'] = np.asarray(outputs['transformed'])
+        expected[f'{name}/head_input'] = np.asarray(outputs['pre_logits'])
     return expected
 
 

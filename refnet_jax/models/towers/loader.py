@@ -78,10 +78,14 @@ def load_tower(source: str, part: str | None = None, *, scan: bool = False) -> L
         tensors = big_vision.read(npz + '.npz', sub[1:], source)
         fields = big_vision.fields(tensors, source)
         module = Tower(**fields, scan=scan)
-        params = convert(big_vision.names(fields), tensors, '', module, f'{source} (big_vision ViT)')
-        half = np.full(fields['num_channels'], 0.5, np.float32)  # big_vision's value_range(-1, 1)
-        prep = ImagePreprocessor(fields['image_size'], 1 / 255, half, half)
-        return LoadedTower(module, {'params': params}, prep, source, 'big_vision/vision', {})
+        params = convert(big_vision.names(fields), tensors, '', module, f'{source} (big_vision)')
+        if fields['modality'] == 'image':
+            half = np.full(fields['num_channels'], 0.5, np.float32)  # big_vision's value_range(-1, 1)
+            prep = ImagePreprocessor(fields['image_size'], 1 / 255, half, half)
+        else:
+            prep = _no_tokenizer(source)
+        part = 'vision' if fields['modality'] == 'image' else 'text'
+        return LoadedTower(module, {'params': params}, prep, source, f'big_vision/{part}', {})
     if not source.startswith('hf:'):
         raise ValueError(
             f"load_tower: source is {source!r}; expected 'hf:DIR' (a Hugging Face model directory) or "
@@ -98,6 +102,15 @@ def load_tower(source: str, part: str | None = None, *, scan: bool = False) -> L
     params = convert(table, tensors, prefix, module, f'{source} ({family} {part})')
     preprocess, tokenizer = _preprocessor(path, source, family, part, section, fields)
     return LoadedTower(module, {'params': params}, preprocess, source, f'{family}/{part}', section, tokenizer)
+
+
+def _no_tokenizer(source: str) -> Callable:
+    def preprocess(texts):
+        raise ValueError(
+            f"{source}: a big_vision file carries no tokenizer; give the tower {{'x': ids}} from big_vision's own"
+        )
+
+    return preprocess
 
 
 def read(path: str, source: str, part: str | None) -> tuple[dict, dict, str, str, dict, str, dict]:
