@@ -496,3 +496,44 @@ def test_big_vision_bad_inputs(tmp_path):
     assert "'Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel' is missing" in _error(
         str(tmp_path / 'broken.npz')
     )
+
+
+@pytest.mark.parametrize('name,sub', BIG_VISION)
+def test_save_tower_npz_round_trip_is_bit_identical(tmp_path, name, sub):
+    tower = _perturbed(refnet_jax.load_tower(f'{FIXTURES / "big_vision" / name}.npz{sub}', scan=True))
+    refnet_jax.save_tower(tower, str(tmp_path / 'out.npz'))
+    again = refnet_jax.load_tower(str(tmp_path / 'out.npz'), scan=True)
+    jax.tree.map(np.testing.assert_array_equal, again.variables, tower.variables)
+    assert again.module == tower.module.clone()
+    with np.load(tmp_path / 'out.npz') as f:  # per block, under params/, as big_vision writes
+        assert any(k.startswith('params/') and '/encoderblock_1/' in k for k in f.files)
+
+
+@pytest.mark.parametrize('part', ['vision', 'text'])
+def test_a_siglip_tower_saved_as_big_vision_npz_computes_the_same(tmp_path, part):
+    """A Hugging Face SigLIP tower written as a big_vision file (the reverse of big_vision#107) gives the same
+    outputs loaded from it (text: unmasked, as big_vision computes)."""
+    tower = _perturbed(refnet_jax.load_tower(f'hf:{FIXTURES / "siglip"}', part))
+    refnet_jax.save_tower(tower, str(tmp_path / 'siglip.npz'))
+    again = refnet_jax.load_tower(str(tmp_path / 'siglip.npz'))
+    with np.load(FIXTURES / 'expected.npz') as expected:
+        inputs = (
+            tower.preprocess(expected['images']) if part == 'vision' else {'x': tower.preprocess(TEXTS)['x']}
+        )
+    ours, theirs = again(inputs), tower(inputs)
+    np.testing.assert_allclose(ours['last_hidden_state'], theirs['last_hidden_state'], atol=1e-5, rtol=0)
+    pooled = ours['pooler_output']
+    if (
+        part == 'text'
+    ):  # big_vision's pre_logits come before its `head`, which SigLIP's pooler_output includes
+        with np.load(tmp_path / 'siglip.npz') as f:
+            pooled = pooled @ f['params/head/kernel'] + f['params/head/bias']
+    np.testing.assert_allclose(pooled, theirs['pooler_output'], atol=1e-5, rtol=0)
+
+
+def test_a_tower_big_vision_does_not_compute_is_not_saved_as_npz(tmp_path):
+    tower = refnet_jax.load_tower(f'hf:{FIXTURES / "bert"}')
+    with pytest.raises(
+        ValueError, match=r"save_tower: bert/text is not a big_vision transformer \(\{'activation'"
+    ):
+        refnet_jax.save_tower(tower, str(tmp_path / 'bert.npz'))

@@ -1,4 +1,5 @@
-"""`save_tower`: a tower trained here, written back as a Hugging Face directory that transformers loads.
+"""`save_tower`: a tower trained here, written back as a Hugging Face directory that transformers loads, or as
+a big_vision `.npz`.
 
 The inverse of `load_tower`: each parameter goes back to its tensor name, layout and shape by the same table
 (`hf.names`), `config.json` is the tower's own (a two-tower file's part becomes its one-tower model type,
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from refnet_jax.models.towers import hf, loader
+from refnet_jax.models.towers import big_vision, hf, loader
 
 FILES = (
     'preprocessor_config.json',
@@ -38,13 +39,16 @@ def _back(to_flax, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def save_tower(tower: 'loader.LoadedTower', path: str) -> str:
-    """Writes `tower` (from `load_tower('hf:DIR', part)`, its `variables` trained or not) to the directory
-    `path` as a Hugging Face model directory: config.json, model.safetensors (float32) and DIR's tokenizer and
-    preprocessor files. Returns `path`.
+    """Writes `tower` (a `load_tower` result, its `variables` trained or not) to `path`: a `.npz` path is a
+    big_vision-layout file (`save_npz`); any other path a directory, a Hugging Face model directory:
+    config.json, model.safetensors (float32) and the tokenizer and preprocessor files of the directory the
+    tower came from. Returns `path`.
 
     Raises:
-      ValueError: `tower` did not come from a Hugging Face directory, or `path` is an existing file.
+      ValueError: a Hugging Face directory for a tower that did not come from one, or `path` is an existing file.
     """
+    if str(path).endswith('.npz'):
+        return save_npz(tower, str(path))
     if not tower.source.startswith('hf:'):
         raise ValueError(
             f'save_tower: the tower comes from {tower.source!r}; expected one loaded from hf:DIR'
@@ -58,12 +62,7 @@ def save_tower(tower: 'loader.LoadedTower', path: str) -> str:
     if hf.MODEL_TYPES[config['model_type']][1] is None:  # one part of a two-tower file: its one-tower type
         config = dict(section, model_type=f'{family}_{part}_model')
     table = hf.names(family, part, fields, set(tensors))
-    flat = {
-        '/'.join(k.key for k in p): np.asarray(v, np.float32)
-        for p, v in jax.tree_util.tree_flatten_with_path(tower.variables['params'])[0]
-    }
-    if tower.module.scan:
-        flat = loader.unstack_blocks(flat)
+    flat = _flat(tower)
     out: dict[str, np.ndarray] = {}
     packed: dict[str, list] = {}
     for name, value in sorted(flat.items()):
@@ -85,3 +84,60 @@ def save_tower(tower: 'loader.LoadedTower', path: str) -> str:
         if os.path.isfile(os.path.join(source_dir, name)):
             shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
     return path
+
+
+# big_vision's ViT and text transformer: the `Tower` fields they fix
+BIG_VISION = dict(
+    activation='gelu_tanh', eps=1e-6, norm='pre', embed_norm=False, final_norm='tokens', causal=False
+)
+
+
+def save_npz(tower: 'loader.LoadedTower', path: str) -> str:
+    """Writes `tower` as a big_vision `.npz` (flat '/'-joined names under `params/`, blocks per block): what
+    big_vision's `models/vit.py` (or its text transformer) loads, and `load_tower('PATH.npz')` reads back.
+    The tower must be one big_vision computes: a big_vision file's, or a SigLIP tower's.
+
+    Raises:
+      ValueError: naming the fields where the tower is not a big_vision transformer.
+    """
+    m = tower.module
+    wrong = {k: getattr(m, k) for k, v in BIG_VISION.items() if getattr(m, k) != v}
+    if m.modality == 'image':
+        if m.cls_token and not m.pos_before_cls:
+            wrong['pos_before_cls'] = False
+        if m.pooling not in ('gap', 'cls', 'map', 'none') or m.head_dim is not None:
+            wrong['pooling'] = m.pooling
+    elif m.pooling not in ('last', 'map') or m.type_vocab_size:
+        wrong.update(pooling=m.pooling, type_vocab_size=m.type_vocab_size)
+    if wrong:
+        raise ValueError(
+            f'save_tower: {tower.architecture} is not a big_vision transformer ({wrong}; big_vision fixes {BIG_VISION})'
+        )
+    table = big_vision.names(
+        dict(modality=m.modality, depth=m.depth, cls_token=m.cls_token, pooling=m.pooling)
+    )
+    if m.head_dim is not None:  # SigLIP's text head: big_vision's `head` Dense of the pooled output
+        table['head/kernel'], table['head/bias'] = ('head/kernel', hf._same), ('head/bias', hf._same)
+    flat = _flat(tower)
+    h = m.num_heads
+    out = {}
+    for name, value in flat.items():
+        tensor, to_flax = table[name]
+        if to_flax is big_vision._heads_in:
+            value = value.reshape(value.shape[0], h, -1) if value.ndim == 2 else value.reshape(h, -1)
+        elif to_flax is big_vision._heads_out:
+            value = value.reshape(h, -1, value.shape[-1])
+        elif to_flax is hf._flat:
+            value = value.reshape(1, 1, -1)
+        out[f'params/{tensor}'] = np.ascontiguousarray(value, np.float32)
+    np.savez(path, **out)
+    return path
+
+
+def _flat(tower: 'loader.LoadedTower') -> dict[str, np.ndarray]:
+    """The tower's parameters, flat by '/'-joined name, blocks unrolled."""
+    flat = {
+        '/'.join(k.key for k in p): np.asarray(v, np.float32)
+        for p, v in jax.tree_util.tree_flatten_with_path(tower.variables['params'])[0]
+    }
+    return loader.unstack_blocks(flat) if tower.module.scan else flat
