@@ -238,10 +238,11 @@ def test_pretrained_towers_in_refnet_load_freeze_and_train(tmp_path):
     """A SigLIP image tower (frozen) and a BERT text tower, tokens into `mmft` with `tokens` refiner targets:
     the encoders start from the checkpoints and compute what `load_tower` computes; after 20 steps the frozen
     tower is bit-identical and the other has moved; `save_tower` writes the trained one back, bit-identical."""
+    from etils import epath
     from test_model import INFO, toy_batch, toy_config
 
     from refnet_jax import config_lib
-    from refnet_jax.train import pretrained, sharding, trainer
+    from refnet_jax.train import checkpointing, pretrained, sharding, trainer
 
     config = toy_config('mmft', 'refnet', target='tokens')
     image = dict(module='pretrained', init_from=f'hf:{FIXTURES / "siglip"}', part='vision', pooling='tokens')
@@ -267,14 +268,19 @@ def test_pretrained_towers_in_refnet_load_freeze_and_train(tmp_path):
                 state, sharding.shard_batch(batch, run.mesh), jax.random.key(step)
             )
         after = jax.device_get(state.params)
+        (tmp_path / 'run').mkdir()  # a workdir as train.py leaves it: its config and a checkpoint
+        config_lib.check_workdir_config(config, epath.Path(tmp_path / 'run'))
+        ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
+        ckpt.save(state)
+        ckpt.close()
     assert np.isfinite(metrics['loss'])
     jax.tree.map(np.testing.assert_array_equal, after['encoders']['image'], before['encoders']['image'])
     moved = jax.tree.map(
         lambda a, b: not np.allclose(a, b), after['encoders']['question'], before['encoders']['question']
     )
     assert any(jax.tree.leaves(moved))
-    # back out: the trained text tower as a Hugging Face directory, loaded back bit-identical
-    refnet_jax.save_tower(pretrained.tower_of(config, 'question', after), str(tmp_path / 'bert'))
+    # back out: the trained text tower of the workdir as a Hugging Face directory, loaded back bit-identical
+    refnet_jax.save_tower(str(tmp_path / 'run'), str(tmp_path / 'bert'), modality='question')
     again = refnet_jax.load_tower(f'hf:{tmp_path / "bert"}')
     trained = after['encoders']['question']['tower']
     jax.tree.map(np.testing.assert_array_equal, {k: again.variables['params'][k] for k in trained}, trained)
