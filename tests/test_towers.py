@@ -412,7 +412,7 @@ def test_a_modality_vocabulary_larger_than_the_tower_is_refused():
         module='pretrained', init_from=f'hf:{FIXTURES / "siglip"}', part='text'
     )  # 40 ids; the toy's 11
     config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': text})
-    model_lib.create_model(config, INFO).init(jax.random.key(0), toy_batch())  # fits
+    jax.eval_shape(model_lib.create_model(config, INFO).init, jax.random.key(0), toy_batch())  # fits
     bert = dict(text, init_from=f'hf:{FIXTURES / "bert"}', part=None)
     config_lib.set_encoders(config, {'image': dict(config.model.encoders.image), 'question': bert})
     small = dataclasses.replace(
