@@ -543,3 +543,26 @@ def test_a_tower_big_vision_does_not_compute_is_not_saved_as_npz(tmp_path):
         ValueError, match=r"save_tower: bert/text is not a big_vision transformer \(\{'activation'"
     ):
         refnet_jax.save_tower(tower, str(tmp_path / 'bert.npz'))
+
+
+def test_a_scanned_pretrained_encoder_loads_the_stacked_blocks():
+    from test_model import INFO, toy_batch, toy_config
+
+    from refnet_jax import config_lib
+    from refnet_jax.models import model as model_lib
+    from refnet_jax.models.towers import loader
+    from refnet_jax.train import pretrained
+
+    config = toy_config('concat', 'baseline')
+    image = dict(module='pretrained', init_from=f'hf:{FIXTURES / "vit"}', scan=True)
+    config_lib.set_encoders(config, {'image': image, 'question': dict(config.model.encoders.question)})
+    model = model_lib.create_model(config, INFO)
+    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
+    loaded = pretrained.load_into(params, config)['encoders']['image']['tower']
+    vit = refnet_jax.load_tower(f'hf:{FIXTURES / "vit"}', scan=True)
+    jax.tree.map(np.testing.assert_array_equal, loaded, vit.variables['params'])
+    assert loaded['blocks']['mlp']['fc1']['kernel'].shape == (2, 16, 32)
+    assert loader.stack_blocks({'block_0/a': np.zeros(1), 'block_1/a': np.ones(1)}, 2)['blocks/a'].shape == (
+        2,
+        1,
+    )
