@@ -15,6 +15,7 @@ def forward_and_loss(run):
     return forward
 
 
+@pytest.mark.slow(seconds=12)
 def test_cached_gradients_equal_the_whole_batch_gradient_and_naive_accumulation_does_not():
     config = toy_config('concat', 'refnet')  # task + refiner + Multi-Similarity terms
     run = trainer.build(config, info=INFO, devices=jax.devices()[:1])

@@ -4,6 +4,7 @@ scan's own backward pass included), padded steps leave the states as they were, 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from refnet_jax.models import layers
 from refnet_jax.models.fusions import coupled_mamba
@@ -31,6 +32,7 @@ def numpy_recurrence(decay, inputs, coupling, mask):
     return np.stack(out, 1)
 
 
+@pytest.mark.slow(seconds=6)
 def test_the_parallel_scan_equals_the_sequential_one_in_values_and_gradients():
     args = case()
     parallel = coupled_mamba.coupled_scan(*args)
@@ -49,6 +51,7 @@ def test_the_parallel_scan_equals_the_sequential_one_in_values_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
+@pytest.mark.slow(seconds=5)
 def test_linear_recurrence_and_its_backward_pass_equal_autodiff_of_a_sequential_scan():
     rs = np.random.RandomState(1)
     a = jnp.asarray(rs.uniform(-0.6, 0.6, (2, 9, 3, 2, 2)), jnp.float32)  # general transitions, not only
@@ -88,6 +91,7 @@ def test_padded_steps_keep_the_state_and_the_chains_are_coupled():
     )
 
 
+@pytest.mark.slow(seconds=5)
 def test_step_sizes_start_as_mambas_between_one_thousandth_and_one_tenth():
     tokens = {m: layers.Tokens(jnp.ones((2, 5, 8)), jnp.ones((2, 5), bool)) for m in ('a', 'b')}
     module = coupled_mamba.CoupledMamba(fused_dim=8, depth=1, state_size=4)

@@ -4,6 +4,7 @@ iterations, and a fixed point that is not reached shows in the statistics."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from refnet_jax.models.fusions import deq
 
@@ -30,6 +31,7 @@ def unrolled_iterates(params, embeddings, n):
     return iterates
 
 
+@pytest.mark.slow(seconds=8)
 def test_the_implicit_gradient_equals_the_unrolled_one():
     module, params, embeddings = setup()
     weights = jnp.asarray(np.random.RandomState(1).randn(4, 8), jnp.float32)

@@ -131,6 +131,7 @@ def test_refiner_targets_and_reconstructions_have_matching_shapes():
             assert aux['targets'][m].shape == aux['reconstructions'][m].shape == (8, d)
 
 
+@pytest.mark.slow(seconds=4)
 def test_shared_modality_is_encoded_once_per_row_and_gathered():
     config = toy_config(variant='baseline')
     model = model_lib.create_model(config, INFO)
@@ -142,6 +143,7 @@ def test_shared_modality_is_encoded_once_per_row_and_gathered():
     np.testing.assert_allclose(aux['fused'], aux_flat['fused'], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow(seconds=7)
 def test_inference_without_refiner_gives_the_same_logits():
     config = toy_config()
     model = model_lib.create_model(config, INFO)
@@ -205,6 +207,7 @@ def test_trivially_learnable_data_reaches_full_accuracy():
     assert float(metrics['task_loss']) < 0.05
 
 
+@pytest.mark.slow(seconds=9)
 def test_tokens_targets_are_the_fusions_readouts():
     """With `tokens` targets the refiner decodes the fusion's per-modality read-outs (not the encoders'
     pooled embeddings, which have the same width here)."""

@@ -59,6 +59,7 @@ def two_class_run():
     return trainer.build(easy_vqa.get_config('tiny'), info=toy_info(2, False), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow(seconds=4)
 @pytest.mark.parametrize('multi_label', [False, True])
 def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(two_class_run, multi_label):
     run, info = two_class_run, toy_info(2, multi_label)
@@ -98,6 +99,7 @@ def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(tw
         assert results['auroc'] == pytest.approx(auroc, abs=1e-6)
 
 
+@pytest.mark.slow(seconds=9)
 def test_pretraining_evaluation_reads_no_label_and_weights_the_refiner_losses():
     info = toy_info(5, False)
     config = easy_vqa.get_config('tiny,variant=pretrain')

@@ -19,6 +19,7 @@ def steps(config, n, batch=None):
     return run, state0, jax.device_get(state)
 
 
+@pytest.mark.slow(seconds=13)
 def test_frozen_parameters_stay_bit_identical_hold_no_state_and_cost_no_backward_pass():
     config = toy_config('concat', 'refnet')
     config.train.frozen = ('encoders/image/.*',)

@@ -3,9 +3,11 @@ written: the loss falls, and the refiner's parameters get gradients and change."
 
 import jax
 import numpy as np
+import pytest
 from helpers import doc_blocks
 
 
+@pytest.mark.slow(seconds=5)
 def test_the_own_training_loop_example_trains_the_refiner():
     (lang, code), *rest = doc_blocks('how-to/own-training-loop.md')
     assert lang == 'python' and not rest

@@ -40,6 +40,7 @@ def test_bfloat16_computation_with_float32_parameters_trains(fusion):
     assert dtypes_of(state.params) == {'float32'}
 
 
+@pytest.mark.slow(seconds=9)
 def test_bfloat16_logits_are_close_to_float32_and_param_dtype_keeps_parameters():
     config = toy_config('concat', variant='baseline')
     model32 = model_lib.create_model(config, INFO)

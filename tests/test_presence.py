@@ -89,6 +89,7 @@ def test_absent_values_change_neither_outputs_nor_gradients(fusion, target):
     assert not np.allclose(logits1, logits2)
 
 
+@pytest.mark.slow(seconds=4)
 def test_an_absent_modality_is_its_learned_stand_in_and_omitted_presence_means_present():
     config = toy_config('concat', variant='baseline')
     params, _, logits, aux, grads = loss_and_grads(config, toy_batch())
@@ -103,6 +104,7 @@ def test_an_absent_modality_is_its_learned_stand_in_and_omitted_presence_means_p
     np.testing.assert_array_equal(logits_all, logits_marked)
 
 
+@pytest.mark.slow(seconds=6)
 def test_refiner_loss_of_an_absent_modality_is_masked_and_finite_when_a_batch_lacks_it():
     config = toy_config('concat', variant='refiner', target='input')
     model = model_lib.create_model(config, INFO)

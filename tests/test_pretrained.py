@@ -56,6 +56,7 @@ def numpy_vit(p, images, depth):
     return x.mean(1)
 
 
+@pytest.mark.slow(seconds=9)
 def test_a_big_vision_npz_loads_into_the_vit_and_matches_numpy(tmp_path):
     config = vit_config()
     model = model_lib.create_model(config, INFO)
@@ -166,6 +167,7 @@ def numpy_encoder(p, x, depth, prefix):
     return layer_norm(x, p[f'{prefix}encoder_norm/scale'], p[f'{prefix}encoder_norm/bias'])
 
 
+@pytest.mark.slow(seconds=7)
 def test_a_siglip_text_tower_npz_loads_into_the_text_transformer_and_matches_numpy(tmp_path):
     fields = dict(module='text_transformer', width=16, depth=2, num_heads=2, pooling='last', embed_dim=8)
     config = toy_config('concat', 'baseline')

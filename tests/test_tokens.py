@@ -51,6 +51,7 @@ def make_fusion(kind, fields):
     return cls(**common, **fields)
 
 
+@pytest.mark.slow(seconds=8)
 @pytest.mark.parametrize('kind,fields', FUSION_CASES)
 def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
     module = make_fusion(kind, fields)
@@ -78,6 +79,7 @@ def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
         assert np.isfinite(g).all() and not g[~np.asarray(dirty[m].mask)].any()
 
 
+@pytest.mark.slow(seconds=15)
 @pytest.mark.parametrize('kind,fields', FUSION_CASES)
 def test_token_fusion_masks_padded_positions_inside(kind, fields):
     """More padded positions change nothing. Padding is zeroed on the way in (above), so this is what shows
@@ -113,6 +115,7 @@ def test_token_fusion_does_not_depend_on_modality_order(kind, fields):
     )
 
 
+@pytest.mark.slow(seconds=4)
 @pytest.mark.parametrize('readout', ['mean', 'cls'])
 def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer(readout):
     module = make_fusion('mmft', dict(readout=readout, readout_layer=2))
@@ -157,6 +160,7 @@ def test_mmft_reads_out_at_layer_k_from_the_last():
     assert not np.allclose(full.apply(p_full, inputs).z, shallow.apply(p_full, inputs).z)
 
 
+@pytest.mark.slow(seconds=16)
 def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
     module = make_fusion('mbt', dict(fusion_layer=1))
     inputs = token_inputs(pad_value=np.nan)
@@ -202,6 +206,7 @@ SERIES = np.random.RandomState(1).randn(2, 32, 3).astype(np.float32)
 IDS = np.array([[3, 5, 2, 0, 0, 0], [7, 0, 0, 0, 0, 0]], np.int32)
 
 
+@pytest.mark.slow(seconds=7)
 @pytest.mark.parametrize(
     'module,x,tokens',
     [
@@ -221,6 +226,7 @@ def test_token_encoders_return_tokens_and_masks(module, x, tokens):
     np.testing.assert_array_equal(out.mask, want_mask)
 
 
+@pytest.mark.slow(seconds=4)
 def test_text_transformer_never_reads_padding():
     """The padding id's embedding set to NaN changes neither the real tokens' outputs nor any gradient."""
     module = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
@@ -249,6 +255,7 @@ def test_text_transformer_never_reads_padding():
     np.testing.assert_allclose(out_long.tokens[:, :6], out0.tokens, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow(seconds=5)
 @pytest.mark.parametrize('pooling', ['last', 'first', 'gap'])
 def test_text_transformer_pooled_outputs_read_real_tokens(pooling):
     """'last' is each text's last real token (not a padded position), 'first' its first, 'gap' their mean."""
@@ -268,6 +275,7 @@ def test_text_transformer_pooled_outputs_read_real_tokens(pooling):
     assert np.abs(want).min(axis=1).max() > 0 and np.abs(got).sum(1).min() > 0
 
 
+@pytest.mark.slow(seconds=7)
 @pytest.mark.parametrize('pooling', ['gap', 'cls'])
 def test_vit_pooled_outputs(pooling):
     module = encoders.ViT(patch_size=(8, 8), width=8, depth=1, num_heads=2, pooling=pooling, embed_dim=5)
@@ -299,6 +307,7 @@ def test_pooled_fusion_does_not_depend_on_modality_order(kind):
     )
 
 
+@pytest.mark.slow(seconds=10)
 def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
     """The chains' scan gets each modality's mask, padded to the longest (a padded step keeps a chain's state:
     tests/test_coupled_mamba.py), in every layer; and each readout is that modality's chain."""

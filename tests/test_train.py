@@ -289,6 +289,7 @@ def test_shared_modality_rows_need_not_divide_by_the_devices(easy_vqa_dir):
     assert losses[1] == pytest.approx(losses[8], rel=1e-5)
 
 
+@pytest.mark.slow(seconds=13)
 def test_train_step_compiles_once(easy_vqa_dir):
     config = tiny_config(easy_vqa_dir)
     _, mesh, _, schedule, state = fresh_state(config)
@@ -300,6 +301,7 @@ def test_train_step_compiles_once(easy_vqa_dir):
     assert step._cache_size() == 1
 
 
+@pytest.mark.slow(seconds=11)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy_vqa_dir):
     # The warm-up's learning rate is 0 at step 0, so the losses of steps 1 and 2 are those of the initial
     # parameters (finite) and step 2 is checkpointed. Its parameters are one Adam step of learning rate 1e38

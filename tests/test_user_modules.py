@@ -41,6 +41,7 @@ def with_user_modules(path, config=None):
     return config
 
 
+@pytest.mark.slow(seconds=5)
 def test_user_encoder_and_fusion_train_a_step(my_modules):
     config = with_user_modules(my_modules)
     run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
@@ -82,7 +83,10 @@ def test_package_module_class_names_a_module():
         ),
         ('refnet_jax.encoderz:ImageCNN', "no module 'refnet_jax.encoderz' can be imported"),
         ('refnet_jax.models.encoders:POOLINGS', 'which is a tuple, not a flax.linen.Module class'),
-        ('MyEncoder', "expected one of ['bow', 'cnn', 'conv1d', 'mlp', 'pretrained', 'text_transformer', 'vit']"),
+        (
+            'MyEncoder',
+            "expected one of ['bow', 'cnn', 'conv1d', 'mlp', 'pretrained', 'text_transformer', 'vit']",
+        ),
     ],
 )
 def test_a_misspelt_module_is_named_before_training(my_modules, spec, message):

@@ -240,7 +240,8 @@ def create_model(config: ml_collections.ConfigDict, info: contract.DatasetInfo) 
         spec = fields.pop('module', None) or contract.KINDS[info.modalities[m].kind].encoder
         field = f'config.model.encoders.{m}'
         cls = modules.resolve(spec, encoders.ENCODERS, f'{field}.module')
-        if source and 'init_from' in cls.__dataclass_fields__:  # ... but for a module built from it ('pretrained')
+        # ... but for a module built from it ('pretrained')
+        if source and 'init_from' in cls.__dataclass_fields__:
             fields['init_from'] = source
         enc = modules.instantiate(
             cls,
