@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from refnet_jax.models.towers import big_vision
 from refnet_jax.train import paths
 
 
@@ -90,13 +91,7 @@ def _subtree(flat: Mapping[str, np.ndarray], sub: str, source: str, field: str) 
 def _read_flat(path: str, source: str, field: str) -> dict[str, np.ndarray]:
     """Every array that the file or directory `path` of `source` holds, flat by '/'-joined name."""
     if path.endswith('.npz'):
-        if not os.path.isfile(path):
-            raise ValueError(f'{field} is {source!r}, but there is no file {path!r}')
-        with np.load(path, allow_pickle=False) as data:
-            flat = {k: data[k] for k in data.files}
-        if all(k.startswith('params/') for k in flat):
-            flat = {k[len('params/') :]: v for k, v in flat.items()}
-        return flat
+        return big_vision.read_npz(path, f'{field} is {source!r}')
     if not os.path.isdir(path):
         raise ValueError(
             f'{field} is {source!r}: expected a .npz file, a refnet workdir or an orbax checkpoint'

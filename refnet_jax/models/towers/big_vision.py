@@ -26,14 +26,21 @@ from refnet_jax.models.towers import hf
 Table = hf.Table
 
 
-def read(path: str, sub: str, source: str) -> dict[str, np.ndarray]:
-    """The arrays of the tower at `sub` of the .npz `path`, stacked blocks split into `encoderblock_{i}`."""
+def read_npz(path: str, where: str) -> dict[str, np.ndarray]:
+    """Every array of the big_vision-layout .npz `path` by '/'-joined name, a leading `params/` dropped; a
+    missing file is an error that starts with `where` (the field or source that named it)."""
     if not os.path.isfile(path):
-        raise ValueError(f'{source}: there is no file {path!r}')
+        raise ValueError(f'{where}, but there is no file {path!r}')
     with np.load(path, allow_pickle=False) as data:
         flat = {k: data[k] for k in data.files}
     if all(k.startswith('params/') for k in flat):
         flat = {k[len('params/') :]: v for k, v in flat.items()}
+    return flat
+
+
+def read(path: str, sub: str, source: str) -> dict[str, np.ndarray]:
+    """The arrays of the tower at `sub` of the .npz `path`, stacked blocks split into `encoderblock_{i}`."""
+    flat = read_npz(path, source)
     if sub:
         prefix = sub.strip('/') + '/'
         tower = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
