@@ -12,8 +12,8 @@ import optax
 import pytest
 
 from configs import easy_vqa
-from refnet_jax import export as export_lib
 from refnet_jax.data import input_pipeline
+from refnet_jax.export import serving as export_lib
 from refnet_jax.models import model as model_lib
 from refnet_jax.train import checkpointing, objective, sharding, trainer
 
