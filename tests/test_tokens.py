@@ -177,7 +177,14 @@ def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
     np.testing.assert_allclose(z, np.mean([readouts[m] for m in masks], 0), rtol=1e-6)
 
 
-@pytest.mark.parametrize('fusion_layer,exchanged', [(2, False), (1, False), (0, True)])
+@pytest.mark.parametrize(
+    'fusion_layer,exchanged',
+    [
+        pytest.param(2, False, marks=pytest.mark.slow),
+        pytest.param(1, False, marks=pytest.mark.slow),
+        (0, True),
+    ],
+)
 def test_mbt_modalities_exchange_information_through_two_fused_blocks(fusion_layer, exchanged):
     """b's tokens reach a's read-out only through a bottleneck written by one fused block and read by the
     next: none with no fused block (2 of depth 2) and none with one (1: the bottleneck it writes is unread)."""

@@ -210,6 +210,7 @@ def build_with_fusion(tmp_path, fusion_class, target='embedding'):
     return config
 
 
+@pytest.mark.slow(seconds=8)
 @pytest.mark.parametrize(
     'fusion_class, target, stat',
     [('TokenStats', 'tokens', 'tokens_seen'), ('FeedbackStats', 'embedding', 'change')],
