@@ -1,5 +1,5 @@
-"""Set-up shared by the tests: tiny easy-VQA configs, freshly initialized train states, stored records, the
-code blocks of the docs."""
+"""Set-up shared by the tests: tiny easy-VQA configs and train.py commands, own-data configs, freshly
+initialized train states, stored records, the code blocks of the docs."""
 
 import pathlib
 import re
@@ -7,10 +7,36 @@ import re
 import numpy as np
 
 from configs import easy_vqa
+from refnet_jax import config_lib
 from refnet_jax.data import input_pipeline
 from refnet_jax.train import trainer
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / 'docs'
+CUSTOM = DOCS.parent / 'configs' / 'custom.py'
+
+
+def tiny_train_command(workdir, data_dir, *overrides: str) -> list[str]:
+    """`train.py` on the tiny easy-VQA config, as a user types it (relative to the repository root), reading
+    the data prepared in `data_dir`."""
+    return [
+        'train.py',
+        '--config',
+        'configs/easy_vqa.py:tiny',
+        '--workdir',
+        str(workdir),
+        f'--config.data.data_dir={data_dir}',
+        *overrides,
+    ]
+
+
+def custom_config(manual_dir, data_dir, arg: str, **data):
+    """configs/custom.py with the modalities of its argument, as a user runs it (no code), reading
+    `manual_dir` and preparing into `data_dir`; `data` sets further `config.data` fields."""
+    config = config_lib.load_file(f'{CUSTOM}:{arg}')
+    config.data.manual_dir, config.data.data_dir = str(manual_dir), str(data_dir)
+    for k, v in data.items():
+        config.data[k] = v
+    return config
 
 
 def doc_blocks(page: str, marker: str | None = None) -> list[tuple[str, str]]:

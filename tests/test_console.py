@@ -15,6 +15,7 @@ import sys
 import termios
 
 import pytest
+from helpers import tiny_train_command
 
 from refnet_jax import console
 
@@ -201,16 +202,9 @@ def run_in_terminal(args, timeout=600):
 @pytest.mark.slow(seconds=60)
 def test_a_run_in_a_terminal_shows_a_bar_a_few_lines_and_the_summary(tmp_path, easy_vqa_dir):
     workdir = tmp_path / 'x'
+    # 300 steps: 150 checkpoints, and orbax's chatter with them, were it shown.
     rc, lines, bars = run_in_terminal(
-        [
-            'train.py',
-            '--config',
-            'configs/easy_vqa.py:tiny',
-            '--workdir',
-            str(workdir),
-            '--config.train.num_steps=300',  # 150 checkpoints: orbax's chatter, were it shown
-            f'--config.data.data_dir={easy_vqa_dir}',
-        ]
+        tiny_train_command(workdir, easy_vqa_dir, '--config.train.num_steps=300')
     )
     shown = '\n'.join(lines)
     assert rc == 0, shown
@@ -232,16 +226,7 @@ def test_a_run_in_a_terminal_shows_a_bar_a_few_lines_and_the_summary(tmp_path, e
 
 
 def run_plain(tmp_path, easy_vqa_dir, *flags, env=None):
-    cmd = [
-        sys.executable,
-        'train.py',
-        '--config',
-        'configs/easy_vqa.py:tiny',
-        '--workdir',
-        str(tmp_path / 'run'),
-        f'--config.data.data_dir={easy_vqa_dir}',
-        *flags,
-    ]
+    cmd = [sys.executable, *tiny_train_command(tmp_path / 'run', easy_vqa_dir, *flags)]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=dict(ONE_CPU, **(env or {})), capture_output=True, text=True, timeout=600
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import stored_records
+from helpers import custom_config, stored_records
 from PIL import Image
 
 from refnet_jax import config_lib
@@ -69,13 +69,7 @@ def write(path: pathlib.Path, table: list[dict]) -> pathlib.Path:
 
 
 def config_for(manual_dir, data_dir, table, arg=ARG, **data):
-    config = config_lib.load_file(f'{ROOT / "configs" / "custom.py"}:{arg}')
-    config.data.manual_dir, config.data.data_dir, config.data.table = str(manual_dir), str(data_dir), table
-    config.data.image_size = 8
-    config.data.split_column = 'part'
-    for k, v in data.items():
-        config.data[k] = v
-    return config
+    return custom_config(manual_dir, data_dir, arg, table=table, image_size=8, split_column='part', **data)
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 import tokenizers as hf
-from helpers import stored_records
+from helpers import custom_config, stored_records
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from refnet_jax import config_lib
@@ -50,13 +50,7 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 def text_config(manual_dir, data_dir, arg='kinds=title:text+body:text,tiny', **data):
     """configs/custom.py with the modalities given in its argument, as a user runs it (no code)."""
-    config = config_lib.load_file(f'{ROOT / "configs" / "custom.py"}:{arg}')
-    config.data.manual_dir = str(manual_dir)
-    config.data.data_dir = str(data_dir)
-    config.data.table = 'reviews.csv'
-    for k, v in data.items():
-        config.data[k] = v
-    return config
+    return custom_config(manual_dir, data_dir, arg, **{'table': 'reviews.csv', **data})
 
 
 @pytest.fixture(scope='module')

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import fresh_state, tiny_config
+from helpers import fresh_state, tiny_config, tiny_train_command
 
 from refnet_jax.data import contract, input_pipeline
 from refnet_jax.train import checkpointing, objective, sharding, trainer
@@ -21,16 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(workdir, data_dir, *overrides, wait=True):
-    cmd = [
-        sys.executable,
-        'train.py',
-        '--config',
-        'configs/easy_vqa.py:tiny',
-        '--workdir',
-        str(workdir),
-        f'--config.data.data_dir={data_dir}',
-        *overrides,
-    ]
+    cmd = [sys.executable, *tiny_train_command(workdir, data_dir, *overrides)]
     env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device, for speed
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
