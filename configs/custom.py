@@ -121,8 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.nan = 'error'  # non-finite 'features'/'series' values: 'error' (naming file, row, field) or 'zero'
     data.image_size = 64  # a table's images are resized to image_size x image_size RGB
     texts = [m for m, kind in modalities.items() if kind == 'text']
-    # Per text modality: 'train' (a sentencepiece tokenizer trained on its training text, reproducibly), or the
-    # path of a tokenizer file: a Hugging Face tokenizer.json or a sentencepiece .model (a pretrained tower's).
+    # Per text modality: 'train' (a sentencepiece tokenizer trained on its training text, reproducibly), the
+    # path of a tokenizer file (a Hugging Face tokenizer.json or a sentencepiece .model), or 'hf:DIR', a Hugging
+    # Face model directory: its text tower's own tokenizer, exactly as that tower was trained to read.
     data.tokenizer = dict.fromkeys(texts, 'train')
     data.vocab_size = 8000  # the most pieces a trained tokenizer has (fewer when the text has fewer)
     # Per text modality: ids per example (longer texts are cut); None: the training text's 99th percentile

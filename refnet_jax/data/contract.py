@@ -82,7 +82,8 @@ class ModalityInfo:
       dtype: NumPy dtype of the batch array.
       vocab_size: number of token ids (kinds that need one only), padding and unknown-word ids included.
       pad_id: the id of padding positions (kinds with a vocabulary): 0 for `tokens`, the tokenizer's for `text`,
-        which pads with it exactly where the prepared mask is False (a real token never has this id).
+        which pads with it exactly where the prepared mask is False (a real token never has this id, but for
+        an EOS that is also the padding token, CLIP's and SigLIP's: the last real token of a row).
       shared: True when one item serves several examples: the batch then has `index_key(name)` (B,) int32.
     """
 

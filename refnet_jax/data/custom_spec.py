@@ -220,7 +220,7 @@ def _per_text_modality(d: ml_collections.ConfigDict, field: str, kinds: dict[str
 def _check_text_fields(d: ml_collections.ConfigDict, kinds: dict[str, str]) -> dict[str, Any]:
     """The text fields of `Spec`: each text modality's tokenizer (its file read now, so that a missing or
     broken one is refused before any work) and max_tokens."""
-    tokenizer, digests = {}, {}
+    tokenizer, digests, loaded = {}, {}, {}
     for m, value in _per_text_modality(d, 'tokenizer', kinds).items():
         field = f'config.data.tokenizer.{m}={value!r}'
         if value == TRAIN:
@@ -228,16 +228,39 @@ def _check_text_fields(d: ml_collections.ConfigDict, kinds: dict[str, str]) -> d
             continue
         if not _is_name(value):
             raise ValueError(
-                f"{field}, expected 'train' or the path of a tokenizer.json or sentencepiece .model"
+                f"{field}, expected 'train', the path of a tokenizer.json or sentencepiece .model, or "
+                "'hf:DIR', a Hugging Face model directory whose text tower's tokenizer to use"
             )
-        path = pathlib.Path(os.path.abspath(os.path.expanduser(value)))
-        digests[m] = tokenizers.load(path, where=field).sha256
-        tokenizer[m] = str(path)
+        pretrained = value.startswith(tokenizers.PRETRAINED)
+        path = os.path.abspath(
+            os.path.expanduser(value[len(tokenizers.PRETRAINED) :] if pretrained else value)
+        )
+        tokenizer[m] = tokenizers.PRETRAINED + path if pretrained else path
+        loaded[m] = tokenizers.load(tokenizer[m], where=field)
+        digests[m] = loaded[m].sha256
     max_tokens = _per_text_modality(d, 'max_tokens', kinds)
     for m, value in max_tokens.items():
         if value is not None and not (_is_int(value) and value >= 1):
             raise ValueError(f'config.data.max_tokens.{m}={value!r}, expected None or an int >= 1')
+        _check_max_tokens(f'config.data.max_tokens.{m}={value!r}', value, loaded.get(m))
     return dict(tokenizer=tokenizer, tokenizer_sha256=digests, max_tokens=max_tokens)
+
+
+def _check_max_tokens(field: str, value: int | None, tokenizer: tokenizers.Tokenizer | None) -> None:
+    """A max_tokens that a pretrained tower's tokenizer allows: at most its `max_length` (the tower's positions),
+    and exactly that where it pads every text to it (SigLIP)."""
+    if value is None or tokenizer is None or tokenizer.max_length is None:
+        return
+    if tokenizer.pad_to_max and value != tokenizer.max_length:
+        raise ValueError(
+            f'{field}: this tokenizer pads every text to its model_max_length {tokenizer.max_length}, as its '
+            f'tower was trained (it pools the last position); expected None or {tokenizer.max_length}'
+        )
+    if value > tokenizer.max_length:
+        raise ValueError(
+            f"{field}: more than the tower's {tokenizer.max_length} positions (model_max_length); expected None "
+            f'or at most {tokenizer.max_length}'
+        )
 
 
 def _check_split(split: Any) -> tuple[float, float, float]:

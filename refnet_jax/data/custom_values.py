@@ -500,6 +500,10 @@ class Plan:
                     tokenizer, max_tokens = self.texts[m]
                     x, mask = tokenizer.encode(x.tolist(), max_tokens)
                     bad = mask & (x == tokenizer.pad_id)
+                    if (
+                        tokenizer.eos_id == tokenizer.pad_id
+                    ):  # the EOS ending each text pads too (CLIP, SigLIP)
+                        bad &= np.arange(max_tokens) != mask.sum(axis=1, keepdims=True) - 1
                     if bad.any():
                         i = int(keep[np.argwhere(bad)[0, 0]])
                         raise ValueError(
@@ -624,4 +628,10 @@ def _tokenizer(spec: Spec, m: str, texts: list[str]) -> tuple[tokenizers.Tokeniz
             raise ValueError(
                 f'config.data.tokenizer.{m}: {spec.tokenizer[m]} changed while it was being read'
             )
-    return tokenizer, spec.max_tokens[m] or default_max_tokens(tokenizer.lengths(texts))
+    if spec.max_tokens[m]:
+        return tokenizer, spec.max_tokens[m]
+    if tokenizer.pad_to_max:  # every text padded to the tower's length (SigLIP)
+        return tokenizer, tokenizer.max_length
+    return tokenizer, min(
+        default_max_tokens(tokenizer.lengths(texts)), tokenizer.max_length or MAX_TOKENS_CAP
+    )

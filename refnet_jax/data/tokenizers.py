@@ -1,9 +1,12 @@
-"""Tokenization: one small interface over the two tokenizer files that text towers ship.
+"""Tokenization: one small interface over the tokenizer files that text towers ship.
 
 - a Hugging Face `tokenizer.json`, read with the `tokenizers` package (BERT's WordPiece, GPT-style BPE, ...);
-- a sentencepiece `.model`, read with `sentencepiece` (big_vision's SigLIP and T5-style towers).
+- a sentencepiece `.model`, read with `sentencepiece` (big_vision's SigLIP and T5-style towers);
+- a Hugging Face model directory, `'hf:DIR'` (`Pretrained`): the tokenizer file there with the settings of its
+  `tokenizer_config.json` and `config.json`, so that a text is tokenized exactly as the tower's own processor
+  tokenizes it (BERT, CLIP and SigLIP text towers; `load_tower` uses the same class).
 
-`load(path)` reads either by its suffix; `train(texts, vocab_size)` trains a sentencepiece model on a
+`load(path)` reads any of them (a file by its suffix); `train(texts, vocab_size)` trains a sentencepiece model on a
 modality's training text, reproducibly: one thread and fixed options, so the same text gives a byte-identical
 `.model` file on any machine (the `tokenizers` package's trainers are not deterministic, even with one thread).
 
@@ -21,9 +24,12 @@ from __future__ import annotations
 import abc
 import hashlib
 import io
+import json
 import pathlib
 import re
+import string
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +64,13 @@ class Tokenizer(abc.ABC):
     """
 
     suffix: str
+    # The end-of-text id, where the tokenizer ends every text with one (None otherwise). Where it is also the
+    # padding id (CLIP, SigLIP), the first padding id of a row is that EOS, a real token.
+    eos_id: int | None = None
+    # The most ids a text may have (the tower's positions), and whether every text is padded to exactly that
+    # many (a tower that pools its last position, SigLIP's): None and False for a plain tokenizer file.
+    max_length: int | None = None
+    pad_to_max: bool = False
 
     def __init__(self, data: bytes, vocab_size: int, pad_id: int):
         self.data, self.vocab_size, self.pad_id = data, vocab_size, pad_id
@@ -78,13 +91,7 @@ class Tokenizer(abc.ABC):
     def encode(self, texts: Sequence[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (N, max_tokens) int32 of `texts`, truncated and padded to `max_tokens` with `pad_id`, and
         the mask (N, max_tokens) bool, True on real tokens."""
-        out = np.full((len(texts), max_tokens), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), max_tokens), bool)
-        for i, ids in enumerate(self.ids(texts)):
-            ids = ids[:max_tokens]
-            out[i, : len(ids)] = ids
-            mask[i, : len(ids)] = True
-        return out, mask
+        return _pad(self.ids(texts), max_tokens, self.pad_id)
 
 
 class HuggingFace(Tokenizer):
@@ -94,14 +101,19 @@ class HuggingFace(Tokenizer):
 
     suffix = '.json'
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, pad_token: str | None = None):
+        """`pad_token`: the padding token (a tokenizer_config.json's), instead of the file's own."""
         import tokenizers
 
         self._tokenizer = tokenizers.Tokenizer.from_str(data.decode('utf-8'))
         padding = self._tokenizer.padding
         vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._direction = 'right'
-        if padding is not None:
+        if pad_token is not None:
+            pad_id, self._pad_token = self._tokenizer.token_to_id(pad_token), pad_token
+            if pad_id is None:
+                raise ValueError(f'the tokenizer has no pad_token {pad_token!r}')
+        elif padding is not None:
             pad_id, self._pad_token = int(padding['pad_id']), padding['pad_token']
             self._direction = padding['direction']
         else:
@@ -153,6 +165,134 @@ class SentencePiece(Tokenizer):
 
 
 KINDS: dict[str, type[Tokenizer]] = {cls.suffix: cls for cls in (HuggingFace, SentencePiece)}
+PRETRAINED = 'hf:'  # the prefix of a Hugging Face model directory
+
+
+class Pretrained(Tokenizer):
+    """The tokenizer of a Hugging Face model directory (`'hf:DIR'`), as the tower's own processor tokenizes:
+
+    - BERT, CLIP (and another `tokenizer.json`): the file run by `tokenizers` (its normalization and special
+      tokens, truncation keeping them), padded with tokenizer_config.json's `pad_token` (CLIP's is its EOS);
+    - SigLIP (`spiece.model`): SiglipTokenizer's canonicalization (lower case, punctuation removed, whitespace
+      collapsed), an EOS after at most `max_length - 1` pieces, and padding to `max_length`: its text tower pools
+      the last position, as it was trained (`pad_to_max`).
+
+    `max_length` is tokenizer_config.json's `model_max_length`, at most config.json's `max_position_embeddings`
+    (or `max_positions`). `data` and `suffix` are the tokenizer file's; `sha256` covers it and the two configs.
+    """
+
+    def __init__(
+        self, path: str | pathlib.Path, *, where: str | None = None, max_positions: int | None = None
+    ):
+        path = pathlib.Path(path)
+        where = where or f'{PRETRAINED}{path}'
+        if not path.is_dir():
+            raise ValueError(f'{where}: there is no directory {str(path)!r}')
+        model = _json_file(path / 'config.json', where)
+        settings = _json_file(path / 'tokenizer_config.json', where)
+        self.family = str(model.get('model_type', ''))
+        section = model.get('text_config', model)
+        positions = [n for n in (section.get('max_position_embeddings'), max_positions) if n]
+        self.max_length = int(min([settings.get('model_max_length', 1 << 30), *positions]))
+        files = [path / name for name in ('spiece.model', 'tokenizer.json') if (path / name).is_file()]
+        if not files:
+            raise ValueError(
+                f'{where}: the directory has no tokenizer file; expected tokenizer.json (BERT, CLIP) or '
+                'spiece.model (SigLIP) beside config.json'
+            )
+        file = files[0] if self.family.startswith('siglip') else files[-1]
+        self.suffix = file.suffix
+        if self.suffix == '.model':
+            self._tokenizer = SentencePiece(file.read_bytes())
+            self._tokenizer.pad_id = self._piece(settings.get('pad_token'), '</s>', where)
+            self.eos_id = self._piece(settings.get('eos_token'), '</s>', where)
+            self._lower = settings.get('do_lower_case', True)
+            self.pad_to_max = self.family.startswith('siglip')
+        else:
+            default = '<|endoftext|>' if self.family.startswith('clip') else '[PAD]'
+            try:
+                self._tokenizer = HuggingFace(file.read_bytes(), _token(settings.get('pad_token')) or default)
+            except ValueError as e:
+                raise ValueError(f'{where}: {e}') from None
+            eos = _token(settings.get('eos_token'))
+            self.eos_id = self._tokenizer._tokenizer.token_to_id(eos) if eos else None
+        vocab_size = self._tokenizer.vocab_size
+        if self.suffix == '.model':  # its padding is one of its pieces (the EOS), no added id
+            vocab_size = self._tokenizer._processor.get_piece_size()
+        super().__init__(file.read_bytes(), vocab_size, self._tokenizer.pad_id)
+        self._digest = hashlib.sha256(
+            b''.join(
+                f.read_bytes()
+                for f in (file, path / 'config.json', path / 'tokenizer_config.json')
+                if f.is_file()
+            )
+        ).hexdigest()
+
+    def _piece(self, token: Any, default: str, where: str) -> int:
+        name = _token(token) or default
+        i = self._tokenizer._processor.piece_to_id(name)
+        if self._tokenizer._processor.id_to_piece(i) != name:
+            raise ValueError(f'{where}: the tokenizer has no token {name!r}')
+        return i
+
+    @property
+    def sha256(self) -> str:
+        return self._digest
+
+    def _canonical(self, text: str) -> str:
+        """SiglipTokenizer's canonicalization: lower case, punctuation removed, whitespace collapsed."""
+        text = text.lower() if self._lower else text
+        return re.sub(r'\s+', ' ', text.translate(_NO_PUNCTUATION)).strip()
+
+    def ids(self, texts):
+        if self.suffix == '.json':
+            return self._tokenizer.ids(texts)
+        return [ids + [self.eos_id] for ids in self._tokenizer.ids([self._canonical(t) for t in texts])]
+
+    def encode(self, texts, max_tokens):
+        if self.suffix == '.json':
+            return self._tokenizer.encode(texts, max_tokens)
+        pieces = self._tokenizer.ids([self._canonical(t) for t in texts])
+        return _pad([ids[: max_tokens - 1] + [self.eos_id] for ids in pieces], max_tokens, self.pad_id)
+
+
+_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
+
+
+def _pad(rows: list[list[int]], max_tokens: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N, max_tokens) int32, mask (N, max_tokens) bool) of `rows`, truncated and padded."""
+    out = np.full((len(rows), max_tokens), pad_id, np.int32)
+    mask = np.zeros((len(rows), max_tokens), bool)
+    for i, ids in enumerate(rows):
+        ids = ids[:max_tokens]
+        out[i, : len(ids)] = ids
+        mask[i, : len(ids)] = True
+    return out, mask
+
+
+def _token(value: Any) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken's {'content': ...}."""
+    return value.get('content') if isinstance(value, dict) else value
+
+
+def _json_file(path: pathlib.Path, where: str) -> dict:
+    """The JSON object in `path`, {} where there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{where}: {path.name} is not JSON ({e})') from None
+    if not isinstance(value, dict):
+        raise ValueError(f'{where}: {path.name} holds a {type(value).__name__}; expected a JSON object')
+    return value
+
+
+def library(source: str) -> str:
+    """The library that tokenizes for `source` ('train', a file, or 'hf:DIR'): 'tokenizers' or 'sentencepiece'."""
+    if source.startswith(PRETRAINED):
+        return 'tokenizers' if Pretrained(source[len(PRETRAINED) :]).suffix == '.json' else 'sentencepiece'
+    return 'tokenizers' if source.endswith('.json') else 'sentencepiece'
 
 
 def from_bytes(data: bytes, suffix: str, *, where: str = 'tokenizer') -> Tokenizer:
@@ -176,12 +316,15 @@ def from_bytes(data: bytes, suffix: str, *, where: str = 'tokenizer') -> Tokeniz
 
 
 def load(path: str | pathlib.Path, *, where: str | None = None) -> Tokenizer:
-    """The tokenizer in the file `path` (`tokenizer.json` or `.model`).
+    """The tokenizer in the file `path` (`tokenizer.json` or `.model`), or of the Hugging Face model directory
+    'hf:DIR' (`Pretrained`).
 
     Raises:
       FileNotFoundError: no such file.
       ValueError: the file is of another kind, or does not parse; the message names `where` (default: the path).
     """
+    if str(path).startswith(PRETRAINED):
+        return Pretrained(str(path)[len(PRETRAINED) :], where=where)
     path = pathlib.Path(path)
     where = where or str(path)
     if not path.is_file():

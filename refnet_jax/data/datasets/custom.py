@@ -21,8 +21,10 @@ and the data are checked against it:
   text      raw UTF-8 strings: a str (or UTF-8 bytes) array, or one table column of strings. Tokenized when the
             data are prepared by `config.data.tokenizer.<m>`: 'train' (a sentencepiece tokenizer trained on the
             train split's text, at most `config.data.vocab_size` pieces, byte for byte the same for the same
-            text) or a tokenizer.json / sentencepiece .model file (refnet_jax/data/tokenizers.py), to
-            `config.data.max_tokens.<m>` ids (None: the train split's 99th percentile length, at most 256).
+            text), a tokenizer.json / sentencepiece .model file, or 'hf:DIR', a Hugging Face model directory
+            whose text tower's own tokenizer it runs as that tower's processor does (tokenizers.Pretrained), to
+            `config.data.max_tokens.<m>` ids (None: the train split's 99th percentile length, at most 256 or
+            the tower's model_max_length; SigLIP's: exactly its model_max_length).
             Stored as ids and a mask `<m>_mask` (True on real tokens); the ids pad with the tokenizer's padding
             id (`ModalityInfo.pad_id`, not assumed 0), and the tokenizer file is saved beside the prepared data
             (`tokenizer_<m>.model` or `.json`, named with its SHA-256 in the metadata).
@@ -279,7 +281,7 @@ def _library_versions(spec: Spec) -> dict[str, str]:
 
     versions = {}
     for m, source in spec.tokenizer.items():
-        library = hf_tokenizers if source.endswith('.json') else sentencepiece
+        library = hf_tokenizers if tokenizers.library(source) == 'tokenizers' else sentencepiece
         versions[m] = f'{library.__name__} {library.__version__}'
     return versions
 

@@ -10,8 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
-import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refnet_jax.data import tokenizers
 from refnet_jax.models.towers import big_vision, hf
 from refnet_jax.models.towers.module import Tower
 
@@ -207,7 +206,7 @@ def _json(path: str) -> dict:
 def _preprocessor(path, source, family, part, section, fields):
     if part == 'vision':
         return ImagePreprocessor.from_dir(path, fields['image_size'], fields['num_channels']), None
-    tokenizer = TextPreprocessor.from_dir(path, source, family, fields['max_positions'])
+    tokenizer = TextPreprocessor.from_dir(path, source, fields['max_positions'])
     if tokenizer.vocab_size > fields['vocab_size']:
         raise ValueError(
             f"{source}: the tokenizer has {tokenizer.vocab_size} ids, more than the tower's embedding table "
@@ -251,81 +250,31 @@ class ImagePreprocessor:
 
 
 class TextPreprocessor:
-    """A list of strings -> {'x': ids (B, T), 'mask': (B, T)}, as the checkpoint's tokenizer prepares them.
+    """A list of strings -> {'x': ids (B, T), 'mask': (B, T)}, as the checkpoint's tokenizer prepares them
+    (`refnet_jax.data.tokenizers.Pretrained`): BERT and CLIP padded to the longest text (at most
+    `model_max_length`), SigLIP to `model_max_length`, as its text tower was trained.
 
-    BERT and CLIP: `tokenizer.json`, run by the `tokenizers` package (its normalization and special tokens,
-    truncated to `model_max_length` keeping them), padded to the longest text with tokenizer_config.json's
-    `pad_token`. SigLIP: its sentencepiece `spiece.model` with SiglipTokenizer's text canonicalization (lower
-    case, punctuation removed, whitespace collapsed) and an EOS, padded to `model_max_length`: its text tower
-    pools the last position, as it was trained.
+    Attributes:
+      tokenizer: the `Pretrained` tokenizer; its `pad_id`, `eos_id`, `vocab_size` and `max_length` are also
+        this object's.
     """
 
-    def __init__(
-        self, encode, pad_id: int, eos_id: int | None, vocab_size: int, pad_to_max: bool, max_length: int
-    ):
-        self._encode, self.pad_id, self.eos_id, self.vocab_size = encode, pad_id, eos_id, vocab_size
-        self.pad_to_max, self.max_length = pad_to_max, max_length
+    def __init__(self, tokenizer: tokenizers.Pretrained):
+        self.tokenizer = tokenizer
+        self.pad_id, self.eos_id, self.vocab_size = tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size
+        self.max_length = tokenizer.max_length
 
     @classmethod
-    def from_dir(cls, path: str, source: str, family: str, max_positions: int) -> 'TextPreprocessor':
-        config = _json(os.path.join(path, 'tokenizer_config.json'))
-        max_length = min(int(config.get('model_max_length', max_positions)), max_positions)
-        if family == 'siglip':
-            model = os.path.join(path, 'spiece.model')
-            if not os.path.isfile(model):
-                raise ValueError(f'{source}: a SigLIP text tower needs its tokenizer file spiece.model')
-            return cls._siglip(model, config, max_length)
-        file = os.path.join(path, 'tokenizer.json')
-        if not os.path.isfile(file):
-            raise ValueError(f'{source}: a {family} text tower needs its tokenizer file tokenizer.json')
-        import tokenizers
-
-        tok = tokenizers.Tokenizer.from_file(file)
-        tok.no_padding()
-        tok.enable_truncation(max_length)
-        pad_token = _token(config.get('pad_token')) or ('[PAD]' if family == 'bert' else '<|endoftext|>')
-        pad = tok.token_to_id(pad_token)
-        if pad is None:
-            raise ValueError(f'{source}: the tokenizer has no pad_token {pad_token!r}')
-
-        def encode(texts):
-            return [e.ids for e in tok.encode_batch(list(texts))]
-
-        eos = tok.token_to_id(_token(config.get('eos_token')) or '')
-        return cls(encode, pad, eos, tok.get_vocab_size(with_added_tokens=True), False, max_length)
-
-    @classmethod
-    def _siglip(cls, model: str, config: dict, max_length: int) -> 'TextPreprocessor':
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=model)
-        eos = sp.piece_to_id(_token(config.get('eos_token')) or '</s>')
-        pad = sp.piece_to_id(_token(config.get('pad_token')) or '</s>')
-        lower = config.get('do_lower_case', True)
-
-        def encode(texts: Sequence[str]) -> list[list[int]]:
-            out = []
-            for text in texts:
-                text = text.lower() if lower else text
-                text = re.sub(r'\s+', ' ', text.translate(str.maketrans('', '', string.punctuation))).strip()
-                out.append(sp.encode(text)[: max_length - 1] + [eos])
-            return out
-
-        return cls(encode, pad, eos, sp.get_piece_size(), True, max_length)
+    def from_dir(cls, path: str, source: str, max_positions: int) -> 'TextPreprocessor':
+        return cls(tokenizers.Pretrained(path, where=source, max_positions=max_positions))
 
     def __call__(self, texts: Sequence[str]) -> dict:
-        ids = self._encode(list(texts))
-        length = self.max_length if self.pad_to_max else max(len(i) for i in ids)
-        x = np.full((len(ids), length), self.pad_id, np.int32)
-        mask = np.zeros((len(ids), length), bool)
-        for row, i in enumerate(ids):
-            x[row, : len(i)], mask[row, : len(i)] = i, True
+        texts = list(texts)
+        length = self.max_length
+        if not self.tokenizer.pad_to_max:
+            length = min(length, max(len(ids) for ids in self.tokenizer.ids(texts)))
+        x, mask = self.tokenizer.encode(texts, length)
         return {'x': x, 'mask': mask}
-
-
-def _token(value: Any) -> str | None:
-    """A special token of tokenizer_config.json: a string, or an AddedToken's {'content': ...}."""
-    return value.get('content') if isinstance(value, dict) else value
 
 
 def init_shapes(module: nn.Module) -> Any:
