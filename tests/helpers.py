@@ -79,14 +79,14 @@ def stored_records(data_config) -> dict[str, dict[str, np.ndarray]]:
 
 def run_readme_bash(code: str, cwd, *, tfds_dir=None, timeout: int = 900):
     """Runs a bash block of the docs as a new user would from the repository root: `python` is this interpreter,
-    `train.py` and `configs/` are linked into `cwd`, one CPU device. Fails the test with the block's output
+    `train.py`, `configs/` and `tools/` are linked into `cwd`, one CPU device. Fails the test with the block's output
     when it fails; returns the finished process."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ('train.py', 'configs'):
+    for name in ('train.py', 'configs', 'tools'):
         if not os.path.lexists(os.path.join(cwd, name)):
             os.symlink(os.path.join(root, name), os.path.join(cwd, name))
     env = dict(

@@ -95,6 +95,7 @@ COVERED = {
     'own-data-image-text': 'tests/test_custom_data.py',
     'own-data-text-numbers': 'tests/test_custom_data.py',
     'own-data-regression': 'tests/test_custom_data.py',
+    'towers-in-refnet': 'tests/test_towers.py',
 }
 # Pages whose Python blocks another test runs as written (it reads the page by name).
 COVERED_PAGES = {'docs/how-to/own-training-loop.md': 'tests/test_own_loop.py'}

@@ -5,6 +5,7 @@ PyTorch outputs on fixed raw inputs (`tools/make_tower_fixtures.py` writes both)
 where torch and transformers are installed (`pip install -e '.[towers-test]'`).
 """
 
+import csv
 import dataclasses
 import importlib.util
 import json
@@ -566,3 +567,189 @@ def test_a_scanned_pretrained_encoder_loads_the_stacked_blocks():
         2,
         1,
     )
+
+
+# ---- own text tokenized by a tower's tokenizer: config.data.tokenizer.<m> = 'hf:DIR' ----
+
+
+@pytest.fixture(scope='module')
+def captions(tmp_path_factory):
+    """A table of 30 captions, the fixtures' three texts in turn, in two classes."""
+    import csv
+
+    root = tmp_path_factory.mktemp('captions')
+    with open(root / 'captions.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['caption', 'label'])
+        writer.writeheader()
+        writer.writerows({'caption': TEXTS[i % 3], 'label': f'class {i % 2}'} for i in range(30))
+    return root
+
+
+def _caption_config(captions, data_dir, source, **max_tokens):
+    from helpers import custom_config
+
+    config = custom_config(
+        captions, data_dir, 'kinds=caption:text,tiny', table='captions.csv', tokenizer={'caption': source}
+    )
+    config.data.max_tokens.caption = max_tokens.get('max_tokens')
+    return config
+
+
+@pytest.mark.parametrize('name', ['bert', 'clip', 'siglip'])
+def test_own_text_is_tokenized_as_the_towers_tokenizer_does(captions, tmp_path, name):
+    """Every stored text holds the ids that transformers' tokenizer of the directory gives it (the fixtures'),
+    padded as the tower pads: CLIP's EOS, which is also its padding token, stays a real token; SigLIP's texts
+    are padded to model_max_length without being asked."""
+    from helpers import stored_records
+
+    from refnet_jax.data import input_pipeline
+
+    with np.load(FIXTURES / 'expected.npz') as expected:
+        want = expected[f'{name}/text/input_ids']
+    given = {} if name == 'siglip' else {'max_tokens': want.shape[1]}
+    config = _caption_config(captions, tmp_path / 'tfds', f'hf:{FIXTURES / name}', **given)
+    info = input_pipeline.get_dataset_info(config.data)
+    tower = refnet_jax.load_tower(f'hf:{FIXTURES / name}', 'text' if name != 'bert' else None)
+    assert info.modalities['caption'].shape == want.shape[1:]
+    assert info.modalities['caption'].pad_id == tower.tokenizer.pad_id
+    for split in stored_records(config.data).values():
+        np.testing.assert_array_equal(split['caption'], want[split['row'] % 3])
+        lengths = (want != tower.tokenizer.pad_id).sum(1) + (tower.tokenizer.eos_id == tower.tokenizer.pad_id)
+        np.testing.assert_array_equal(split['caption_mask'].sum(1), lengths[split['row'] % 3])
+
+
+def test_a_towers_tokenizer_refuses_what_the_tower_cannot_take(captions, tmp_path):
+    """Each one line, before anything is prepared."""
+    from refnet_jax.data import input_pipeline
+
+    cases = [
+        (
+            f'hf:{FIXTURES / "siglip"}',
+            8,
+            'pads every text to its model_max_length 10, as its tower was trained',
+        ),
+        (f'hf:{FIXTURES / "bert"}', 13, "more than the tower's 12 positions (model_max_length)"),
+        (
+            f'hf:{FIXTURES / "vit"}',
+            None,
+            'the directory has no tokenizer file; expected tokenizer.json (BERT, CLIP)',
+        ),
+        (f'hf:{tmp_path / "nowhere"}', None, 'there is no directory'),
+    ]
+    for source, max_tokens, message in cases:
+        config = _caption_config(captions, tmp_path / 'tfds', source, max_tokens=max_tokens)
+        with pytest.raises(ValueError) as e:
+            input_pipeline.get_dataset_info(config.data)
+        assert message in str(e.value) and '\n' not in str(e.value)
+        assert 'config.data.' in str(e.value)
+    assert not (tmp_path / 'tfds').exists()
+
+
+@pytest.mark.slow(seconds=70)
+def test_towers_page_example_runs_as_written(tmp_path, monkeypatch):
+    """docs/how-to/towers-from-hugging-face.md: tiny SigLIP and BERT directories written by the tool, the
+    catalogue of own-data.md, `mmft` on the towers' tokens with the image tower frozen; it learns the task, the
+    captions hold the BERT tokenizer's ids, and the frozen tower ends as the checkpoint's parameters."""
+    from helpers import doc_blocks, run_readme_bash, stored_records
+
+    catalogue = doc_blocks('how-to/own-data.md', 'own-data-image-text')[0]
+    blocks = doc_blocks('how-to/towers-from-hugging-face.md', 'towers-in-refnet')
+    assert [lang for lang, _ in blocks] == ['bash', 'python'] and catalogue[0] == 'python'
+    (tmp_path / 'catalogue.py').write_text(catalogue[1])
+    (tmp_path / 'example.py').write_text(blocks[1][1])
+    code = f'python catalogue.py\n{blocks[0][1]}\npython example.py'
+    run_readme_bash(code, tmp_path, tfds_dir=tmp_path / 'tensorflow_datasets', timeout=600)
+    workdir = tmp_path / 'runs' / 'my_catalogue_towers'
+    results = json.loads((workdir / 'results.json').read_text())
+    assert results['test']['accuracy'] >= 0.95, results['test']
+
+    from refnet_jax.train import inference
+
+    monkeypatch.chdir(tmp_path)  # the example's relative paths, and its prepared data
+    monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tensorflow_datasets'))
+    run = inference.load_run(str(workdir))
+    siglip = refnet_jax.load_tower(f'hf:{tmp_path / "towers" / "siglip"}', 'vision')
+    frozen = run.params['encoders']['photo']['tower']
+    jax.tree.map(np.testing.assert_array_equal, frozen, {k: siglip.variables['params'][k] for k in frozen})
+    bert = refnet_jax.load_tower(f'hf:{tmp_path / "towers" / "bert"}')
+    stored = stored_records(run.config.data)['test']
+    with open(tmp_path / 'my_catalogue' / 'items.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    want = bert.preprocess([rows[r]['caption'] for r in stored['row']])['x']
+    np.testing.assert_array_equal(stored['caption'][:, : want.shape[1]], want)
+
+
+# ---- towers initialized here (save_initialized, tools/make_tiny_towers.py) ----
+
+# Tensors of the two-tower classes that are not part of either tower (their contrastive heads).
+HEADS = {'logit_scale', 'logit_bias', 'text_projection.weight', 'visual_projection.weight'}
+
+
+@pytest.mark.parametrize('name', ['vit', 'bert', 'siglip', 'clip'])
+def test_save_initialized_writes_the_tensors_transformers_writes(tmp_path, name):
+    """For each fixture's config.json, the names and shapes of the tensors that transformers' save_pretrained
+    wrote (but the two-tower contrastive heads), and a directory load_tower reads."""
+    from refnet_jax.models.towers import export
+
+    config = json.loads((FIXTURES / name / 'config.json').read_text())
+    export.save_initialized(config, str(tmp_path / name), seed=3)
+    ours = safetensors.numpy.load_file(str(tmp_path / name / 'model.safetensors'))
+    theirs = safetensors.numpy.load_file(str(FIXTURES / name / 'model.safetensors'))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items() if k not in HEADS}
+    for file in export.FILES:  # the tokenizer a text tower needs
+        if (FIXTURES / name / file).is_file():
+            shutil.copyfile(FIXTURES / name / file, tmp_path / name / file)
+    for part in ('vision', 'text') if name in ('siglip', 'clip') else (None,):
+        refnet_jax.load_tower(f'hf:{tmp_path / name}', part)
+
+
+def _tool(name: str):
+    script = pathlib.Path(__file__).parents[1] / 'tools' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_towers_tool_writes_towers_transformers_runs(tmp_path):
+    """The tool's SigLIP and BERT directories load here; where transformers is installed, it loads them too,
+    its tokenizers give the ids `preprocess` gives, and its models our outputs to 1e-4."""
+    make = _tool('make_tiny_towers')
+    siglip, bert = make.siglip(str(tmp_path), 32, 0), make.bert(str(tmp_path), 10)
+    texts = ['A lovely ceramic mug, item #12', 'hello there, Tea!']
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    towers = {
+        'vision': refnet_jax.load_tower(f'hf:{siglip}', 'vision'),
+        'text': refnet_jax.load_tower(f'hf:{siglip}', 'text'),
+        'bert': refnet_jax.load_tower(f'hf:{bert}'),
+    }
+    inputs = {k: t.preprocess(images if k == 'vision' else texts) for k, t in towers.items()}
+    assert inputs['text']['x'].shape == (2, 16)  # SigLIP: padded to model_max_length
+    assert (inputs['bert']['x'][:, 0] == 2).all()  # [CLS]
+    if importlib.util.find_spec('transformers') is None:
+        return
+    import torch
+    import transformers
+
+    both = transformers.SiglipModel.from_pretrained(siglip).eval()
+    models = {
+        'vision': both.vision_model,
+        'text': both.text_model,
+        'bert': transformers.BertModel.from_pretrained(bert).eval(),
+    }
+    for k, model in models.items():
+        if k == 'vision':
+            x = torch.from_numpy(inputs[k]['x'].transpose(0, 3, 1, 2).copy())
+            args = {'pixel_values': x}
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(siglip if k == 'text' else bert)
+            padding = 'max_length' if k == 'text' else True
+            args = tokenizer(texts, padding=padding, truncation=True, return_tensors='pt')
+            np.testing.assert_array_equal(args['input_ids'].numpy(), inputs[k]['x'])
+        with torch.no_grad():
+            theirs = model(**args)
+        ours = towers[k](inputs[k])
+        for key in ('last_hidden_state', 'pooler_output'):
+            np.testing.assert_allclose(
+                ours[key], getattr(theirs, key).numpy(), atol=1e-4, err_msg=f'{k} {key}'
+            )

@@ -16,6 +16,7 @@ import numpy as np
 import safetensors.numpy
 
 from refnet_jax.models.towers import big_vision, hf, loader
+from refnet_jax.models.towers.module import Tower
 
 FILES = (
     'preprocessor_config.json',
@@ -27,6 +28,77 @@ FILES = (
     'vocab.json',
     'merges.txt',
 )
+
+
+def _hf_tensors(
+    flat: dict[str, np.ndarray], table: hf.Table, shape_of, out_prefix: str
+) -> dict[str, np.ndarray]:
+    """The PyTorch tensors (float32, by name with `out_prefix`) of the flat Flax parameters `flat`, by the
+    loading table `table` reversed; `shape_of(tensor name, conversion, value)` is each tensor's PyTorch shape."""
+    out: dict[str, np.ndarray] = {}
+    packed: dict[str, list] = {}
+    for name, value in sorted(flat.items()):
+        tensor, to_flax = table[name]
+        if tensor.startswith('head.attention.in_proj_'):  # q, k and v packed into one tensor
+            packed.setdefault(tensor, [None] * 3)[('query', 'key', 'value').index(name.split('/')[1])] = value
+            continue
+        out[out_prefix + tensor] = np.ascontiguousarray(
+            _back(to_flax, value, shape_of(tensor, to_flax, value)), np.float32
+        )
+    for tensor, parts in packed.items():
+        # (C order: safetensors.numpy writes an array's memory as it lies, and a concatenation of transposes is F)
+        joined = np.concatenate([p.T if p.ndim == 2 else p for p in parts], axis=0)
+        out[out_prefix + tensor] = np.ascontiguousarray(joined, np.float32)
+    return out
+
+
+def _hf_shape(tensor: str, to_flax, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of the tensor `tensor` whose Flax parameter has `shape` (the layouts of `hf.names`):
+    Linear weights (out, in), convolutions (out, in, h, w), position embeddings (N, D) as an Embedding's
+    `.weight` or (1, N, D) as ViT's parameter, class tokens (1, 1, D) (ViT) or (D,) (CLIP)."""
+    if to_flax is hf._linear:
+        return shape[::-1]
+    if to_flax is hf._conv:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if to_flax is hf._pos:
+        return shape[1:] if tensor.endswith('.weight') else shape
+    if to_flax is hf._flat:
+        return shape if tensor == 'embeddings.class_embedding' else (1, 1, *shape)
+    return shape
+
+
+def save_initialized(config: dict, path: str, *, seed: int = 0) -> str:
+    """Writes a Hugging Face model directory of the architecture `config` (a config.json, as a dict: any
+    `model_type` `load_tower` knows; both towers of a two-tower one) with freshly initialized parameters (this
+    library's initializers, from `seed`): config.json and model.safetensors. The tokenizer and preprocessor
+    files are the caller's to add. Returns `path`.
+
+    Raises:
+      ValueError: an unknown `model_type`, or a config that lacks a size.
+    """
+    where = f'save_initialized({path!r})'
+    family, own = hf.MODEL_TYPES.get(config.get('model_type'), (None, None))
+    parts = ('vision', 'text') if family in ('siglip', 'clip') and own is None else (None,)
+    out = {}
+    for i, part in enumerate(parts):
+        family, part, section, prefix = hf.architecture(config, part, where)
+        try:
+            fields = hf.tower_fields(family, part, section)
+        except KeyError as e:
+            raise ValueError(f'{where}: the {family} {part} config has no {e.args[0]!r}') from None
+        module = Tower(**fields)
+        params = module.init(jax.random.key(seed + i), loader._example(module))['params']
+        flat = {
+            '/'.join(k.key for k in p): np.asarray(v, np.float32)
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
+        table = hf.names(family, part, fields, set())
+        out |= _hf_tensors(flat, table, lambda t, to_flax, value: _hf_shape(t, to_flax, value.shape), prefix)
+    os.makedirs(path, exist_ok=True)
+    safetensors.numpy.save_file(out, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    return path
 
 
 def _back(to_flax, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -62,20 +134,7 @@ def save_tower(tower: 'loader.LoadedTower', path: str) -> str:
     if hf.MODEL_TYPES[config['model_type']][1] is None:  # one part of a two-tower file: its one-tower type
         config = dict(section, model_type=f'{family}_{part}_model')
     table = hf.names(family, part, fields, set(tensors))
-    flat = _flat(tower)
-    out: dict[str, np.ndarray] = {}
-    packed: dict[str, list] = {}
-    for name, value in sorted(flat.items()):
-        tensor, to_flax = table[name]
-        original = tensors[prefix + tensor]  # its layout and shape
-        if tensor.startswith('head.attention.in_proj_'):  # q, k and v packed into one tensor
-            packed.setdefault(tensor, [None] * 3)[('query', 'key', 'value').index(name.split('/')[1])] = value
-            continue
-        out[out_prefix + tensor] = np.ascontiguousarray(_back(to_flax, value, original.shape), np.float32)
-    for tensor, parts in packed.items():
-        # (C order: safetensors.numpy writes an array's memory as it lies, and a concatenation of transposes is F)
-        joined = np.concatenate([p.T if p.ndim == 2 else p for p in parts], axis=0)
-        out[out_prefix + tensor] = np.ascontiguousarray(joined, np.float32)
+    out = _hf_tensors(_flat(tower), table, lambda tensor, _, __: tensors[prefix + tensor].shape, out_prefix)
     os.makedirs(path, exist_ok=True)
     safetensors.numpy.save_file(out, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(path, 'config.json'), 'w') as f:
