@@ -1,6 +1,6 @@
 """What a person sees (refnet_jax/console.py): this library's lines but not other libraries' INFO, one progress
 bar that log lines never tear, and a short aligned summary at the end; in a real terminal (a pseudo-terminal)
-for the 300-step tiny run."""
+for a 40-step tiny run."""
 
 import fcntl
 import io
@@ -199,12 +199,14 @@ def run_in_terminal(args, timeout=600):
     return rc, lines, bars
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=25)
 def test_a_run_in_a_terminal_shows_a_bar_a_few_lines_and_the_summary(tmp_path, easy_vqa_dir):
     workdir = tmp_path / 'x'
-    # 300 steps: 150 checkpoints, and orbax's chatter with them, were it shown.
+    # 40 steps: 20 checkpoints, and orbax's chatter with them (several lines each: far more than the 40 lines
+    # allowed below), were it shown.
+    steps = 40
     rc, lines, bars = run_in_terminal(
-        tiny_train_command(workdir, easy_vqa_dir, '--config.train.num_steps=300')
+        tiny_train_command(workdir, easy_vqa_dir, f'--config.train.num_steps={steps}')
     )
     shown = '\n'.join(lines)
     assert rc == 0, shown
@@ -213,12 +215,16 @@ def test_a_run_in_a_terminal_shows_a_bar_a_few_lines_and_the_summary(tmp_path, e
     for chatter in ('orbax', 'checkpoint_manager', 'atomicity', 'libtpu', 'dataset_info'):
         assert chatter not in shown, shown
     assert not [line for line in lines if re.match(r'[IWE]\d{4} ', line)], shown  # absl's detailed lines
-    # Nothing was written into the bar: every drawing of it is whole, the last at 300/300 with the loss
+    # Nothing was written into the bar: every drawing of it is whole, the last at 40/40 with the loss
     # and examples/s in its postfix.
-    assert all(re.fullmatch(r'train:\s+\d+%\|[^|]*\| *\d+/300 \[[^\]]*\]', bar) for bar in bars), bars[-3:]
-    assert re.search(r'300/300 .*loss \d\.\d{4}.*[\d,]+ examples/s', bars[-1]), bars[-1]
+    assert all(re.fullmatch(rf'train:\s+\d+%\|[^|]*\| *\d+/{steps} \[[^\]]*\]', bar) for bar in bars), bars[
+        -3:
+    ]
+    assert re.search(rf'{steps}/{steps} .*loss \d\.\d{{4}}.*[\d,]+ examples/s', bars[-1]), bars[-1]
     # The summary ends the output: the test accuracy of results.json and the workdir's files.
-    summary = lines[lines.index(next(line for line in lines if line.startswith('Finished at step 300'))) :]
+    summary = lines[
+        lines.index(next(line for line in lines if line.startswith(f'Finished at step {steps}'))) :
+    ]
     results = json.loads((workdir / 'results.json').read_text())
     assert f'accuracy {results["test"]["accuracy"]:.4f}' in next(line for line in summary if 'test' in line)
     assert any(str(workdir / 'results.json') in line for line in summary)
@@ -234,7 +240,7 @@ def run_plain(tmp_path, easy_vqa_dir, *flags, env=None):
     return proc.stdout, proc.stderr
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=10)
 @pytest.mark.parametrize(
     'flags, env',
     [
