@@ -1,6 +1,7 @@
 """Set-up shared by the tests: tiny easy-VQA configs and train.py commands, own-data configs, freshly
 initialized train states, stored records, the code blocks of the docs."""
 
+import os
 import pathlib
 import re
 
@@ -13,6 +14,14 @@ from refnet_jax.train import trainer
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / 'docs'
 CUSTOM = DOCS.parent / 'configs' / 'custom.py'
+# XLA flags of a test's subprocess on one CPU device: the quick compilation of the test processes
+# (tests/conftest.py), for the short runs that mostly compile; REFNET_TEST_OPTIMIZE=1 compiles as users do.
+ONE_CPU_FLAGS = '' if os.environ.get('REFNET_TEST_OPTIMIZE') else '--xla_backend_optimization_level=0'
+
+
+def one_cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a short subprocess (train.py, a tool) on one CPU device, compiled quickly."""
+    return dict(os.environ, XLA_FLAGS=ONE_CPU_FLAGS, JAX_PLATFORMS='cpu', **extra)
 
 
 def tiny_train_command(workdir, data_dir, *overrides: str) -> list[str]:

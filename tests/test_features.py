@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import one_cpu_env, tiny_config
 
 from refnet_jax.data import input_pipeline
 from refnet_jax.export import features
@@ -15,7 +15,7 @@ from refnet_jax.models import layers
 from refnet_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+ONE_CPU = one_cpu_env()
 
 
 @pytest.mark.slow(seconds=30)

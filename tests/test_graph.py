@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import one_cpu_env, tiny_config
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import r2_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
@@ -22,7 +22,7 @@ from refnet_jax.analysis import graph
 from refnet_jax.train import inference, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
+ONE_CPU = one_cpu_env()  # Subprocesses: one device, compiled quickly.
 
 
 def blobs(n=240, dim=8, num_classes=4, separation=2.0, seed=0):

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import fresh_state, tiny_config
+from helpers import fresh_state, one_cpu_env, tiny_config
 
 from configs import easy_vqa
 from refnet_jax.data import input_pipeline
@@ -38,7 +38,7 @@ def pretrained(tmp_path_factory, easy_vqa_dir):
         '--config.train.checkpoint_every_steps=30',
         '--config.train.log_every_steps=10',
     ]
-    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+    env = one_cpu_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return workdir
