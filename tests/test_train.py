@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import fresh_state, tiny_config, tiny_train_command
+from helpers import fresh_state, one_cpu_env, tiny_config, tiny_train_command
 
 from refnet_jax.data import contract, input_pipeline
 from refnet_jax.train import checkpointing, objective, sharding, trainer
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_train(workdir, data_dir, *overrides, wait=True):
     cmd = [sys.executable, *tiny_train_command(workdir, data_dir, *overrides)]
-    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device, for speed
+    env = one_cpu_env()  # one device, for speed
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -30,6 +30,13 @@ def run_train(workdir, data_dir, *overrides, wait=True):
         return proc
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
+
+
+def one_device(config):
+    """`config` on a one-device mesh, for the in-process runs that are not about devices: their checkpoints and
+    evaluations are cheaper than on the 8 CPU devices of the test process, and they share its programs."""
+    config.mesh.data = 1
+    return config
 
 
 @pytest.mark.slow
@@ -67,16 +74,16 @@ def test_unknown_config_key_is_an_error(tmp_path, easy_vqa_dir):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=30)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir):
     args = (
         '--config.train.num_steps=300',
-        '--config.train.checkpoint_every_steps=25',
-        '--config.train.log_every_steps=25',
+        '--config.train.checkpoint_every_steps=5',
+        '--config.train.log_every_steps=5',
         # Modality dropout, checkpoint selection and early stopping resume exactly too. Selecting the largest
-        # loss, which falls, stops the run after two validations without a larger one.
+        # loss, which falls, stops the run after two validations without a larger one (at step 30).
         '--config.train.modality_dropout.question=0.3',
-        '--config.train.eval_every_steps=50',
+        '--config.train.eval_every_steps=10',
         '--config.train.select=val/loss',
         '--config.train.select_mode=max',
         '--config.train.early_stop=2',
@@ -100,7 +107,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir
     assert not claim.exists()  # released at the end
     rows = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
     steps = [r['step'] for r in rows if 'train/loss' in r]
-    assert steps == sorted(set(steps)) and steps[0] == 25, steps  # each logged step once
+    assert steps == sorted(set(steps)) and steps[0] == 5, steps  # each logged step once
 
     proc = run_train(tmp_path / 'killed', easy_vqa_dir, *args, wait=False)
     ckpt_dir = tmp_path / 'killed' / 'checkpoints'
@@ -134,13 +141,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, easy_vqa_dir
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=18)
 def test_selected_checkpoint_reports_what_a_fresh_evaluation_of_it_gives(tmp_path, easy_vqa_dir):
     config = tiny_config(
         easy_vqa_dir, num_steps=8, eval_every_steps=2, checkpoint_every_steps=4, select='val/loss'
     )
     config.train.modality_dropout.question = 0.3
     config.eval.without = ('question',)
+    one_device(config)
     results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     selected = results['selected']
     rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
@@ -162,7 +170,7 @@ def test_selected_checkpoint_reports_what_a_fresh_evaluation_of_it_gives(tmp_pat
     best.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=16)
 def test_one_and_eight_devices_give_the_same_training(tmp_path, easy_vqa_dir):
     assert jax.device_count() == 8
     runs = {}
@@ -183,7 +191,7 @@ def test_one_and_eight_devices_give_the_same_training(tmp_path, easy_vqa_dir):
 @pytest.mark.slow(seconds=20)
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, easy_vqa_dir):
     args = (
-        '--config.train.num_steps=400',
+        '--config.train.num_steps=150',
         '--config.train.checkpoint_every_steps=1000',  # no checkpoint but the one SIGTERM asks for
         '--config.train.log_every_steps=10',
     )
@@ -198,8 +206,8 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, easy_
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out
     step = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints').latest_step()
-    assert step is not None and 10 <= step < 400
-    assert f'stopped: SIGTERM at step {step} of 400' in out
+    assert step is not None and 10 <= step < 150
+    assert f'stopped: SIGTERM at step {step} of 150' in out
     assert not (tmp_path / 'run' / 'results.json').exists()
     rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
     assert rc == 0, out
@@ -223,7 +231,7 @@ def test_a_second_run_reads_its_programs_from_the_compilation_cache(tmp_path, ea
 
 @pytest.mark.slow
 def test_profile_writes_a_trace_of_the_asked_steps(tmp_path, easy_vqa_dir):
-    config = tiny_config(easy_vqa_dir, profile=(1, 2))
+    config = one_device(tiny_config(easy_vqa_dir, profile=(1, 2)))
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     assert list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
     rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
@@ -242,23 +250,24 @@ def damage(step_dir):
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=20)
 def test_a_damaged_checkpoint_is_moved_aside_for_the_newest_intact_one(tmp_path, easy_vqa_dir):
-    args = ('--config.train.num_steps=6', '--config.train.checkpoint_every_steps=2')
-    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    # The tiny config's 4 steps, checkpointed at steps 2 and 4 (the programs of the other tiny runs).
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir)
     assert rc == 0, out
     first = json.loads((tmp_path / 'run' / 'results.json').read_text())
     ckpt_dir = tmp_path / 'run' / 'checkpoints'
-    damage(ckpt_dir / '6')
-    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ['2', '4']
+    damage(ckpt_dir / '4')
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir)
     assert rc == 0, out
-    assert 'The checkpoint at step 6 is damaged' in out and 'Restoring step 4' in out
-    assert (tmp_path / 'run' / 'checkpoints_damaged' / '6').is_dir()
+    assert 'The checkpoint at step 4 is damaged' in out and 'Restoring step 2' in out
+    assert (tmp_path / 'run' / 'checkpoints_damaged' / '4').is_dir()
     again = json.loads((tmp_path / 'run' / 'results.json').read_text())
     assert again['test'] == first['test'] and again['train']['loss'] == first['train']['loss']
-    for step in (4, 6):
+    for step in (2, 4):
         damage(ckpt_dir / str(step))
-    rc, out = run_train(tmp_path / 'run', easy_vqa_dir, *args)
+    rc, out = run_train(tmp_path / 'run', easy_vqa_dir)
     assert rc == 2, out
     assert f'error: every checkpoint in {ckpt_dir} is damaged' in out
 
@@ -280,9 +289,9 @@ def test_shared_modality_rows_need_not_divide_by_the_devices(easy_vqa_dir):
     assert losses[1] == pytest.approx(losses[8], rel=1e-5)
 
 
-@pytest.mark.slow(seconds=13)
+@pytest.mark.slow(seconds=2)
 def test_train_step_compiles_once(easy_vqa_dir):
-    config = tiny_config(easy_vqa_dir)
+    config = one_device(tiny_config(easy_vqa_dir))
     _, mesh, _, schedule, state = fresh_state(config)
     with jax.set_mesh(mesh):
         step = trainer.make_train_step(objective.Supervised(config), schedule, mesh, state)
@@ -292,7 +301,7 @@ def test_train_step_compiles_once(easy_vqa_dir):
     assert step._cache_size() == 1
 
 
-@pytest.mark.slow(seconds=11)
+@pytest.mark.slow(seconds=3)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy_vqa_dir):
     # The warm-up's learning rate is 0 at step 0, so the losses of steps 1 and 2 are those of the initial
     # parameters (finite) and step 2 is checkpointed. Its parameters are one Adam step of learning rate 1e38
@@ -306,6 +315,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy
         grad_clip_norm=0.0,
         warmup_steps=1,
     )
+    one_device(config)
     with pytest.raises(trainer.NonFiniteLossError, match=r'last good checkpoint \(step 2\)'):
         trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
@@ -316,8 +326,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, easy
 
 @pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused(tmp_path, easy_vqa_dir):
-    trainer.train_and_evaluate(tiny_config(easy_vqa_dir), str(tmp_path / 'run'))
-    config = tiny_config(easy_vqa_dir)
+    trainer.train_and_evaluate(one_device(tiny_config(easy_vqa_dir)), str(tmp_path / 'run'))
+    config = one_device(tiny_config(easy_vqa_dir))
     config.model.encoders.image.embed_dim = 32
     with pytest.raises(ValueError, match=r'model.encoders.image.embed_dim: workdir 16, now 32'):
         trainer.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -326,7 +336,7 @@ def test_resuming_with_another_model_config_is_refused(tmp_path, easy_vqa_dir):
 
 @pytest.mark.slow
 def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path, easy_vqa_dir):
-    config = tiny_config(easy_vqa_dir)
+    config = one_device(tiny_config(easy_vqa_dir))
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
     config.model.encoders.image.embed_dim = 32
     _, mesh, _, _, state = fresh_state(config)
@@ -370,7 +380,7 @@ def test_bad_batches_are_named(easy_vqa_dir, corrupt, message):
         contract.check_batch(batch, info)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_a_run_checkpointed_on_8_devices_resumes_on_1(tmp_path, easy_vqa_dir):
     config = tiny_config(easy_vqa_dir, num_steps=2, checkpoint_every_steps=2)
     config.mesh.data = 8
