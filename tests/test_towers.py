@@ -632,7 +632,7 @@ def test_a_towers_tokenizer_refuses_what_the_tower_cannot_take(captions, tmp_pat
         (
             f'hf:{FIXTURES / "vit"}',
             None,
-            'the directory has no tokenizer file; expected tokenizer.json (BERT, CLIP)',
+            'the directory has no tokenizer file tokenizer.json; expected tokenizer.json (BERT, CLIP)',
         ),
         (f'hf:{tmp_path / "nowhere"}', None, 'there is no directory'),
     ]

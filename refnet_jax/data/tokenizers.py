@@ -194,20 +194,20 @@ class Pretrained(Tokenizer):
         section = model.get('text_config', model)
         positions = [n for n in (section.get('max_position_embeddings'), max_positions) if n]
         self.max_length = int(min([settings.get('model_max_length', 1 << 30), *positions]))
-        files = [path / name for name in ('spiece.model', 'tokenizer.json') if (path / name).is_file()]
-        if not files:
+        # SigLIP: its sentencepiece file, read as SiglipTokenizer reads it; any other tower: its tokenizer.json.
+        file = path / ('spiece.model' if self.family.startswith('siglip') else 'tokenizer.json')
+        if not file.is_file():
             raise ValueError(
-                f'{where}: the directory has no tokenizer file; expected tokenizer.json (BERT, CLIP) or '
-                'spiece.model (SigLIP) beside config.json'
+                f'{where}: the directory has no tokenizer file {file.name}; expected tokenizer.json (BERT, CLIP) '
+                'or spiece.model (SigLIP) beside config.json'
             )
-        file = files[0] if self.family.startswith('siglip') else files[-1]
         self.suffix = file.suffix
         if self.suffix == '.model':
             self._tokenizer = SentencePiece(file.read_bytes())
             self._tokenizer.pad_id = self._piece(settings.get('pad_token'), '</s>', where)
             self.eos_id = self._piece(settings.get('eos_token'), '</s>', where)
             self._lower = settings.get('do_lower_case', True)
-            self.pad_to_max = self.family.startswith('siglip')
+            self.pad_to_max = True
         else:
             default = '<|endoftext|>' if self.family.startswith('clip') else '[PAD]'
             try:
