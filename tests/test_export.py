@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from etils import epath
+from helpers import one_cpu_env
 
 from configs import easy_vqa
 from refnet_jax import config_lib
@@ -20,7 +21,7 @@ from refnet_jax.models import model as model_lib
 from refnet_jax.train import checkpointing, objective, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # Subprocesses: one device, for speed.
+ONE_CPU = one_cpu_env()  # Subprocesses: one device, for speed.
 pytestmark = pytest.mark.slow  # every test needs the `trained` run (training and tools/export.py)
 
 
