@@ -15,12 +15,12 @@ import sys
 import termios
 
 import pytest
-from helpers import tiny_train_command
+from helpers import one_cpu_env, tiny_train_command
 
 from refnet_jax import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_CPU = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+ONE_CPU = one_cpu_env()
 ONE_CPU.pop('REFNET_LOG_LEVEL', None)
 
 
@@ -199,7 +199,7 @@ def run_in_terminal(args, timeout=600):
     return rc, lines, bars
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=16)
 def test_a_run_in_a_terminal_shows_a_bar_a_few_lines_and_the_summary(tmp_path, easy_vqa_dir):
     workdir = tmp_path / 'x'
     # 40 steps: 20 checkpoints, and orbax's chatter with them (several lines each: far more than the 40 lines
@@ -240,7 +240,7 @@ def run_plain(tmp_path, easy_vqa_dir, *flags, env=None):
     return proc.stdout, proc.stderr
 
 
-@pytest.mark.slow(seconds=10)
+@pytest.mark.slow(seconds=7)
 @pytest.mark.parametrize(
     'flags, env',
     [
