@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers import one_cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, debug_env=False):
     """(exit status, stderr) of `python *args` in the repository root, on one CPU device."""
-    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+    env = one_cpu_env()
     env.pop('REFNET_DEBUG', None)
     if debug_env:
         env['REFNET_DEBUG'] = '1'
