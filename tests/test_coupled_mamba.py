@@ -32,26 +32,33 @@ def numpy_recurrence(decay, inputs, coupling, mask):
     return np.stack(out, 1)
 
 
-@pytest.mark.slow(seconds=6)
+@pytest.mark.slow(seconds=1)
 def test_the_parallel_scan_equals_the_sequential_one_in_values_and_gradients():
     args = case()
-    parallel = coupled_mamba.coupled_scan(*args)
-    sequential = coupled_mamba.coupled_scan(*args, parallel=False)
-    np.testing.assert_allclose(parallel, numpy_recurrence(*args), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sequential, numpy_recurrence(*args), rtol=1e-5, atol=1e-5)
-    weights = jnp.asarray(np.random.RandomState(3).randn(*parallel.shape), jnp.float32)
+    weights = jnp.asarray(np.random.RandomState(3).randn(*args[1].shape), jnp.float32)
 
     def loss(decay, inputs, coupling, parallel):
         return jnp.sum(
             weights * coupled_mamba.coupled_scan(decay, inputs, coupling, args[3], parallel=parallel)
         )
 
-    got = jax.grad(loss, argnums=(0, 1, 2))(*args[:3], True)
-    want = jax.grad(loss, argnums=(0, 1, 2))(*args[:3], False)
+    @jax.jit
+    def scans(decay, inputs, coupling):  # both scans' values and gradients, in one compiled program
+        return [
+            (
+                coupled_mamba.coupled_scan(decay, inputs, coupling, args[3], parallel=parallel),
+                jax.grad(loss, argnums=(0, 1, 2))(decay, inputs, coupling, parallel),
+            )
+            for parallel in (True, False)
+        ]
+
+    (parallel, got), (sequential, want) = scans(*args[:3])
+    np.testing.assert_allclose(parallel, numpy_recurrence(*args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sequential, numpy_recurrence(*args), rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
-@pytest.mark.slow(seconds=5)
+@pytest.mark.slow(seconds=1)
 def test_linear_recurrence_and_its_backward_pass_equal_autodiff_of_a_sequential_scan():
     rs = np.random.RandomState(1)
     a = jnp.asarray(rs.uniform(-0.6, 0.6, (2, 9, 3, 2, 2)), jnp.float32)  # general transitions, not only
@@ -69,11 +76,15 @@ def test_linear_recurrence_and_its_backward_pass_equal_autodiff_of_a_sequential_
             1,
         )
 
-    np.testing.assert_allclose(coupled_mamba.linear_recurrence(a, b), sequential(a, b), rtol=1e-5, atol=1e-6)
-    got = jax.grad(lambda a, b: jnp.sum(weights * coupled_mamba.linear_recurrence(a, b)), argnums=(0, 1))(
-        a, b
-    )
-    want = jax.grad(lambda a, b: jnp.sum(weights * sequential(a, b)), argnums=(0, 1))(a, b)
+    @jax.jit
+    def both(a, b):  # the values and gradients of both, in one compiled program
+        return [
+            (f(a, b), jax.grad(lambda a, b, f=f: jnp.sum(weights * f(a, b)), argnums=(0, 1))(a, b))
+            for f in (coupled_mamba.linear_recurrence, sequential)
+        ]
+
+    (value, got), (value_sequential, want) = both(a, b)
+    np.testing.assert_allclose(value, value_sequential, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got, want)
 
 
@@ -91,11 +102,11 @@ def test_padded_steps_keep_the_state_and_the_chains_are_coupled():
     )
 
 
-@pytest.mark.slow(seconds=5)
+@pytest.mark.slow(seconds=1)
 def test_step_sizes_start_as_mambas_between_one_thousandth_and_one_tenth():
     tokens = {m: layers.Tokens(jnp.ones((2, 5, 8)), jnp.ones((2, 5), bool)) for m in ('a', 'b')}
     module = coupled_mamba.CoupledMamba(fused_dim=8, depth=1, state_size=4)
-    params = module.init(jax.random.PRNGKey(0), tokens)['params']
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), tokens)['params']
     step = np.asarray(jax.nn.softplus(params['delta_0']['bias']))  # the step size of a zero input
     assert step.shape == (2, 8)
     assert step.min() >= 1e-3 * (1 - 1e-5) and step.max() <= 0.1 * (1 + 1e-5)

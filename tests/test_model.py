@@ -131,25 +131,30 @@ def test_refiner_targets_and_reconstructions_have_matching_shapes():
             assert aux['targets'][m].shape == aux['reconstructions'][m].shape == (8, d)
 
 
-@pytest.mark.slow(seconds=4)
+@pytest.mark.slow(seconds=1)
 def test_shared_modality_is_encoded_once_per_row_and_gathered():
     config = toy_config(variant='baseline')
     model = model_lib.create_model(config, INFO)
     batch = toy_batch()
-    params = jax.jit(model.init)(jax.random.key(0), batch)['params']
-    _, aux = model.apply({'params': params}, batch)
     flat = dict(batch, image=batch['image'][batch['image_index']], image_index=np.arange(8, dtype=np.int32))
-    _, aux_flat = model.apply({'params': params}, flat)
-    np.testing.assert_allclose(aux['fused'], aux_flat['fused'], rtol=1e-5, atol=1e-6)
+
+    def fused(key, batch, flat):  # one compiled program: the parameters, both batches' fused embeddings
+        params = model.init(key, batch)['params']
+        return [model.apply({'params': params}, b)[1]['fused'] for b in (batch, flat)]
+
+    np.testing.assert_allclose(*jax.jit(fused)(jax.random.key(0), batch, flat), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow(seconds=7)
+@pytest.mark.slow(seconds=1)
 def test_inference_without_refiner_gives_the_same_logits():
     config = toy_config()
     model = model_lib.create_model(config, INFO)
-    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
-    a, aux = model.apply({'params': params}, toy_batch())
-    b, aux_b = model.apply({'params': params}, toy_batch(), with_refiner=False)
+
+    def both(key, batch):  # one compiled program: the parameters, the model with and without the refiner
+        variables = {'params': model.init(key, batch)['params']}
+        return model.apply(variables, batch), model.apply(variables, batch, with_refiner=False)
+
+    (a, aux), (b, aux_b) = jax.jit(both)(jax.random.key(0), toy_batch())
     np.testing.assert_array_equal(a, b)
     assert 'reconstructions' not in aux_b
 
@@ -207,18 +212,21 @@ def test_trivially_learnable_data_reaches_full_accuracy():
     assert float(metrics['task_loss']) < 0.05
 
 
-@pytest.mark.slow(seconds=9)
+@pytest.mark.slow(seconds=4)
 def test_tokens_targets_are_the_fusions_readouts():
     """With `tokens` targets the refiner decodes the fusion's per-modality read-outs (not the encoders'
     pooled embeddings, which have the same width here)."""
     model = model_lib.create_model(toy_config(fusion='mmft', target='tokens'), INFO)
-    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
-    (_, aux), state = model.apply(
-        {'params': params},
-        toy_batch(),
-        capture_intermediates=lambda mdl, _: mdl.name == 'fusion',
-        mutable=['intermediates'],
-    )
+
+    def apply(key, batch):  # one compiled program: the parameters, the model's outputs and the fusion's
+        return model.apply(
+            {'params': model.init(key, batch)['params']},
+            batch,
+            capture_intermediates=lambda mdl, _: mdl.name == 'fusion',
+            mutable=['intermediates'],
+        )
+
+    (_, aux), state = jax.jit(apply)(jax.random.key(0), toy_batch())
     out = state['intermediates']['fusion']['__call__'][0]
     assert isinstance(out, fusions.FusionOutput)
     z, readouts = out.z, out.readouts

@@ -59,7 +59,7 @@ def two_class_run():
     return trainer.build(easy_vqa.get_config('tiny'), info=toy_info(2, False), devices=jax.devices()[:1])
 
 
-@pytest.mark.slow(seconds=4)
+@pytest.mark.slow(seconds=3)
 @pytest.mark.parametrize('multi_label', [False, True])
 def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(two_class_run, multi_label):
     run, info = two_class_run, toy_info(2, multi_label)
@@ -75,12 +75,10 @@ def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(tw
 
     # Independently: the model on the real rows alone, losses.py's per-example loss, the plain mean.
     params = jax.device_get(run.state.params)
-    logits = np.concatenate(
-        [
-            np.asarray(run.model.apply({'params': params}, real_rows(b), with_refiner=False)[0])
-            for b in batches
-        ]
-    )
+    logits = jax.jit(  # one compiled program for both batches
+        lambda p, rows: [run.model.apply({'params': p}, r, with_refiner=False)[0] for r in rows]
+    )(params, [real_rows(b) for b in batches])
+    logits = np.concatenate([np.asarray(x) for x in logits])
     labels = np.concatenate([real_rows(b)['label'] for b in batches])
     task_loss = losses.sigmoid_cross_entropy if multi_label else losses.softmax_cross_entropy
     per_example = np.asarray(task_loss(logits, labels), np.float64)
@@ -99,7 +97,7 @@ def test_evaluation_loss_is_the_task_loss_of_losses_py_over_the_real_examples(tw
         assert results['auroc'] == pytest.approx(auroc, abs=1e-6)
 
 
-@pytest.mark.slow(seconds=9)
+@pytest.mark.slow(seconds=3)
 def test_pretraining_evaluation_reads_no_label_and_weights_the_refiner_losses():
     info = toy_info(5, False)
     config = easy_vqa.get_config('tiny,variant=pretrain')
@@ -117,7 +115,7 @@ def test_pretraining_evaluation_reads_no_label_and_weights_the_refiner_losses():
     }
 
     params = jax.device_get(run.state.params)
-    _, aux = run.model.apply({'params': params}, real_rows(batch))
+    _, aux = jax.jit(lambda p, rows: run.model.apply({'params': p}, rows))(params, real_rows(batch))
     kind = config.loss.refiner_kind
     expected = {
         m: float(np.mean(losses.refiner_loss(aux['reconstructions'][m], aux['targets'][m], kind=kind)))

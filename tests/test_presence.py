@@ -53,17 +53,25 @@ def toy_batch(fill=0.0, seed=0):
     return batch
 
 
-def loss_and_grads(config, batch, params=None):
+def loss_and_grads(config):
+    """`(batch, params=None) -> (params, loss, logits, aux, grads)` of the model of `config`: one jitted
+    function, compiled once for the batches of one structure (the parameters initialized when not given)."""
     model = model_lib.create_model(config, INFO)
     objective = objective_lib.Supervised(config)
-    params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params'] if params is None else params
 
     def loss(params, batch):
         logits, aux = model.apply({'params': params}, batch)
         return objective.loss(logits, aux, batch)[0], (logits, aux)
 
-    (value, (logits, aux)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch)
-    return params, value, logits, aux, grads
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    def run(batch, params=None):
+        if params is None:
+            params = jax.jit(model.init)(jax.random.key(0), toy_batch())['params']
+        (value, (logits, aux)), grads = value_and_grad(params, batch)
+        return params, value, logits, aux, grads
+
+    return run
 
 
 # Every fusion, and every refiner target (tokens with a token fusion).
@@ -75,9 +83,9 @@ CASES = [(f, 'embedding') for f in sorted(fusions.FUSIONS)] + [('concat', 'input
     [c if c == ('mmft', 'tokens') else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
 )
 def test_absent_values_change_neither_outputs_nor_gradients(fusion, target):
-    config = toy_config(fusion, target=target)
-    params, loss0, logits0, aux0, grads0 = loss_and_grads(config, toy_batch(fill=0.0))
-    _, loss1, logits1, aux1, grads1 = loss_and_grads(config, toy_batch(fill=np.nan), params)
+    run = loss_and_grads(toy_config(fusion, target=target))
+    params, loss0, logits0, aux0, grads0 = run(toy_batch(fill=0.0))
+    _, loss1, logits1, aux1, grads1 = run(toy_batch(fill=np.nan), params)
     assert np.isfinite(loss1)
     np.testing.assert_array_equal(logits0, logits1)
     np.testing.assert_array_equal(aux0['fused'], aux1['fused'])
@@ -85,44 +93,47 @@ def test_absent_values_change_neither_outputs_nor_gradients(fusion, target):
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads1))
     # ... and the values present do matter.
     other = toy_batch(fill=np.nan, seed=1)
-    _, _, logits2, _, _ = loss_and_grads(config, other, params)
+    _, _, logits2, _, _ = run(other, params)
     assert not np.allclose(logits1, logits2)
 
 
-@pytest.mark.slow(seconds=4)
+@pytest.mark.slow(seconds=2)
 def test_an_absent_modality_is_its_learned_stand_in_and_omitted_presence_means_present():
-    config = toy_config('concat', variant='baseline')
-    params, _, logits, aux, grads = loss_and_grads(config, toy_batch())
+    run = loss_and_grads(toy_config('concat', variant='baseline'))
+    params, _, logits, aux, grads = run(toy_batch())
     for m, absent in (('a', np.arange(4)), ('b', np.array([2, 5]))):
         want = np.broadcast_to(params['missing'][m], (len(absent), params['missing'][m].shape[0]))
         np.testing.assert_array_equal(aux['embeddings'][m][absent], want)
         assert np.abs(grads['missing'][m]).sum() > 0, f'the stand-in of {m} is not trained'
     everything = {k: v for k, v in toy_batch().items() if not k.endswith('_present')}
     marked = dict(everything, a_present=np.ones(N, bool), b_present=np.ones(N, bool))
-    _, _, logits_all, _, _ = loss_and_grads(config, everything, params)
-    _, _, logits_marked, _, _ = loss_and_grads(config, marked, params)
+    _, _, logits_all, _, _ = run(everything, params)
+    _, _, logits_marked, _, _ = run(marked, params)
     np.testing.assert_array_equal(logits_all, logits_marked)
 
 
-@pytest.mark.slow(seconds=6)
+@pytest.mark.slow(seconds=3)
 def test_refiner_loss_of_an_absent_modality_is_masked_and_finite_when_a_batch_lacks_it():
     config = toy_config('concat', variant='refiner', target='input')
     model = model_lib.create_model(config, INFO)
     objective = objective_lib.Supervised(config)
     batch = toy_batch()
     params = jax.jit(model.init)(jax.random.key(0), batch)['params']
-    logits, aux = model.apply({'params': params}, batch)
-    per_example = objective.refiner_losses(aux, None)
-    _, terms = objective.loss(logits, aux, batch)
+
+    @jax.jit
+    def forward(params, batch):  # the per-example refiner losses and the loss's terms
+        logits, aux = model.apply({'params': params}, batch)
+        return objective.refiner_losses(aux, None), objective.loss(logits, aux, batch)[1]
+
+    per_example, terms = forward(params, batch)
     for m in ('a', 'b'):
         present = batch[f'{m}_present']
         assert (per_example[m][~present] == 0).all() and (per_example[m][present] > 0).all()
         np.testing.assert_allclose(terms[f'refiner_loss/{m}'], per_example[m][present].mean(), rtol=1e-6)
     nothing = dict(batch, b_present=np.zeros(N, bool), a_present=np.ones(N, bool))
-    _, loss, _, _, grads = loss_and_grads(config, dict(nothing, b=np.full_like(batch['b'], np.nan)), params)
+    _, loss, _, _, grads = loss_and_grads(config)(dict(nothing, b=np.full_like(batch['b'], np.nan)), params)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-    logits, aux = model.apply({'params': params}, nothing)
-    assert float(objective.loss(logits, aux, nothing)[1]['refiner_loss/b']) == 0.0
+    assert float(forward(params, nothing)[1]['refiner_loss/b']) == 0.0
 
 
 def test_bad_presence_is_named():

@@ -46,14 +46,21 @@ def test_more_rounds_feed_the_fused_embedding_back_and_change_the_output():
         params,
         encoders={m: {k: v for k, v in p.items() if k != 'context'} for m, p in params['encoders'].items()},
     )
-    logits1, aux1 = one.apply({'params': without_context}, batch)
-    logits2, aux2 = two.apply({'params': params}, batch)
+    three = model_lib.create_model(progressive_config(3), INFO)
+
+    @jax.jit
+    def apply(params, without_context):  # the three models in one compiled program
+        return (
+            one.apply({'params': without_context}, batch),
+            two.apply({'params': params}, batch),
+            three.apply({'params': params}, batch),  # the same parameters for any number of rounds
+        )
+
+    (logits1, aux1), (logits2, aux2), (logits3, _) = apply(params, without_context)
     assert not np.allclose(logits1, logits2)
     # The embeddings of the last round are what the losses see (they changed with the context).
     assert not np.allclose(aux1['embeddings']['question'], aux2['embeddings']['question'])
     np.testing.assert_array_equal(aux2['targets']['image'], aux2['embeddings']['image'])
-    three = model_lib.create_model(progressive_config(3), INFO)
-    logits3, _ = three.apply({'params': params}, batch)  # the same parameters for any number of rounds
     assert not np.allclose(logits2, logits3)
 
 
@@ -61,7 +68,7 @@ def test_more_rounds_feed_the_fused_embedding_back_and_change_the_output():
 def test_the_context_reaches_the_parameters_of_the_backward_connections():
     batch = toy_batch()
     model, params = init(progressive_config(2), batch)
-    grads = jax.grad(lambda p: model.apply({'params': p}, batch)[0].sum())(params)
+    grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, batch)[0].sum()))(params)
     for m in ('image', 'question'):
         assert float(np.abs(grads['encoders'][m]['context']['kernel']).sum()) > 0
 
@@ -73,12 +80,8 @@ def test_a_shared_modality_is_encoded_per_example_after_the_first_round():
     batch = toy_batch()
     model, params = init(progressive_config(2, 'baseline'), batch)
     flat = dict(batch, image=batch['image'][batch['image_index']], image_index=np.arange(8, dtype=np.int32))
-    np.testing.assert_allclose(
-        model.apply({'params': params}, batch)[0],
-        model.apply({'params': params}, flat)[0],
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    logits = jax.jit(lambda p: [model.apply({'params': p}, b)[0] for b in (batch, flat)])  # one program
+    np.testing.assert_allclose(*logits(params), rtol=1e-5, atol=1e-6)
 
 
 def test_an_encoder_without_a_context_keyword_is_refused_by_name(tmp_path, monkeypatch):

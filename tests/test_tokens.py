@@ -79,7 +79,7 @@ def test_token_fusion_ignores_padding_values_even_nan(kind, fields):
         assert np.isfinite(g).all() and not g[~np.asarray(dirty[m].mask)].any()
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=4)
 @pytest.mark.parametrize('kind,fields', FUSION_CASES)
 def test_token_fusion_masks_padded_positions_inside(kind, fields):
     """More padded positions change nothing. Padding is zeroed on the way in (above), so this is what shows
@@ -95,10 +95,10 @@ def test_token_fusion_masks_padded_positions_inside(kind, fields):
         ),
     )
     params = jax.jit(module.init)(jax.random.key(0), inputs)
+    # Both applications in one compiled program (the inputs are constants of it).
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-        module.apply(params, inputs),
-        module.apply(params, longer),
+        *jax.jit(lambda p: (module.apply(p, inputs), module.apply(p, longer)))(params),
     )
 
 
@@ -108,20 +108,24 @@ def test_token_fusion_does_not_depend_on_modality_order(kind, fields):
     inputs = token_inputs()
     params = jax.jit(module.init)(jax.random.key(0), inputs)
     reverse = {m: inputs[m] for m in reversed(list(inputs))}
+    # One compiled program; the dicts are closed over, not arguments (a jitted function's dict arguments
+    # arrive with their keys sorted).
     jax.tree.map(
         lambda x, y: np.testing.assert_array_equal(x, y),
-        module.apply(params, inputs),
-        module.apply(params, reverse),
+        *jax.jit(lambda p: (module.apply(p, inputs), module.apply(p, reverse)))(params),
     )
 
 
-@pytest.mark.slow(seconds=4)
+@pytest.mark.slow(seconds=1)
 @pytest.mark.parametrize('readout', ['mean', 'cls'])
 def test_mmft_tokens_targets_equal_a_numpy_masked_mean_at_the_readout_layer(readout):
     module = make_fusion('mmft', dict(readout=readout, readout_layer=2))
     inputs = token_inputs(pad_value=np.nan)
-    params = jax.jit(module.init)(jax.random.key(0), inputs)
-    out, state = module.apply(params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm')
+    out, state = jax.jit(
+        lambda key: module.apply(
+            module.init(key, inputs), inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm'
+        )
+    )(jax.random.key(0))
     z, readouts = out.z, out.readouts
     h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, [1 +] T, D)
     # Sorted modalities a (5 tokens), b (4), c (1, pooled): their token slices in the concatenation, after
@@ -160,14 +164,17 @@ def test_mmft_reads_out_at_layer_k_from_the_last():
     assert not np.allclose(full.apply(p_full, inputs).z, shallow.apply(p_full, inputs).z)
 
 
-@pytest.mark.slow(seconds=16)
+@pytest.mark.slow(seconds=6)
 def test_mbt_tokens_targets_equal_a_numpy_masked_mean_of_each_modality():
     module = make_fusion('mbt', dict(fusion_layer=1))
     inputs = token_inputs(pad_value=np.nan)
-    params = jax.jit(module.init)(jax.random.key(0), inputs)
-    out, state = module.apply(
-        params, inputs, capture_intermediates=lambda mdl, _: (mdl.name or '').endswith('_encoder_norm')
-    )
+    out, state = jax.jit(
+        lambda key: module.apply(
+            module.init(key, inputs),
+            inputs,
+            capture_intermediates=lambda mdl, _: (mdl.name or '').endswith('_encoder_norm'),
+        )
+    )(jax.random.key(0))
     z, readouts = out.z, out.readouts
     masks = {m: np.asarray(inputs[m].mask) for m in ('a', 'b')} | {'c': np.ones((3, 1), bool)}
     for m, mask in masks.items():
@@ -191,8 +198,12 @@ def test_mbt_modalities_exchange_information_through_two_fused_blocks(fusion_lay
     inputs = token_inputs()
     changed = dict(inputs, b=layers.Tokens(inputs['b'].tokens + 1.0, inputs['b'].mask))
     module = make_fusion('mbt', dict(fusion_layer=fusion_layer))
-    params = jax.jit(module.init)(jax.random.key(0), inputs)
-    r0, r1 = module.apply(params, inputs).readouts, module.apply(params, changed).readouts
+
+    def readouts(key):  # of both inputs, with the same parameters, in one compiled program
+        params = module.init(key, inputs)
+        return module.apply(params, inputs).readouts, module.apply(params, changed).readouts
+
+    r0, r1 = jax.jit(readouts)(jax.random.key(0))
     assert np.array_equal(r0['a'], r1['a']) != exchanged
 
 
@@ -213,7 +224,7 @@ SERIES = np.random.RandomState(1).randn(2, 32, 3).astype(np.float32)
 IDS = np.array([[3, 5, 2, 0, 0, 0], [7, 0, 0, 0, 0, 0]], np.int32)
 
 
-@pytest.mark.slow(seconds=7)
+@pytest.mark.slow(seconds=1)
 @pytest.mark.parametrize(
     'module,x,tokens',
     [
@@ -225,15 +236,14 @@ IDS = np.array([[3, 5, 2, 0, 0, 0], [7, 0, 0, 0, 0, 0]], np.int32)
     ids=['cnn', 'vit', 'conv1d', 'text_transformer'],
 )
 def test_token_encoders_return_tokens_and_masks(module, x, tokens):
-    params = jax.jit(module.init)(jax.random.key(0), x)
-    out = module.apply(params, x)
+    out = jax.jit(lambda key: module.apply(module.init(key, x), x))(jax.random.key(0))
     assert isinstance(out, layers.Tokens)
     assert out.tokens.shape == (2, tokens, 8) and out.mask.shape == (2, tokens)
     want_mask = IDS != 0 if x is IDS else np.ones((2, tokens), bool)
     np.testing.assert_array_equal(out.mask, want_mask)
 
 
-@pytest.mark.slow(seconds=4)
+@pytest.mark.slow(seconds=2)
 def test_text_transformer_never_reads_padding():
     """The padding id's embedding set to NaN changes neither the real tokens' outputs nor any gradient."""
     module = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
@@ -258,20 +268,22 @@ def test_text_transformer_never_reads_padding():
     p_long = jax.tree.map(lambda x: x, params)
     pos = params['params']['pos_embedding']
     p_long['params']['pos_embedding'] = jnp.concatenate([pos, jnp.zeros((1, 3, 8))], 1)
-    out_long = module_long.apply(p_long, longer)
+    out_long = jax.jit(lambda p: module_long.apply(p, longer))(p_long)
     np.testing.assert_allclose(out_long.tokens[:, :6], out0.tokens, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow(seconds=5)
+@pytest.mark.slow(seconds=2)
 @pytest.mark.parametrize('pooling', ['last', 'first', 'gap'])
 def test_text_transformer_pooled_outputs_read_real_tokens(pooling):
     """'last' is each text's last real token (not a padded position), 'first' its first, 'gap' their mean."""
     tokens = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2)
-    params = jax.jit(tokens.init)(jax.random.key(0), IDS)
-    out = tokens.apply(params, IDS)
-    got = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2, pooling=pooling).apply(
-        params, IDS
-    )
+    pooled = encoders.TextTransformer(vocab_size=9, width=8, depth=2, num_heads=2, pooling=pooling)
+
+    def both(key):  # the token outputs and the pooled ones, of the same parameters
+        params = tokens.init(key, IDS)
+        return tokens.apply(params, IDS), pooled.apply(params, IDS)
+
+    out, got = jax.jit(both)(jax.random.key(0))
     t, lengths = np.asarray(out.tokens), (IDS != 0).sum(1)
     want = {
         'last': t[np.arange(2), lengths - 1],
@@ -282,12 +294,17 @@ def test_text_transformer_pooled_outputs_read_real_tokens(pooling):
     assert np.abs(want).min(axis=1).max() > 0 and np.abs(got).sum(1).min() > 0
 
 
-@pytest.mark.slow(seconds=7)
+@pytest.mark.slow(seconds=1)
 @pytest.mark.parametrize('pooling', ['gap', 'cls'])
 def test_vit_pooled_outputs(pooling):
     module = encoders.ViT(patch_size=(8, 8), width=8, depth=1, num_heads=2, pooling=pooling, embed_dim=5)
-    params = jax.jit(module.init)(jax.random.key(0), IMAGES)
-    assert module.apply(params, IMAGES).shape == (2, 5)
+
+    def init_and_apply(key):
+        params = module.init(key, IMAGES)
+        return params, module.apply(params, IMAGES)
+
+    params, out = jax.jit(init_and_apply)(jax.random.key(0))
+    assert out.shape == (2, 5)
     assert ('cls' in params['params']) == (pooling == 'cls')
 
 
@@ -314,7 +331,7 @@ def test_pooled_fusion_does_not_depend_on_modality_order(kind):
     )
 
 
-@pytest.mark.slow(seconds=10)
+@pytest.mark.slow(seconds=2)
 def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
     """The chains' scan gets each modality's mask, padded to the longest (a padded step keeps a chain's state:
     tests/test_coupled_mamba.py), in every layer; and each readout is that modality's chain."""
@@ -323,14 +340,19 @@ def test_coupled_mamba_scans_with_every_modality_mask(monkeypatch):
     monkeypatch.setattr(coupled_mamba, 'coupled_scan', lambda *a, **k: seen.append(a[3]) or scan(*a, **k))
     module = make_fusion('coupled_mamba', dict(state_size=4))
     inputs = token_inputs()
-    params = module.init(jax.random.key(0), inputs)
-    seen.clear()
-    out, state = module.apply(params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm')
+
+    def apply(key):  # one compiled program; it returns the masks the scans were given
+        params = module.init(key, inputs)
+        seen.clear()
+        out = module.apply(params, inputs, capture_intermediates=lambda mdl, _: mdl.name == 'readout_norm')
+        return out, list(seen)
+
+    (out, state), masks = jax.jit(apply)(jax.random.key(0))
     z, readouts = out.z, out.readouts
     want = np.zeros((3, 5, 3), bool)  # (B, T_max, M): a (5 tokens), b (4), c (1, pooled)
     want[:, :5, 0], want[:, :4, 1], want[:, :1, 2] = inputs['a'].mask, inputs['b'].mask, True
-    assert len(seen) == 2  # depth 2
-    for mask in seen:
+    assert len(masks) == 2  # depth 2
+    for mask in masks:
         np.testing.assert_array_equal(mask, want)
     h = np.asarray(state['intermediates']['readout_norm']['__call__'][0], np.float64)  # (B, T, M, D)
     for j, m in enumerate(('a', 'b', 'c')):
