@@ -16,7 +16,7 @@ def setup(tol=1e-7, max_iter=200):
         'b': jnp.asarray(rs.randn(4, 3), jnp.float32),
     }
     module = deq.DEQFusion(fused_dim=8, tol=tol, max_iter=max_iter)
-    params = module.init(jax.random.key(0), embeddings)
+    params = jax.jit(module.init)(jax.random.key(0), embeddings)
     return module, params, embeddings
 
 
@@ -31,7 +31,17 @@ def unrolled_iterates(params, embeddings, n):
     return iterates
 
 
-@pytest.mark.slow(seconds=8)
+def unrolled_fixed_point(params, embeddings, n):
+    """z_n of `unrolled_iterates` as a loop of n applications of the block (a scan: one compiled step, which
+    reverse-mode autodiff differentiates through every iteration)."""
+    p = params['params']
+    xs = {m: e @ p[f'proj_{m}']['kernel'] + p[f'proj_{m}']['bias'] for m, e in embeddings.items()}
+    block = deq._PurifyCombine(('a', 'b'), 8, parent=None)
+    step = lambda _, z: block.apply({'params': p['block']}, z, xs)  # noqa: E731
+    return jax.lax.fori_loop(0, n, step, jnp.zeros((4, 8)))
+
+
+@pytest.mark.slow(seconds=3)
 def test_the_implicit_gradient_equals_the_unrolled_one():
     module, params, embeddings = setup()
     weights = jnp.asarray(np.random.RandomState(1).randn(4, 8), jnp.float32)
@@ -40,13 +50,27 @@ def test_the_implicit_gradient_equals_the_unrolled_one():
         return jnp.sum(weights * module.apply(params, embeddings).z)
 
     def unrolled(params, embeddings):
-        return jnp.sum(weights * unrolled_iterates(params, embeddings, 100)[-1])
+        return jnp.sum(weights * unrolled_fixed_point(params, embeddings, 100))
 
-    np.testing.assert_allclose(implicit(params, embeddings), unrolled(params, embeddings), rtol=1e-5)
-    got = jax.grad(implicit, argnums=(0, 1))(params, embeddings)
-    want = jax.grad(unrolled, argnums=(0, 1))(params, embeddings)
+    # The loop is the block applied by hand 100 times.
+    np.testing.assert_allclose(
+        unrolled_fixed_point(params, embeddings, 100),
+        unrolled_iterates(params, embeddings, 100)[-1],
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+    @jax.jit
+    def values_and_grads(params, embeddings):  # both ways, and the solver's statistics, in one program
+        return (
+            jax.value_and_grad(implicit, argnums=(0, 1))(params, embeddings),
+            jax.value_and_grad(unrolled, argnums=(0, 1))(params, embeddings),
+            module.apply(params, embeddings).stats,
+        )
+
+    (value, got), (value_unrolled, want), stats = values_and_grads(params, embeddings)
+    np.testing.assert_allclose(value, value_unrolled, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
-    stats = module.apply(params, embeddings).stats
     assert 1 < int(stats['deq_iterations']) < 200 and float(stats['deq_residual']) <= 1e-7
 
 
