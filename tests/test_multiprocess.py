@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import ONE_CPU_FLAGS, tiny_config
 
 from refnet_jax.train import checkpointing, trainer
 
@@ -39,7 +39,9 @@ COMMON = {'train.num_steps': STEPS, 'train.log_every_steps': 1, 'train.checkpoin
 
 def run_two_processes(workdir, data_dir):
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+    # 4 CPU devices a process, compiled as the test processes compile (helpers.ONE_CPU_FLAGS).
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=4 {ONE_CPU_FLAGS}'.strip())
+    env['JAX_PLATFORMS'] = 'cpu'
     procs = []
     for i in range(2):
         cmd = [
@@ -91,7 +93,7 @@ def run_in_process(workdir, data_dir, mesh_data, **train):
     return trainer.train_and_evaluate(config, str(workdir))
 
 
-@pytest.mark.slow(seconds=75)
+@pytest.mark.slow(seconds=50)
 def test_two_processes_train_like_one_and_eight_devices_and_resume_on_eight(tmp_path, easy_vqa_dir):
     assert len(jax.devices()) == 8
     two = tmp_path / 'two' / 'run'
