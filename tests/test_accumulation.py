@@ -15,7 +15,7 @@ def forward_and_loss(run):
     return forward
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=5)
 def test_cached_gradients_equal_the_whole_batch_gradient_and_naive_accumulation_does_not():
     config = toy_config('concat', 'refnet')  # task + refiner + Multi-Similarity terms
     run = trainer.build(config, info=INFO, devices=jax.devices()[:1])
@@ -48,7 +48,7 @@ def test_cached_gradients_equal_the_whole_batch_gradient_and_naive_accumulation_
     assert any(jax.tree.leaves(differs['fusion']))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=17)
 def test_on_8_devices_the_accumulated_gradient_and_step_equal_the_whole_batch_ones():
     assert jax.device_count() == 8
     batch = toy_batch(rows=16, per_row=2)  # 32 examples on 16 images
