@@ -500,9 +500,8 @@ class Plan:
                     tokenizer, max_tokens = self.texts[m]
                     x, mask = tokenizer.encode(x.tolist(), max_tokens)
                     bad = mask & (x == tokenizer.pad_id)
-                    if (
-                        tokenizer.eos_id == tokenizer.pad_id
-                    ):  # the EOS ending each text pads too (CLIP, SigLIP)
+                    # The EOS that ends each text is the padding token too (CLIP, SigLIP): the last real one.
+                    if tokenizer.eos_id == tokenizer.pad_id:
                         bad &= np.arange(max_tokens) != mask.sum(axis=1, keepdims=True) - 1
                     if bad.any():
                         i = int(keep[np.argwhere(bad)[0, 0]])

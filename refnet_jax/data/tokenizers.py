@@ -188,44 +188,40 @@ class Pretrained(Tokenizer):
         where = where or f'{PRETRAINED}{path}'
         if not path.is_dir():
             raise ValueError(f'{where}: there is no directory {str(path)!r}')
-        model = _json_file(path / 'config.json', where)
-        settings = _json_file(path / 'tokenizer_config.json', where)
+        model = read_json(path / 'config.json', where)
+        settings = read_json(path / 'tokenizer_config.json', where)
         self.family = str(model.get('model_type', ''))
         section = model.get('text_config', model)
         positions = [n for n in (section.get('max_position_embeddings'), max_positions) if n]
         self.max_length = int(min([settings.get('model_max_length', 1 << 30), *positions]))
-        # SigLIP: its sentencepiece file, read as SiglipTokenizer reads it; any other tower: its tokenizer.json.
-        file = path / ('spiece.model' if self.family.startswith('siglip') else 'tokenizer.json')
+        file = path / _pretrained_file(self.family)
         if not file.is_file():
             raise ValueError(
                 f'{where}: the directory has no tokenizer file {file.name}; expected tokenizer.json (BERT, CLIP) '
                 'or spiece.model (SigLIP) beside config.json'
             )
+        data = file.read_bytes()
         self.suffix = file.suffix
         if self.suffix == '.model':
-            self._tokenizer = SentencePiece(file.read_bytes())
+            self._tokenizer = SentencePiece(data)
             self._tokenizer.pad_id = self._piece(settings.get('pad_token'), '</s>', where)
             self.eos_id = self._piece(settings.get('eos_token'), '</s>', where)
             self._lower = settings.get('do_lower_case', True)
             self.pad_to_max = True
+            vocab_size = self._tokenizer._processor.get_piece_size()  # its padding is a piece (the EOS)
         else:
             default = '<|endoftext|>' if self.family.startswith('clip') else '[PAD]'
             try:
-                self._tokenizer = HuggingFace(file.read_bytes(), _token(settings.get('pad_token')) or default)
+                self._tokenizer = HuggingFace(data, _token(settings.get('pad_token')) or default)
             except ValueError as e:
                 raise ValueError(f'{where}: {e}') from None
             eos = _token(settings.get('eos_token'))
             self.eos_id = self._tokenizer._tokenizer.token_to_id(eos) if eos else None
-        vocab_size = self._tokenizer.vocab_size
-        if self.suffix == '.model':  # its padding is one of its pieces (the EOS), no added id
-            vocab_size = self._tokenizer._processor.get_piece_size()
-        super().__init__(file.read_bytes(), vocab_size, self._tokenizer.pad_id)
+            vocab_size = self._tokenizer.vocab_size
+        super().__init__(data, vocab_size, self._tokenizer.pad_id)
+        configs = (path / name for name in ('config.json', 'tokenizer_config.json'))
         self._digest = hashlib.sha256(
-            b''.join(
-                f.read_bytes()
-                for f in (file, path / 'config.json', path / 'tokenizer_config.json')
-                if f.is_file()
-            )
+            data + b''.join(f.read_bytes() for f in configs if f.is_file())
         ).hexdigest()
 
     def _piece(self, token: Any, default: str, where: str) -> int:
@@ -275,7 +271,13 @@ def _token(value: Any) -> str | None:
     return value.get('content') if isinstance(value, dict) else value
 
 
-def _json_file(path: pathlib.Path, where: str) -> dict:
+def _pretrained_file(model_type: str) -> str:
+    """The tokenizer file of a Hugging Face model directory whose config.json has `model_type`: SigLIP's
+    sentencepiece file (read as SiglipTokenizer reads it), any other tower's tokenizer.json."""
+    return 'spiece.model' if model_type.startswith('siglip') else 'tokenizer.json'
+
+
+def read_json(path: pathlib.Path, where: str) -> dict:
     """The JSON object in `path`, {} where there is no such file."""
     if not path.is_file():
         return {}
@@ -291,7 +293,8 @@ def _json_file(path: pathlib.Path, where: str) -> dict:
 def library(source: str) -> str:
     """The library that tokenizes for `source` ('train', a file, or 'hf:DIR'): 'tokenizers' or 'sentencepiece'."""
     if source.startswith(PRETRAINED):
-        return 'tokenizers' if Pretrained(source[len(PRETRAINED) :]).suffix == '.json' else 'sentencepiece'
+        model = read_json(pathlib.Path(source[len(PRETRAINED) :]) / 'config.json', source)
+        source = _pretrained_file(str(model.get('model_type', '')))
     return 'tokenizers' if source.endswith('.json') else 'sentencepiece'
 
 

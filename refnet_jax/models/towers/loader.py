@@ -8,8 +8,8 @@ embedding table is refused.
 
 import dataclasses
 import functools
-import json
 import os
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -197,10 +197,8 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 
 def _json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """The JSON object in the file `path`, {} where there is none."""
+    return tokenizers.read_json(pathlib.Path(path), path)
 
 
 def _preprocessor(path, source, family, part, section, fields):
