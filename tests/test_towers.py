@@ -585,13 +585,13 @@ def captions(tmp_path_factory):
     return root
 
 
-def _caption_config(captions, data_dir, source, **max_tokens):
+def _caption_config(captions, data_dir, source, max_tokens=None):
     from helpers import custom_config
 
     config = custom_config(
         captions, data_dir, 'kinds=caption:text,tiny', table='captions.csv', tokenizer={'caption': source}
     )
-    config.data.max_tokens.caption = max_tokens.get('max_tokens')
+    config.data.max_tokens.caption = max_tokens
     return config
 
 
@@ -606,8 +606,8 @@ def test_own_text_is_tokenized_as_the_towers_tokenizer_does(captions, tmp_path, 
 
     with np.load(FIXTURES / 'expected.npz') as expected:
         want = expected[f'{name}/text/input_ids']
-    given = {} if name == 'siglip' else {'max_tokens': want.shape[1]}
-    config = _caption_config(captions, tmp_path / 'tfds', f'hf:{FIXTURES / name}', **given)
+    max_tokens = None if name == 'siglip' else want.shape[1]  # SigLIP's: model_max_length, unasked
+    config = _caption_config(captions, tmp_path / 'tfds', f'hf:{FIXTURES / name}', max_tokens)
     info = input_pipeline.get_dataset_info(config.data)
     tower = refnet_jax.load_tower(f'hf:{FIXTURES / name}', 'text' if name != 'bert' else None)
     assert info.modalities['caption'].shape == want.shape[1:]
